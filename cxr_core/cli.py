@@ -1,0 +1,209 @@
+"""Command line: ``python -m cxr_core {models,predict,explain}``.
+
+Other tools parse this output, so it is part of the interface (see README, "Command line"):
+
+* ``predict --json`` prints one JSON object per line and per file, in input order:
+  ``{"file", "model", "probabilities", "prediction", "warnings", "error"}``. A file that
+  cannot be read gets ``error`` set and the rest are still processed.
+* Exit status: 0 when the command ran (even if some files failed), 2 when it was misused
+  (bad arguments, unknown model), 1 when it could not run at all (no model installed,
+  ``explain`` on an unreadable file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from cxr_core import __version__
+from cxr_core.errors import CxrError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """The command was asked for something that cannot exist (exit status 2)."""
+
+
+def _iter_files(paths: Sequence[str]) -> Iterator[str]:
+    """Files as given; folders walked recursively in sorted order (hidden entries skipped)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield str(Path(root) / name)
+        else:
+            yield raw
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cxr_core import config
+    from cxr_core.models import discover_models
+
+    root = config.weights_dir()
+    folders = discover_models(root)
+    if args.json:
+        rows = [
+            {
+                "id": f.manifest.id if f.manifest else None,
+                "version": f.manifest.version if f.manifest else None,
+                "name": f.manifest.name if f.manifest else None,
+                "architecture": f.manifest.architecture if f.manifest else None,
+                "head": f.manifest.head if f.manifest else None,
+                "classes": list(f.manifest.classes) if f.manifest else None,
+                "path": str(f.path),
+                "usable": f.ok,
+                "problem": f.problem,
+            }
+            for f in folders
+        ]
+        print(json.dumps(rows))
+        return EXIT_OK
+    if not folders:
+        print(f"No trained model is installed (looked in {root}).")
+        return EXIT_OK
+    for f in folders:
+        if f.ok and f.manifest:
+            m = f.manifest
+            print(f"{m.key}\t{m.architecture}\t{m.head}\t{','.join(m.classes)}\t{f.path}")
+        else:
+            print(f"UNUSABLE\t{f.path}\t{f.problem}")
+    return EXIT_OK
+
+
+def _load(model_id: str | None):  # type: ignore[no-untyped-def]
+    from cxr_core.models import load_model, resolve_model
+
+    return load_model(resolve_model(model_id).path)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cxr_core.inference import predict
+    from cxr_core.io import XrayImage, read_image
+
+    model = _load(args.model)
+    files = _iter_files(args.files)
+    batch_size = max(1, args.batch_size)
+    while True:
+        chunk: list[tuple[str, XrayImage | None, str | None]] = []
+        for path in files:
+            try:
+                chunk.append((path, read_image(path), None))
+            except CxrError as exc:
+                chunk.append((path, None, str(exc)))
+            if len(chunk) >= batch_size:
+                break
+        if not chunk:
+            break
+        images = [im for _, im, _ in chunk if im is not None]
+        predictions = iter(predict(model, images, batch_size=batch_size)) if images else iter(())
+        for path, image, error in chunk:
+            prediction = next(predictions) if image is not None else None
+            row = {
+                "file": path,
+                "model": model.key,
+                "probabilities": prediction.as_dict() if prediction else {},
+                "prediction": prediction.predicted if prediction else None,
+                "warnings": list(image.warnings) if image else [],
+                "error": error,
+            }
+            if args.json:
+                print(json.dumps(row), flush=True)
+            elif error:
+                print(f"{path}\tERROR\t{error}", flush=True)
+            else:
+                probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
+                extra = f"\twarnings: {'; '.join(row['warnings'])}" if row["warnings"] else ""
+                print(f"{path}\t{row['prediction']}\t{probs}{extra}", flush=True)
+        if len(chunk) < batch_size:
+            break
+    return EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from cxr_core.cam import explain, get_method
+    from cxr_core.io import read_image
+    from cxr_core.overlay import render_overlay
+
+    try:
+        get_method(args.method)  # fail on a bad method before loading anything
+    except CxrError as exc:
+        raise UsageError(str(exc)) from exc
+    model = _load(args.model)
+    if args.target and args.target not in model.manifest.classes:
+        raise UsageError(f"{model.key} has no class {args.target!r}; its classes are {', '.join(model.manifest.classes)}.")
+    image = read_image(args.file)
+    # Compute the map for the predicted class unless one was named: one pass gives both.
+    explanation = explain(model, image, method=args.method, targets=[args.target] if args.target else None)
+    target = args.target or explanation.prediction.predicted or model.manifest.classes[0]
+    heatmap = explanation.heatmap(target)
+    rgb = render_overlay(image.pixels, heatmap.scaled, colormap=args.colormap, opacity=args.opacity)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(out, format="PNG")
+    print(
+        f"wrote {out} ({explanation.method} for {target}, p={heatmap.probability:.3f}, "
+        f"predicted {explanation.prediction.predicted}, model {model.key})"
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cxr_core", description="cxr: chest X-ray decision support")
+    parser.add_argument("--version", action="version", version=f"cxr_core {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list installed models")
+    p.add_argument("--json", action="store_true", help="one JSON array")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("predict", help="class probabilities for files or folders")
+    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM/PNG/JPEG files or folders (walked recursively)")
+    p.add_argument("--model", help="model id or id@version (default: the first installed)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line and per file")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_predict)
+
+    # pytorch-grad-cam costs seconds to import: predict should not pay for it, so the
+    # method name is checked when explain runs rather than through argparse choices.
+    from cxr_core.overlay import COLORMAPS
+
+    p = sub.add_parser("explain", help="write a Grad-CAM overlay PNG")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--out", required=True, metavar="PNG")
+    p.add_argument("--model")
+    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, hirescam, xgradcam, layercam, eigencam or scorecam")
+    p.add_argument("--target", metavar="CLASS", help="class to explain (default: the predicted class)")
+    p.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS))
+    p.add_argument("--opacity", type=float, default=0.4)
+    p.set_defaults(func=_cmd_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ModelNotFoundError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_OK

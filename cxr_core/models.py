@@ -1,0 +1,238 @@
+"""Model folders: discover, verify, load and write them.
+
+Loading checks, in order: the manifest parses, the architecture is registered, the
+weights file's sha256 equals the manifest's, the classifier head's size fits the
+classes, and the state dict matches the architecture exactly. Each failure raises a
+specific :class:`~cxr_core.errors.ModelError`. Weights are only ever read with
+safetensors: no pickle, nothing executable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cxr_core import config
+from cxr_core.errors import (
+    ChecksumMismatchError,
+    HeadMismatchError,
+    ManifestError,
+    ModelError,
+    ModelNotFoundError,
+    NoModelInstalledError,
+)
+from cxr_core.manifest import MANIFEST_NAME, Manifest, read_manifest
+from cxr_core.registry import CxrNet, build_network, get_architecture
+
+log = logging.getLogger(__name__)
+
+
+def select_device(preference: str | None = None) -> torch.device:
+    """CUDA when available, else CPU; ``preference`` or ``CXR_DEVICE`` overrides ("cpu", "cuda:1")."""
+    wanted = preference or os.environ.get("CXR_DEVICE")
+    if wanted:
+        try:
+            device = torch.device(wanted)
+        except RuntimeError as exc:
+            raise ModelError(f"CXR_DEVICE={wanted!r} is not a valid device name.") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"Device {wanted!r} was asked for but CUDA is not available on this machine.")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A folder under the weights directory: its manifest, or why it is unusable."""
+
+    path: Path
+    manifest: Manifest | None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest is not None and self.problem is None
+
+
+def discover_models(root: Path | None = None) -> list[ModelFolder]:
+    """Every sub-folder of ``root`` holding a manifest.json, valid or not, sorted by name.
+
+    Only the manifest is read (cheap); weights are verified when a model is loaded.
+    """
+    root = Path(root) if root is not None else config.weights_dir()
+    if not root.is_dir():
+        return []
+    found: list[ModelFolder] = []
+    seen: set[str] = set()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST_NAME).exists()):
+        try:
+            manifest = read_manifest(folder)
+        except ManifestError as exc:
+            found.append(ModelFolder(folder, None, str(exc)))
+            continue
+        if manifest.id in seen:
+            found.append(ModelFolder(folder, manifest, f"Another folder already provides model id {manifest.id!r}."))
+            continue
+        if not (folder / manifest.weights_file).is_file():
+            found.append(ModelFolder(folder, manifest, f"Weights file {manifest.weights_file} is missing."))
+            continue
+        seen.add(manifest.id)
+        found.append(ModelFolder(folder, manifest))
+    return found
+
+
+def installed_models(root: Path | None = None) -> list[ModelFolder]:
+    """The usable models (manifest valid, weights file present)."""
+    return [m for m in discover_models(root) if m.ok]
+
+
+def resolve_model(model_id: str | None = None, root: Path | None = None) -> ModelFolder:
+    """The folder of ``model_id`` (or of the default model when None)."""
+    models = installed_models(root)
+    if not models:
+        where = Path(root) if root is not None else config.weights_dir()
+        raise NoModelInstalledError(
+            f"No trained model is installed (looked in {where}). "
+            "Add a model folder (model.safetensors + manifest.json) there; see the README."
+        )
+    wanted = model_id or config.default_model_id()
+    if wanted is None:
+        return models[0]
+    name, _, version = wanted.partition("@")
+    for model in models:
+        assert model.manifest is not None
+        if model.manifest.id == name and (not version or model.manifest.version == version):
+            return model
+    available = ", ".join(m.manifest.key for m in models if m.manifest)
+    raise ModelNotFoundError(f"Model {wanted!r} is not installed. Installed: {available}.")
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A verified network ready for inference, shared across threads and sessions.
+
+    Forward passes without hooks are thread-safe; anything that registers hooks on
+    ``network`` (CAMs on inner layers) must hold ``lock``.
+    """
+
+    manifest: Manifest
+    network: CxrNet
+    device: torch.device
+    path: Path
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
+
+
+def load_model(folder: Path | str, device: torch.device | str | None = None) -> LoadedModel:
+    """Load and verify the model folder; raises a specific ModelError on any mismatch."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    arch = get_architecture(manifest.architecture)
+    weights = folder / manifest.weights_file
+    if not weights.is_file():
+        raise ModelError(f"{folder.name}: weights file {manifest.weights_file} is missing.")
+    actual = sha256_file(weights)
+    if actual != manifest.weights_sha256:
+        raise ChecksumMismatchError(
+            f"{folder.name}: the weights file does not match its manifest (sha256 {actual[:12]}... "
+            f"expected {manifest.weights_sha256[:12]}...). It may be corrupt or replaced; reinstall the model."
+        )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{folder.name}: the weights file is not a readable safetensors file.") from exc
+
+    fc = state.get("head.fc.weight")
+    if fc is None or fc.ndim != 2:
+        raise ModelError(f"{folder.name}: the weights have no classifier head (head.fc.weight).")
+    if fc.shape[0] != manifest.n_outputs:
+        raise HeadMismatchError(
+            f"{folder.name}: the classifier head has {fc.shape[0]} output(s) but the manifest's "
+            f"{manifest.head} head over {len(manifest.classes)} classes needs {manifest.n_outputs}."
+        )
+    network = build_network(arch.name, manifest.n_outputs, manifest.input.channels)
+    reference = network.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{folder.name}: the weights do not fit architecture {arch.name}: {str(exc)[:300]}") from exc
+    for layer in manifest.cam_target_layers:
+        try:
+            network.get_submodule(layer)
+        except AttributeError as exc:
+            raise ManifestError(f"{folder.name}: CAM layer {layer!r} does not exist in {arch.name}.") from exc
+
+    target = select_device(str(device)) if device is not None else select_device()
+    network.requires_grad_(False)  # inference only: CAM gradients flow to activations, never to weights
+    network.eval().to(target)
+    log.info("loaded %s (%s) on %s", manifest.key, arch.name, target)
+    return LoadedModel(manifest=manifest, network=network, device=target, path=folder)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_model_folder(
+    network: CxrNet, manifest: Manifest, folder: Path | str, *, half: bool = True
+) -> Manifest:
+    """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256) into ``folder``.
+
+    Floating tensors are stored as float16 when ``half`` (half the size, no measurable
+    change in outputs at inference in float32). Returns the manifest as written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, tensor in network.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if half and tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        state[key] = tensor
+    weights = folder / manifest.weights_file
+    metadata = {"format": "pt", "id": manifest.id, "version": manifest.version, "architecture": manifest.architecture}
+    _atomic_write(weights, lambda p: save_file(state, str(p), metadata=metadata))
+    arch = get_architecture(manifest.architecture)
+    final = replace(
+        manifest,
+        weights_sha256=sha256_file(weights),
+        cam_target_layers=manifest.cam_target_layers or (arch.default_cam_layer,),
+        created=manifest.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    _atomic_write(folder / MANIFEST_NAME, lambda p: p.write_text(final.to_json(), encoding="utf-8"))
+    # Round-trip through the validator so a folder we write is always one we can read.
+    read_manifest(folder)
+    return final

@@ -1,0 +1,59 @@
+"""Tabular results for many studies: one row per file, and their CSV export.
+
+File names often carry patient names or record numbers, so they are left out of
+exports unless the user asks for them; the image's sha256 identifies the study instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Sequence
+
+from cxr_core.inference import Prediction
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What one uploaded file produced: a prediction, or the error that stopped it."""
+
+    name: str
+    sha256: str | None
+    prediction: Prediction | None
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def result_rows(results: Sequence[StudyResult], *, include_names: bool = False) -> list[dict[str, object]]:
+    """One dict per study, columns in a stable order: study, [file], image_sha256, model, prediction, p_<class>..., warnings, error."""
+    classes: list[str] = []
+    for result in results:
+        if result.prediction:
+            classes.extend(c for c in result.prediction.classes if c not in classes)
+    rows: list[dict[str, object]] = []
+    for number, result in enumerate(results, start=1):
+        row: dict[str, object] = {"study": number}
+        if include_names:
+            row["file"] = result.name
+        row["image_sha256"] = result.sha256 or ""
+        row["model"] = result.prediction.model if result.prediction else ""
+        row["prediction"] = (result.prediction.predicted or "") if result.prediction else ""
+        for cls in classes:
+            has = result.prediction is not None and cls in result.prediction.classes
+            row[f"p_{cls}"] = round(result.prediction.probability(cls), 4) if has and result.prediction else None
+        row["warnings"] = " | ".join(result.warnings)
+        row["error"] = result.error or ""
+        rows.append(row)
+    return rows
+
+
+def results_csv(results: Sequence[StudyResult], *, include_names: bool = False) -> str:
+    rows = result_rows(results, include_names=include_names)
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -1,0 +1,52 @@
+"""Streamlit helpers shared by the pages: cached models, the disclaimer, error display."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
+
+import streamlit as st
+
+from cxr_core.errors import CxrError
+from cxr_core.inference import DISCLAIMER
+from cxr_core.models import LoadedModel, ModelFolder, discover_models, load_model
+
+log = logging.getLogger("cxr.pages")
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=8)
+def cached_model(path: str, weights_sha256: str) -> LoadedModel:
+    """One LoadedModel per (folder, weights digest), shared by every session.
+
+    Keyed on the digest too, so a replaced weights file is loaded afresh rather than
+    served stale. Sharing is safe: see LoadedModel (hooks only under its lock).
+    """
+    del weights_sha256  # part of the cache key only
+    return load_model(path)
+
+
+def model_folders() -> list[ModelFolder]:
+    return discover_models()
+
+
+def render_disclaimer() -> None:
+    st.caption(f"⚠️ {DISCLAIMER}")
+
+
+@contextmanager
+def guarded(what: str) -> Iterator[None]:
+    """Show expected errors plainly and unexpected ones without a traceback.
+
+    A clinician sees a sentence; the full traceback goes to the server log with a
+    reference number that support can search for.
+    """
+    try:
+        yield
+    except CxrError as exc:
+        st.error(str(exc))
+    except Exception:  # noqa: BLE001 - last line of defence for the UI
+        ref = uuid.uuid4().hex[:8]
+        log.exception("unexpected error while %s (ref %s)", what, ref)
+        st.error(f"Something went wrong while {what}. Nothing was lost; please try again. (Reference {ref})")

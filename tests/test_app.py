@@ -1,0 +1,97 @@
+"""The pages, driven by Streamlit's AppTest (no browser)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def app() -> AppTest:
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for e in at.markdown] + [e.value for e in at.caption] + [e.value for e in at.error]
+    parts += [e.value for e in at.warning] + [e.value for e in at.info]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_no_model_installed_is_said_plainly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_WEIGHTS_DIR", str(tmp_path))
+    at = app().run()
+    assert not at.exception
+    assert any("No trained model is installed" in e.value for e in at.error)
+    assert not at.file_uploader  # nothing to upload to
+
+
+def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_data: Path) -> None:
+    at = app().run()
+    assert not at.exception and [s.label for s in at.selectbox] == ["Model"]
+    at.file_uploader[0].set_value(
+        [
+            ("RG1_J2KR.dcm", (dicom_data / "RG1_J2KR.dcm").read_bytes(), "application/dicom"),
+            ("IMG0002", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/octet-stream"),
+            ("broken.dcm", b"DICM" * 10, "application/dicom"),
+        ]
+    )
+    at.run()
+    assert not at.exception
+    body = texts(at)
+    assert "**Prediction:" in body
+    assert "densenet121 random-weight test model" in body and "version **0.0.1**" in body
+    assert "Decision support only" in body
+    assert any("broken.dcm" in e.value and "not an image" in e.value for e in at.error)
+    table = at.dataframe[0].value
+    assert list(table["file"]) == ["RG1_J2KR.dcm", "IMG0002", "broken.dcm"]
+    assert table["p_covid"][0] == pytest.approx(table["p_covid"][1], abs=1e-4)
+    captions = [c for image in at.get("image") for c in image.captions]
+    assert any(c.startswith("Image (window C 15000 / W 30000") for c in captions)
+    assert any(c.startswith("Grad-CAM for") for c in captions)
+    labels = [s.label for s in at.selectbox]
+    assert labels == ["Model", "Study", "Heatmap for class", "Method", "Colormap"]
+    assert any("Image metadata" in e.label for e in at.expander)
+
+    # Other class, other method, other study: still no exception.
+    at.selectbox(key="diagnose_method").set_value("eigencam")
+    at.selectbox(key="diagnose_study").set_value(1)
+    at.run()
+    assert not at.exception
+    assert any(c.startswith("Eigen-CAM for") for image in at.get("image") for c in image.captions)
+
+
+def test_switching_model(use_weights: Path, dicom_data: Path) -> None:
+    at = app().run()
+    at.selectbox[0].set_value("resnet50-test@0.0.1")
+    at.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/dicom"))
+    at.run()
+    assert not at.exception
+    assert "resnet50-test@0.0.1" in texts(at)
+
+
+def test_unexpected_failure_shows_no_traceback(use_weights: Path, dicom_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cxr_core.cam
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("internal detail that must not reach the screen")
+
+    monkeypatch.setattr(cxr_core.cam, "explain", broken)
+    at = app().run()
+    at.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/dicom"))
+    at.run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert "Something went wrong while computing the heatmap" in errors and "internal detail" not in errors
+    assert "**Prediction:" in texts(at)  # the prediction itself is still shown
+
+
+def test_models_page(use_weights: Path) -> None:
+    at = app().run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["densenet121-test@0.0.1", "resnet50-test@0.0.1"]
+    assert set(table["status"]) == {"usable"}

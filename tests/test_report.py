@@ -1,0 +1,38 @@
+"""Results table and CSV export."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from cxr_core.inference import Prediction
+from cxr_core.report import StudyResult, result_rows, results_csv
+
+
+def _prediction(p_covid: float) -> Prediction:
+    return Prediction("m@1", "M", ("covid", "normal"), (p_covid, 1 - p_covid), "covid" if p_covid >= 0.5 else "normal")
+
+
+RESULTS = [
+    StudyResult("Smith_John_MRN123.dcm", "a" * 64, _prediction(0.8), ("Colour image converted",)),
+    StudyResult("broken.dcm", None, None, (), "This DICOM has no pixel data"),
+    StudyResult("x.png", "b" * 64, _prediction(0.1)),
+]
+
+
+def test_csv_leaves_file_names_out_unless_asked() -> None:
+    text = results_csv(RESULTS)
+    assert "Smith" not in text and "broken.dcm" not in text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == ["study", "image_sha256", "model", "prediction", "p_covid", "p_normal", "warnings", "error"]
+    assert [r["prediction"] for r in rows] == ["covid", "", "normal"]
+    assert rows[0]["p_covid"] == "0.8" and rows[1]["error"] == "This DICOM has no pixel data"
+    named = list(csv.DictReader(io.StringIO(results_csv(RESULTS, include_names=True))))
+    assert [r["file"] for r in named] == ["Smith_John_MRN123.dcm", "broken.dcm", "x.png"]
+
+
+def test_rows_keep_order_and_numbering() -> None:
+    rows = result_rows(RESULTS)
+    assert [r["study"] for r in rows] == [1, 2, 3]
+    assert rows[1]["p_covid"] is None and rows[0]["warnings"] == "Colour image converted"
+    assert results_csv([]) == ""
