@@ -160,6 +160,90 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _schedule(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
+    if args.schedule:
+        try:
+            phases = tuple((int(size), int(epochs)) for size, epochs in (p.split(":") for p in args.schedule.split(",")))
+        except ValueError as exc:
+            raise UsageError("--schedule is SIZE:EPOCHS[,SIZE:EPOCHS...], e.g. 128:10,224:3") from exc
+        return phases
+    return ((args.size, args.epochs),)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from cxr_core.training.augment import AugmentConfig
+    from cxr_core.training.config import TrainConfig
+    from cxr_core.training.finalize import finalize
+    from cxr_core.training.trainer import train
+
+    out = Path(args.out)
+    model_id = args.id or out.name
+    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip)
+    config = TrainConfig(
+        data_dir=str(args.data_dir),
+        arch=args.arch,
+        out=str(out),
+        model_id=model_id,
+        version=args.version,
+        name=args.name or "",
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+        binary_positive=args.binary,
+        schedule=_schedule(args),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        balance=args.balance,
+        augment=augment,
+        init=args.init,
+        freeze_epochs=args.freeze_epochs,
+        layer_decay=args.layer_decay,
+        patience=args.patience,
+        select_on=args.select_on,
+        val_fraction=args.val_fraction,
+        target_sensitivity=args.target_sensitivity,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+    )
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / model_id
+    result, data = train(config, run_dir)
+    command = "python -m cxr_core " + shlex.join(args.argv)
+    manifest = finalize(config, run_dir, data, result, command=command)
+    test = manifest.metrics.get("test") or manifest.metrics.get("val") or {}
+    print(f"wrote {out} ({manifest.key}); best epoch {result.best_epoch + 1}/{result.epochs_run}; "
+          f"accuracy {test.get('accuracy')}, ECE {test.get('ece')}; run folder {run_dir}")
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxr_core.training.evaluate import evaluate_folder
+
+    model = _load(args.model)
+    metrics = evaluate_folder(model, Path(args.data_dir), split=args.split, metadata=Path(args.metadata) if args.metadata else None, batch_size=args.batch_size)
+    data = metrics.as_dict()
+    summary = {"model": model.key, "n": data["n"], "classes": data["classes"], "accuracy": data["accuracy"], "per_class": data["per_class"],
+               "confusion_matrix": data["confusion_matrix"], "auroc_macro": data["auroc_macro"], "ece": data["ece"]}
+    if "by_source" in data:
+        summary["by_source"] = {s: {k: v for k, v in m.items() if k in ("n", "accuracy", "per_class", "confusion_matrix", "auroc_macro", "ece")} for s, m in data["by_source"].items()}  # type: ignore[union-attr]
+    if args.json:
+        print(json.dumps(summary))
+        return EXIT_OK
+    print(f"{model.key} on {args.data_dir}: n={summary['n']} accuracy={summary['accuracy']} auroc_macro={summary['auroc_macro']} ece={summary['ece']}")
+    for cls, m in summary["per_class"].items():  # type: ignore[union-attr]
+        print(f"  {cls}: precision={m['precision']} recall={m['recall']} specificity={m['specificity']} f1={m['f1']} n={m['n']}")
+    print("  confusion (rows true, columns predicted): " + json.dumps(summary["confusion_matrix"]))
+    for source, m in summary.get("by_source", {}).items():  # type: ignore[union-attr]
+        print(f"  source {source}: n={m['n']} accuracy={m['accuracy']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_core", description="cxr: chest X-ray decision support")
     parser.add_argument("--version", action="version", version=f"cxr_core {__version__}")
@@ -190,12 +274,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS))
     p.add_argument("--opacity", type=float, default=0.4)
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("train", help="train a model folder from labelled image folders")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="class sub-folders (optionally under train/val/test, optionally with metadata.csv)")
+    p.add_argument("--arch", required=True, help="registered architecture, e.g. densenet121, resnet50")
+    p.add_argument("--out", required=True, help="model folder to write, e.g. weights/my-model")
+    p.add_argument("--id", help="model id (default: the --out folder name)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--classes", default="covid,normal,viral_pneumonia", help="multi-class: folder labels used, in output order")
+    p.add_argument("--binary", metavar="POSITIVE", help="binary POSITIVE-vs-other model (every other folder is 'other')")
+    p.add_argument("--init", default="random", help="random, imagenet (downloads torchvision weights), or a checkpoint file")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--size", type=int, default=224, help="input size (square)")
+    p.add_argument("--schedule", help="progressive resizing SIZE:EPOCHS,...; overrides --size/--epochs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--balance", default="weights", choices=["weights", "sampler", "none"])
+    p.add_argument("--freeze-epochs", type=int, default=0, help="epochs training the head only (fine-tuning)")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="per-stage learning-rate multiplier (discriminative LRs)")
+    p.add_argument("--patience", type=int, default=0, help="early stopping (epochs without improvement; 0 = off)")
+    p.add_argument("--select-on", default="loss", choices=["loss", "accuracy"])
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share when the data has no val split")
+    p.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID threshold chosen on validation for this sensitivity")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--hflip", action="store_true", help="allow horizontal flips (off: they swap laterality)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument("--run-dir", help="checkpoints and progress (default runs/ID); an existing run resumes")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on labelled folders")
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.add_argument("--model")
+    p.add_argument("--split", choices=["train", "val", "test"], help="only this split, when the folder has splits")
+    p.add_argument("--metadata", help="metadata.csv giving each file's source (default: DATA_DIR's or its parent's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

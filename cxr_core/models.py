@@ -236,3 +236,17 @@ def save_model_folder(
     # Round-trip through the validator so a folder we write is always one we can read.
     read_manifest(folder)
     return final
+
+
+def update_manifest(folder: Path | str, manifest: Manifest) -> Manifest:
+    """Rewrite ``manifest.json`` (atomically) for weights already in ``folder``.
+
+    The weights' digest is recomputed and must equal the one the new manifest carries,
+    so a manifest can never be paired with weights it does not describe.
+    """
+    folder = Path(folder)
+    actual = sha256_file(folder / manifest.weights_file)
+    if actual != manifest.weights_sha256:
+        raise ChecksumMismatchError(f"{folder.name}: refusing to write a manifest for different weights.")
+    _atomic_write(folder / MANIFEST_NAME, lambda p: p.write_text(manifest.to_json(), encoding="utf-8"))
+    return read_manifest(folder)

@@ -74,6 +74,12 @@ class Architecture:
     stages: tuple[str, ...]
     default_input_size: int = 224
     description: str = ""
+    #: key prefix of the backbone in the upstream (torchvision/timm) state dict, and the
+    #: upstream classifier's name: used to load upstream or third-party checkpoints
+    source_prefix: str = ""
+    source_classifier: str | None = None
+    #: () -> upstream ImageNet state dict (downloads; None when there is none)
+    imagenet_weights: Callable[[], dict[str, torch.Tensor]] | None = None
 
     @property
     def default_cam_layer(self) -> str:
@@ -135,6 +141,19 @@ def build_network(architecture: str, n_outputs: int, in_channels: int = 3) -> Cx
 # --- The architectures --------------------------------------------------------------------
 
 
+def _sequential(net: nn.Module, names: tuple[str, ...]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
+
+
+def _torchvision_imagenet(name: str) -> Callable[[], dict[str, torch.Tensor]]:
+    def load() -> dict[str, torch.Tensor]:
+        # torchvision downloads to the torch hub cache and loads with weights_only=True.
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        return weights.get_state_dict(progress=False, check_hash=True)
+
+    return load
+
+
 def _densenet121() -> tuple[nn.Module, int]:
     net = torchvision.models.densenet121(weights=None)
     # torchvision's DenseNet forward applies F.relu(inplace=True) after `features`; our
@@ -144,9 +163,52 @@ def _densenet121() -> tuple[nn.Module, int]:
 
 def _resnet50() -> tuple[nn.Module, int]:
     net = torchvision.models.resnet50(weights=None)
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    backbone = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
-    return backbone, net.fc.in_features
+    return _sequential(net, ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")), net.fc.in_features
+
+
+def _vgg16() -> tuple[nn.Module, int]:
+    net = torchvision.models.vgg16(weights=None)
+    # Up to conv5_3's ReLU (index 29): the last max-pool would halve the CAM resolution,
+    # and global average pooling in the head replaces VGG's 4096-wide classifier.
+    return net.features[:30], 512
+
+
+_XCEPTION_CHILDREN = (
+    "conv1", "bn1", "act1", "conv2", "bn2", "act2",
+    *(f"block{i}" for i in range(1, 13)),
+    "conv3", "bn3", "act3", "conv4", "bn4", "act4",
+)
+
+
+def _xception() -> tuple[nn.Module, int]:
+    import timm  # imported here: only this architecture needs it
+
+    net = timm.create_model("legacy_xception", pretrained=False, num_classes=0)
+    return _sequential(net, _XCEPTION_CHILDREN), net.num_features
+
+
+def _xception_imagenet() -> dict[str, torch.Tensor]:
+    import timm
+
+    return timm.create_model("legacy_xception", pretrained=True).state_dict()
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+def _cnn5() -> tuple[nn.Module, int]:
+    """Five conv blocks (Arshad et al.'s binary custom model, sized for 224 px): 224 -> 7 px maps."""
+    widths = (32, 64, 128, 256, 512)
+    blocks, c_in = OrderedDict(), 3
+    for i, c_out in enumerate(widths, start=1):
+        blocks[f"block{i}"] = _conv_block(c_in, c_out)
+        c_in = c_out
+    return nn.Sequential(blocks), widths[-1]
 
 
 register(
@@ -158,6 +220,9 @@ register(
         # Lang et al.'s five-layer progression: stem, dense blocks, final norm.
         stages=("relu0", "denseblock1", "denseblock2", "denseblock3", "norm5"),
         description="DenseNet-121 (Huang et al. 2017), torchvision layout",
+        source_prefix="features.",
+        source_classifier="classifier",
+        imagenet_weights=_torchvision_imagenet("densenet121"),
     )
 )
 
@@ -169,5 +234,45 @@ register(
         first_conv="conv1",
         stages=("relu", "layer1", "layer2", "layer3", "layer4"),
         description="ResNet-50 (He et al. 2016), torchvision layout",
+        source_classifier="fc",
+        imagenet_weights=_torchvision_imagenet("resnet50"),
+    )
+)
+
+register(
+    Architecture(
+        name="vgg16",
+        build_backbone=_vgg16,
+        head_activation=False,
+        first_conv="0",
+        stages=("3", "8", "15", "22", "29"),  # the ReLU closing each of the five conv blocks
+        description="VGG-16 (Simonyan & Zisserman 2015) features with a global-average-pool head",
+        source_prefix="features.",
+        imagenet_weights=_torchvision_imagenet("vgg16"),
+    )
+)
+
+register(
+    Architecture(
+        name="xception",
+        build_backbone=_xception,
+        head_activation=False,
+        first_conv="conv1",
+        stages=("act2", "block3", "block8", "block12", "act4"),
+        default_input_size=299,
+        description="Xception (Chollet 2017), timm legacy_xception layout",
+        source_classifier="fc",
+        imagenet_weights=_xception_imagenet,
+    )
+)
+
+register(
+    Architecture(
+        name="cnn5",
+        build_backbone=_cnn5,
+        head_activation=False,
+        first_conv="block1.0",
+        stages=("block1", "block2", "block3", "block4", "block5"),
+        description="Small custom CNN: five conv blocks (as in Arshad et al.'s binary custom model)",
     )
 )

@@ -1,0 +1,135 @@
+"""Classification metrics from labels and probabilities, overall and per source.
+
+Predictions follow the deployed decision rule (:func:`cxr_core.inference.decide`:
+thresholds included), so the figures describe what a user would see. AUROC and ECE
+use the probabilities themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    precision: float
+    recall: float  # sensitivity
+    specificity: float
+    f1: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Metrics:
+    classes: tuple[str, ...]
+    n: int
+    accuracy: float
+    per_class: Mapping[str, ClassMetrics]
+    confusion_matrix: tuple[tuple[int, ...], ...]  # rows: true class, columns: predicted
+    auroc_macro: float | None
+    ece: float
+    by_source: Mapping[str, "Metrics"] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "n": self.n,
+            "classes": list(self.classes),
+            "accuracy": round(self.accuracy, 4),
+            "per_class": {
+                c: {"precision": round(m.precision, 4), "recall": round(m.recall, 4), "specificity": round(m.specificity, 4), "f1": round(m.f1, 4), "n": m.n}
+                for c, m in self.per_class.items()
+            },
+            "confusion_matrix": [list(r) for r in self.confusion_matrix],
+            "auroc_macro": None if self.auroc_macro is None else round(self.auroc_macro, 4),
+            "ece": round(self.ece, 4),
+        }
+        if self.by_source:
+            out["by_source"] = {s: m.as_dict() for s, m in self.by_source.items()}
+        return out
+
+
+def _safe_div(a: float, b: float) -> float:
+    return float(a / b) if b else 0.0
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE (Guo et al. 2017): |accuracy - confidence| averaged over equal-width confidence bins."""
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi) if lo > 0 else (confidence >= lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
+    """Per bin: mean confidence, accuracy and count, for a reliability diagram."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi) if lo > 0 else (confidence >= lo) & (confidence <= hi)
+        if inside.any():
+            out.append({"lo": float(lo), "hi": float(hi), "confidence": float(confidence[inside].mean()), "accuracy": float(correct[inside].mean()), "n": int(inside.sum())})
+    return out
+
+
+def compute_metrics(
+    labels: Sequence[int] | np.ndarray,
+    predicted: Sequence[int] | np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    sources: Sequence[str | None] | None = None,
+) -> Metrics:
+    """Metrics of integer ``labels`` vs ``predicted`` (indices into ``classes``); ``probabilities`` (N, K)."""
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(predicted, dtype=np.int64)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    k = len(classes)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y, p), 1)
+    per_class: dict[str, ClassMetrics] = {}
+    total = int(cm.sum())
+    for i, cls in enumerate(classes):
+        tp = cm[i, i]
+        fn = cm[i].sum() - tp
+        fp = cm[:, i].sum() - tp
+        tn = total - tp - fn - fp
+        precision, recall = _safe_div(tp, tp + fp), _safe_div(tp, tp + fn)
+        per_class[cls] = ClassMetrics(precision, recall, _safe_div(tn, tn + fp), _safe_div(2 * precision * recall, precision + recall), int(cm[i].sum()))
+    auroc: float | None
+    try:
+        present = [i for i in range(k) if (y == i).any() and (y != i).any()]
+        if not present:
+            auroc = None
+        elif k == 2:
+            auroc = float(roc_auc_score(y == 0, probs[:, 0]))
+        else:
+            auroc = float(np.mean([roc_auc_score(y == i, probs[:, i]) for i in present]))
+    except ValueError:
+        auroc = None
+    by_source: dict[str, Metrics] = {}
+    if sources is not None:
+        names = np.array([s or "unknown" for s in sources])
+        for source in sorted(set(names)):
+            mask = names == source
+            if mask.sum() and len(set(names)) > 1:
+                by_source[source] = compute_metrics(y[mask], p[mask], probs[mask], classes)
+    return Metrics(
+        classes=tuple(classes),
+        n=total,
+        accuracy=_safe_div(np.trace(cm), total),
+        per_class=per_class,
+        confusion_matrix=tuple(tuple(int(v) for v in row) for row in cm),
+        auroc_macro=auroc,
+        ece=expected_calibration_error(probs, y) if total else 0.0,
+        by_source=by_source,
+    )

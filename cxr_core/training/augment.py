@@ -1,0 +1,63 @@
+"""Batch augmentation on tensors, before normalisation.
+
+Chosen for radiographs: small rotations, translations and zoom (patient positioning),
+brightness/contrast/gamma (exposure and processing differ between sites), Gaussian
+noise (detector noise). Horizontal flips are off by default: they swap laterality
+(the heart moves to the right), which is not a variation real films show.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotate_deg: float = 10.0
+    translate: float = 0.08  # fraction of the side
+    scale: tuple[float, float] = (0.9, 1.1)
+    brightness: float = 0.1  # additive, on [0, 1] pixels
+    contrast: float = 0.2  # multiplicative, 1 +/- this
+    gamma: float = 0.2  # exponent 1 +/- this
+    noise_std: float = 0.02  # upper bound of the per-image noise level
+    hflip: bool = False
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, False)
+
+
+def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """(N, 1, H, W) float in [0, 1] -> augmented (N, 1, H, W) in [0, 1]. Randomness from ``generator``."""
+    n = batch.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) * (hi - lo) + lo
+
+    out = batch
+    if config.rotate_deg or config.translate or config.scale != (1.0, 1.0) or config.hflip:
+        angle = uniform(-config.rotate_deg, config.rotate_deg) * math.pi / 180
+        zoom = uniform(*config.scale)
+        tx, ty = uniform(-config.translate, config.translate) * 2, uniform(-config.translate, config.translate) * 2
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if config.hflip else torch.ones(n)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(out.shape), align_corners=False)
+        # Areas brought in from outside the film are black, as a collimated border is.
+        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if config.gamma:
+        gamma = uniform(1 - config.gamma, 1 + config.gamma).view(n, 1, 1, 1)
+        out = out.clamp(1e-6, 1).pow(gamma)
+    if config.contrast or config.brightness:
+        contrast = uniform(1 - config.contrast, 1 + config.contrast).view(n, 1, 1, 1)
+        brightness = uniform(-config.brightness, config.brightness).view(n, 1, 1, 1)
+        mean = out.mean(dim=(2, 3), keepdim=True)
+        out = (out - mean) * contrast + mean + brightness
+    if config.noise_std:
+        level = uniform(0, config.noise_std).view(n, 1, 1, 1)
+        out = out + torch.randn(out.shape, generator=generator) * level
+    return out.clamp(0.0, 1.0)

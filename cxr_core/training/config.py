@@ -1,0 +1,104 @@
+"""TrainConfig: everything that determines a training run, serialisable to JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from cxr_core.training.augment import AugmentConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    arch: str
+    out: str  # the model folder to write
+    model_id: str
+    version: str = "1.0.0"
+    name: str = ""
+    #: model classes in output order; with ``binary_positive`` they are (positive, "other")
+    classes: tuple[str, ...] = ("covid", "normal", "viral_pneumonia")
+    binary_positive: str | None = None
+    #: progressive resizing: (input size, epochs) phases; the last size is deployed
+    schedule: tuple[tuple[int, int], ...] = ((224, 10),)
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    #: "weights" (loss weights), "sampler" (balanced sampling) or "none"
+    balance: str = "weights"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: "random", "imagenet", or a checkpoint path (safetensors or a torch weights-only file)
+    init: str = "random"
+    #: epochs with the backbone frozen (head only) before full fine-tuning
+    freeze_epochs: int = 0
+    #: learning rate multiplier per backbone stage, from the head backwards (discriminative LRs)
+    layer_decay: float = 1.0
+    #: stop after this many epochs of the final phase without improvement (0: never)
+    patience: int = 0
+    select_on: str = "loss"  # "loss" or "accuracy" on validation
+    val_fraction: float = 0.1
+    #: the positive class's threshold is chosen on validation for this sensitivity
+    target_sensitivity: float | None = 0.95
+    seed: int = 0
+    workers: int = 2
+    device: str | None = None
+    channels_last: bool = True
+    amp: bool = True  # bf16 autocast on CUDA only
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(epochs for _, epochs in self.schedule)
+
+    @property
+    def final_size(self) -> int:
+        return self.schedule[-1][0]
+
+    def size_at(self, epoch: int) -> int:
+        """Input size of 0-based ``epoch``."""
+        seen = 0
+        for size, epochs in self.schedule:
+            seen += epochs
+            if epoch < seen:
+                return size
+        return self.final_size
+
+    def in_final_phase(self, epoch: int) -> bool:
+        return epoch >= self.total_epochs - self.schedule[-1][1]
+
+    @property
+    def model_classes(self) -> tuple[str, ...]:
+        return (self.binary_positive, "other") if self.binary_positive else tuple(self.classes)
+
+    @property
+    def head(self) -> str:
+        return "sigmoid" if self.binary_positive else "softmax"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schedule"] = [list(p) for p in self.schedule]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["classes"] = tuple(values.get("classes", ()))
+        values["schedule"] = tuple(tuple(p) for p in values.get("schedule", ((224, 10),)))
+        aug = dict(values.get("augment") or {})
+        if "scale" in aug:
+            aug["scale"] = tuple(aug["scale"])
+        values["augment"] = AugmentConfig(**aug)
+        return cls(**values)
+
+    def validate(self) -> None:
+        if not self.schedule or any(size < 32 or epochs < 1 for size, epochs in self.schedule):
+            raise ValueError("schedule needs (size >= 32, epochs >= 1) phases")
+        if self.balance not in ("weights", "sampler", "none"):
+            raise ValueError("balance must be weights, sampler or none")
+        if self.select_on not in ("loss", "accuracy"):
+            raise ValueError("select_on must be loss or accuracy")
+        if self.binary_positive is None and len(self.classes) < 2:
+            raise ValueError("a multi-class model needs at least two classes")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2")

@@ -1,0 +1,84 @@
+"""Evaluate an installed model on labelled folders, through the same path the app uses.
+
+Files are read with :func:`cxr_core.io.read_image` and predicted with
+:func:`cxr_core.inference.predict` (temperature and thresholds included), so the figures
+are those a user of the app would get.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cxr_core.errors import CxrError
+from cxr_core.evaluation import Metrics, compute_metrics
+from cxr_core.inference import predict
+from cxr_core.io import read_image
+from cxr_core.models import LoadedModel
+from cxr_core.training.dataset import DatasetError, LabelPlan, apply_plan, scan_folder
+
+log = logging.getLogger(__name__)
+
+
+def _sources(root: Path, metadata: Path | None) -> dict[Path, str]:
+    candidates = [metadata] if metadata else [root / "metadata.csv", root.parent / "metadata.csv"]
+    for csv_path in candidates:
+        if csv_path is None or not csv_path.is_file():
+            continue
+        out: dict[Path, str] = {}
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("file") and row.get("source"):
+                    out[(csv_path.parent / row["file"]).resolve()] = row["source"]
+        return out
+    return {}
+
+
+def model_plan(model: LoadedModel, labels: set[str]) -> LabelPlan:
+    """Folder labels -> model classes: same-named folders; for a binary model every other folder is the negative class."""
+    manifest = model.manifest
+    if manifest.head == "sigmoid":
+        return LabelPlan.binary(manifest.classes[0], labels, negative=manifest.classes[1])
+    return LabelPlan.multiclass(manifest.classes)
+
+
+def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None, metadata: Path | None = None, batch_size: int = 32, workers: int = 2) -> Metrics:
+    records = scan_folder(root)
+    if split:
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise DatasetError(f"No images in split {split!r} under {root}.")
+    records, excluded = apply_plan(records, model_plan(model, {r.label for r in records}))
+    if excluded:
+        log.info("not model classes, skipped: %s", excluded)
+    if not records:
+        raise DatasetError(f"No folder under {root} is named after a class of {model.key} ({', '.join(model.manifest.classes)}).")
+    source_of = _sources(root, metadata)
+
+    def read(record):  # type: ignore[no-untyped-def]
+        try:
+            return read_image(record.path)
+        except CxrError as exc:
+            log.warning("skipped unreadable %s: %s", record.path.name, exc)
+            return None
+
+    classes = model.manifest.classes
+    labels, predicted, probs, sources = [], [], [], []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            images = list(pool.map(read, chunk))
+            kept = [(r, im) for r, im in zip(chunk, images) if im is not None]
+            if not kept:
+                continue
+            for (record, _), result in zip(kept, predict(model, [im for _, im in kept], batch_size=batch_size)):
+                labels.append(classes.index(record.label))
+                predicted.append(classes.index(result.predicted) if result.predicted else -1)
+                probs.append(result.probabilities)
+                sources.append(record.source or source_of.get(record.path.resolve()))
+    has_sources = any(s for s in sources)
+    return compute_metrics(np.array(labels), np.array(predicted), np.array(probs), classes, sources if has_sources else None)

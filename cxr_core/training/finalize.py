@@ -1,0 +1,210 @@
+"""After training: write the model folder, calibrate, evaluate, and describe the model.
+
+Everything is measured on the weights as shipped (fp16 safetensors, reloaded and
+verified), not on the in-memory training copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cxr_core.evaluation import Metrics, compute_metrics, reliability_bins
+from cxr_core.inference import decide
+from cxr_core.manifest import Manifest
+from cxr_core.models import load_model, save_model_folder, select_device, update_manifest
+from cxr_core.registry import build_network
+from cxr_core.training import figures
+from cxr_core.training.calibration import choose_threshold, fit_temperature
+from cxr_core.training.config import TrainConfig
+from cxr_core.training.prepare import PreparedData
+from cxr_core.training.run import RunDir, write_json
+from cxr_core.training.trainer import TrainResult, final_spec, load_best, manifest_for, predict_arrays, probabilities
+
+log = logging.getLogger(__name__)
+
+KNOWN_SOURCES = {
+    "c19rdb": (
+        "COVID-19 Radiography Database, v4 (COVID and adult Normal classes). Cite M.E.H. Chowdhury et al., "
+        "IEEE Access 8 (2020) 132665-132676, and T. Rahman et al., Computers in Biology and Medicine 132 (2021) 104319."
+    ),
+    "kermany": (
+        "D. Kermany et al., Cell 172 (2018) 1122-1131 (paediatric Normal, viral and bacterial pneumonia); CC BY 4.0."
+    ),
+}
+
+
+def decisions(probs: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """Class indices under the deployed rule (thresholds included)."""
+    index = {c: i for i, c in enumerate(manifest.classes)}
+    return np.array([index[decide(row, manifest)] for row in probs], dtype=np.int64)
+
+
+def _labels(records: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[r.label] for r in records], dtype=np.int64)
+
+
+def evaluate_arrays(model_manifest: Manifest, logits: np.ndarray, labels: np.ndarray, sources: Sequence[str | None] | None) -> tuple[Metrics, np.ndarray]:
+    probs = probabilities(logits, model_manifest.head, model_manifest.temperature)
+    return compute_metrics(labels, decisions(probs, model_manifest), probs, model_manifest.classes, sources), probs
+
+
+def finalize(config: TrainConfig, run_dir: Path | str, data: PreparedData, result: TrainResult, command: str = "") -> Manifest:
+    """Write ``config.out`` from the run's best epoch, with temperature, threshold, metrics and model card."""
+    run = RunDir(run_dir)
+    spec = final_spec(config)
+    network = load_best(build_network(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes)), run.root)
+    out = Path(config.out)
+    save_model_folder(network, manifest_for(config, spec), out)
+    model = load_model(out, device=select_device(config.device))
+    manifest = model.manifest
+    classes = manifest.classes
+
+    val_pixels = data.val.resized(config.final_size)
+    val_logits = predict_arrays(model.network, val_pixels, spec, model.device)
+    y_val = _labels(data.val.records, classes)
+    raw_val = compute_metrics(y_val, probabilities(val_logits, manifest.head).argmax(1), probabilities(val_logits, manifest.head), classes)
+    temperature = fit_temperature(val_logits, y_val, manifest.head)
+    thresholds: dict[str, float] = {}
+    positive = "covid" if "covid" in classes else None
+    if config.target_sensitivity and positive:
+        p_val = probabilities(val_logits, manifest.head, temperature)
+        i = classes.index(positive)
+        thresholds[positive] = round(choose_threshold(p_val[:, i], y_val == i, config.target_sensitivity), 4)
+    manifest = replace(manifest, temperature=round(temperature, 4), thresholds=thresholds)
+    val_metrics, _ = evaluate_arrays(manifest, val_logits, y_val, [r.source for r in data.val.records])
+
+    test_metrics: Metrics | None = None
+    test_probs = y_test = None
+    if data.test is not None and len(data.test.records):
+        test_logits = predict_arrays(model.network, data.test.resized(config.final_size), spec, model.device)
+        y_test = _labels(data.test.records, classes)
+        test_metrics, test_probs = evaluate_arrays(manifest, test_logits, y_test, [r.source for r in data.test.records])
+
+    report = data.report
+    sources = sorted({s for split in report.sources.values() for s in split})
+    metrics: dict[str, Any] = {
+        "val": val_metrics.as_dict(),
+        "val_uncalibrated_ece": round(raw_val.ece, 4),
+    }
+    if test_metrics is not None:
+        metrics["test"] = test_metrics.as_dict()
+        metrics["test_reliability"] = reliability_bins(test_probs, y_test)  # type: ignore[arg-type]
+    training_data = {
+        "root": report.root,
+        "counts": {s: dict(c) for s, c in report.counts.items()},
+        "sources": {s: dict(c) for s, c in report.sources.items()},
+        "citations": {s: KNOWN_SOURCES[s] for s in sources if s in KNOWN_SOURCES},
+        "excluded_labels": dict(report.excluded_labels),
+        "patient_leaks_removed": dict(report.patient_leaks_removed),
+        "duplicates_removed": {"exact": len(report.exact_duplicates_removed), "near": len(report.near_duplicates_removed)},
+        "unreadable": len(report.unreadable),
+    }
+    training = {
+        "command": command,
+        "config": config.as_dict(),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds": round(result.seconds, 1),
+        "device": str(model.device),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "history": list(result.history),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest = update_manifest(out, replace(manifest, metrics=metrics, training_data=training_data, training=training))
+    write_json(run.report, {"metrics": metrics, "training_data": training_data})
+
+    figs = figures.training_figures(result.history)
+    if test_metrics is not None:
+        figs.update(figures.evaluation_figures(test_metrics, test_probs, y_test, classes, "test"))  # type: ignore[arg-type]
+    figures.save(figs, [run.figures, out / "figures"])
+    (out / "README.md").write_text(model_card(manifest, report.notes), encoding="utf-8")
+    log.info("wrote %s", out)
+    return manifest
+
+
+def _table(metrics: dict[str, Any], classes: Sequence[str]) -> str:
+    rows = ["| class | n | precision | recall (sensitivity) | specificity | F1 |", "|---|---|---|---|---|---|"]
+    for c in classes:
+        m = metrics["per_class"][c]
+        rows.append(f"| {c} | {m['n']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['specificity']:.3f} | {m['f1']:.3f} |")
+    cm = metrics["confusion_matrix"]
+    rows += ["", "Confusion matrix (rows: true, columns: predicted, order " + ", ".join(classes) + "):", "", "```"]
+    rows += ["  ".join(f"{v:5d}" for v in row) for row in cm]
+    rows.append("```")
+    return "\n".join(rows)
+
+
+def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
+    """A model card (Mitchell et al. 2019 in spirit) from the manifest's own facts."""
+    m = manifest
+    lines = [f"# {m.name} ({m.key})", "", f"**Intended use.** {m.intended_use}", ""]
+    lines += [
+        "## Model",
+        f"- Architecture: {m.architecture}, {m.head} head over classes {', '.join(m.classes)} (output order).",
+        f"- Input: {m.input.size[0]}x{m.input.size[1]} px greyscale repeated to {m.input.channels} channels, "
+        f"ImageNet mean/std, aspect ratio not kept (as in training).",
+        f"- Calibration: temperature {m.temperature:g} fitted on validation NLL.",
+        f"- Decision: {'; '.join(f'{c} is called when p >= {t:g} (chosen on validation for sensitivity)' for c, t in m.thresholds.items()) or 'most probable class'}.",
+        f"- Weights: `model.safetensors` (fp16), sha256 `{m.weights_sha256}`.",
+        "",
+        "## Training data",
+    ]
+    td = m.training_data
+    for split, counts in td.get("counts", {}).items():
+        lines.append(f"- {split}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + (f" (sources: {td.get('sources', {}).get(split)})" if td.get("sources") else ""))
+    for source, citation in td.get("citations", {}).items():
+        lines.append(f"- `{source}`: {citation}")
+    for note in notes:
+        lines.append(f"- Data check: {note}")
+    tr = m.training
+    cfg = tr.get("config", {})
+    lines += [
+        "",
+        "## Recipe",
+        f"- Initialisation: {cfg.get('init')}; schedule (size, epochs): {cfg.get('schedule')}; batch {cfg.get('batch_size')}; "
+        f"AdamW lr {cfg.get('lr')} one-cycle, weight decay {cfg.get('weight_decay')}; balance: {cfg.get('balance')}; "
+        f"label smoothing {cfg.get('label_smoothing')}; augmentation {cfg.get('augment')}.",
+        f"- Best epoch {int(tr.get('best_epoch', -1)) + 1} of {tr.get('epochs_run')} (selected on validation {cfg.get('select_on')}); "
+        f"{tr.get('seconds', 0) / 3600:.1f} h on {tr.get('device')} ({tr.get('platform')}).",
+        f"- Command: `{tr.get('command') or 'n/a'}`",
+        "",
+        "## Evaluation",
+    ]
+    for split in ("test", "val"):
+        if split in m.metrics:
+            metrics = m.metrics[split]
+            lines += [
+                f"### {split} split",
+                f"Accuracy {metrics['accuracy']:.4f}, macro AUROC {metrics['auroc_macro']}, ECE {metrics['ece']:.4f} (n = {metrics['n']}).",
+                "",
+                _table(metrics, m.classes),
+                "",
+            ]
+            for source, sm in metrics.get("by_source", {}).items():
+                recalls = ", ".join(f"{c} recall {v['recall']:.3f} (n {v['n']})" for c, v in sm["per_class"].items() if v["n"])
+                lines.append(f"- source `{source}`: accuracy {sm['accuracy']:.4f} (n = {sm['n']}); {recalls}")
+            lines.append("")
+    lines += [
+        "## Known limits",
+        "- Every COVID-19 film is an adult (COVID-19 Radiography Database) and every viral/bacterial pneumonia film a child (Kermany): "
+        "the model can separate classes by age, hospital or JPEG history rather than by disease. Adult normals and paediatric normals "
+        "are both in the normal class to weaken that shortcut, and results are reported per source, but high accuracy on this test "
+        "split does not show the model works on films from another hospital.",
+        "- Trained on 224 px or smaller JPEG-derived images; full-resolution DICOM are resized the same way, but their look (processing, "
+        "windowing) may differ from the training films.",
+        "- Not trained on lateral views, CT, children with COVID-19, adults with non-COVID viral pneumonia, or devices/lines in "
+        "unusual numbers. It cannot say a film is outside what it knows.",
+        "- Decision support only: not a diagnosis.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Decode a labelled set once into memory, at training size, and check it.
+
+Every image goes through :func:`cxr_core.io.read_image` and
+:func:`cxr_core.preprocess.resize_pixels`, the exact path inference uses, so training
+and inference see the same pixels. Alongside: the file's sha256 (exact duplicates) and
+a normalised 32x32 thumbnail (near duplicates across splits, e.g. the same film
+re-encoded, resized or re-windowed).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from cxr_core.errors import CxrError
+from cxr_core.io import read_image
+from cxr_core.preprocess import resize_pixels
+from cxr_core.training.dataset import Record
+
+log = logging.getLogger(__name__)
+
+
+THUMB = 32
+
+
+def thumbnail_signature(pixels: np.ndarray) -> np.ndarray:
+    """(THUMB*THUMB,) float32, zero mean and unit norm: dot products are correlations.
+
+    Chest films all look alike to perceptual hashes (on the shared data a 64-bit dHash
+    called a third of the films duplicates). Correlation of 32x32 thumbnails separates
+    them: measured there, test-to-train maxima have a 95th percentile of 0.959, while
+    the re-encoded copies found sit above 0.99.
+    """
+    small = cv2.resize(np.asarray(pixels, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+    small -= small.mean()
+    return (small / (np.linalg.norm(small) + 1e-6)).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """Readable images of ``records`` (in order), as uint8 (N, S, S), plus what was skipped."""
+
+    records: tuple[Record, ...]
+    pixels: np.ndarray  # (N, S, S) uint8
+    sha256: tuple[str, ...]
+    signature: np.ndarray  # (N, THUMB*THUMB) float16, see thumbnail_signature
+    unreadable: tuple[tuple[str, str], ...]  # (path, reason)
+
+    @property
+    def size(self) -> int:
+        return int(self.pixels.shape[1])
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            records=tuple(self.records[i] for i in idx),
+            pixels=self.pixels[idx],
+            sha256=tuple(self.sha256[i] for i in idx),
+            signature=self.signature[idx],
+            unreadable=(),
+        )
+
+    def resized(self, size: int) -> np.ndarray:
+        """(N, size, size) uint8 copy (area filter), for lower-resolution training phases."""
+        if size == self.size:
+            return self.pixels
+        return np.stack([cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA) for p in self.pixels])
+
+
+def load_images(
+    records: Sequence[Record],
+    size: int,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImageSet:
+    """Decode and resize every record (threads: decoding releases the GIL)."""
+
+    def one(record: Record) -> tuple[np.ndarray, str, np.ndarray] | str:
+        try:
+            image = read_image(record.path)
+        except CxrError as exc:
+            return str(exc)
+        small = resize_pixels(image.pixels, (size, size))
+        return np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), image.sha256, thumbnail_signature(image.pixels)
+
+    kept: list[Record] = []
+    arrays: list[np.ndarray] = []
+    digests: list[str] = []
+    signatures: list[np.ndarray] = []
+    unreadable: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, (record, result) in enumerate(zip(records, pool.map(one, records, chunksize=64)), start=1):
+            if isinstance(result, str):
+                unreadable.append((str(record.path), result))
+            else:
+                kept.append(record)
+                arrays.append(result[0])
+                digests.append(result[1])
+                signatures.append(result[2])
+            if progress is not None and (i % 256 == 0 or i == len(records)):
+                progress(i, len(records))
+    if unreadable:
+        log.warning("%d unreadable files skipped", len(unreadable))
+    pixels = np.stack(arrays) if arrays else np.zeros((0, size, size), np.uint8)
+    sigs = np.stack(signatures).astype(np.float16) if signatures else np.zeros((0, THUMB * THUMB), np.float16)
+    return ImageSet(tuple(kept), pixels, tuple(digests), sigs, tuple(unreadable))
+
+
+def near_duplicate_pairs(a: np.ndarray, b: np.ndarray, min_correlation: float = 0.98, chunk: int = 1024) -> list[tuple[int, int, float]]:
+    """(i, j, correlation) for every pair of signatures (rows of ``a`` and ``b``) at least ``min_correlation`` alike."""
+    pairs: list[tuple[int, int, float]] = []
+    right = b.astype(np.float32).T
+    for start in range(0, len(a), chunk):
+        corr = a[start : start + chunk].astype(np.float32) @ right
+        for i, j in zip(*np.nonzero(corr >= min_correlation)):
+            pairs.append((start + int(i), int(j), float(corr[i, j])))
+    return pairs

@@ -1,0 +1,355 @@
+"""The training loop: checkpointed every epoch, resumable, reporting progress to a file.
+
+Randomness (shuffling, augmentation) is drawn from generators seeded by (seed, epoch,
+step), so a run resumed after a crash continues exactly as the uninterrupted run
+would have, up to non-deterministic kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from cxr_core.errors import CxrError
+from cxr_core.evaluation import compute_metrics
+from cxr_core.manifest import InputSpec, Manifest
+from cxr_core.models import select_device
+from cxr_core.registry import CxrNet, build_network, get_architecture
+from cxr_core.training.augment import augment
+from cxr_core.training.config import TrainConfig
+from cxr_core.training.dataset import LabelPlan, scan_folder
+from cxr_core.training.prepare import PreparedData, prepare_data
+from cxr_core.training.run import RunDir, atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TrainingCancelled(CxrError):
+    """The run was asked to stop; its last checkpoint can be resumed."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    epochs_run: int
+    history: tuple[dict[str, Any], ...]
+    seconds: float
+
+
+def label_plan(config: TrainConfig) -> LabelPlan:
+    if config.binary_positive:
+        labels = sorted({r.label for r in scan_folder(config.data_dir)})
+        return LabelPlan.binary(config.binary_positive, labels)
+    return LabelPlan.multiclass(config.classes)
+
+
+def _labels(data_records: tuple, classes: tuple[str, ...]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[r.label] for r in data_records], dtype=np.int64)
+
+
+def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, S, S) uint8 -> (N, 1, S, S) float in [0, 1]."""
+    return batch_uint8.unsqueeze(1).float().div_(255.0)
+
+
+def to_network_input(pixels01: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """(N, 1, S, S) in [0, 1] -> normalised (N, C, S, S): the same maths as cxr_core.preprocess.to_input."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels01.expand(-1, spec.channels, -1, -1) - mean) / std
+
+
+def param_groups(network: CxrNet, arch_name: str, lr: float, layer_decay: float) -> list[dict[str, Any]]:
+    """Head at ``lr``; backbone stages at lr * decay^k, k counted from the deepest stage.
+
+    With ``layer_decay`` 1 every group shares one rate. Stage boundaries come from the
+    registry, so this works for every registered architecture.
+    """
+    arch = get_architecture(arch_name)
+    children = list(network.backbone.named_children())
+    stage_index = {name: i for i, name in enumerate(arch.stages)}
+    groups: list[list[torch.nn.Parameter]] = [[] for _ in arch.stages]
+    current = 0
+    for name, module in children:
+        groups[min(current, len(groups) - 1)].extend(module.parameters())
+        if name in stage_index:
+            current = stage_index[name] + 1
+    out = [{"params": list(network.head.parameters()), "lr": lr, "name": "head"}]
+    depth = len(groups)
+    for i, params in enumerate(groups):
+        if params:
+            out.append({"params": params, "lr": lr * layer_decay ** (depth - i), "name": f"stage{i}"})
+    return out
+
+
+def predict_arrays(network: torch.nn.Module, pixels: np.ndarray, spec: InputSpec, device: torch.device, batch_size: int = 64, channels_last: bool = False) -> np.ndarray:
+    """Logits (N, n_outputs) for uint8 images (N, S, S) already at the network's input size."""
+    network.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            x = to_network_input(normalise(torch.from_numpy(pixels[start : start + batch_size])), spec).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(network(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
+
+
+def probabilities(logits: np.ndarray, head: str, temperature: float = 1.0) -> np.ndarray:
+    z = torch.as_tensor(logits, dtype=torch.float64) / temperature
+    if head == "sigmoid":
+        p = torch.sigmoid(z[:, 0])
+        return torch.stack([p, 1 - p], 1).numpy()
+    return torch.softmax(z, 1).numpy()
+
+
+def _loss_fn(config: TrainConfig, train_labels: np.ndarray, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    k = len(config.model_classes)
+    counts = np.bincount(train_labels, minlength=k).astype(np.float64)
+    if config.head == "sigmoid":
+        pos_weight = torch.tensor([counts[1] / max(counts[0], 1.0)], device=device) if config.balance == "weights" else None
+
+        def bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            target = (y == 0).float()
+            if config.label_smoothing:
+                target = target * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
+            return F.binary_cross_entropy_with_logits(logits[:, 0], target, pos_weight=pos_weight)
+
+        return bce
+    weight = None
+    if config.balance == "weights":
+        weight = torch.tensor(counts.sum() / (k * np.maximum(counts, 1.0)), dtype=torch.float32, device=device)
+
+    def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=config.label_smoothing)
+
+    return ce
+
+
+def _epoch_order(config: TrainConfig, labels: np.ndarray, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([config.seed, epoch])
+    if config.balance == "sampler":
+        counts = np.bincount(labels)
+        weights = 1.0 / counts[labels]
+        return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
+    return rng.permutation(len(labels))
+
+
+def _set_backbone_trainable(network: CxrNet, trainable: bool) -> None:
+    for p in network.backbone.parameters():
+        p.requires_grad_(trainable)
+
+
+def _validate(network: CxrNet, data: PreparedData, config: TrainConfig, size: int, spec: InputSpec, device: torch.device, cache: dict[int, np.ndarray]) -> dict[str, Any]:
+    if size not in cache:
+        cache[size] = data.val.resized(size)
+    logits = predict_arrays(network, cache[size], spec, device, channels_last=config.channels_last and device.type == "cuda")
+    y = _labels(data.val.records, config.model_classes)
+    probs = probabilities(logits, config.head)
+    if config.head == "sigmoid":
+        loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(logits[:, 0]), torch.as_tensor((y == 0).astype(np.float32))))
+    else:
+        loss = float(F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(y)))
+    metrics = compute_metrics(y, probs.argmax(1), probs, config.model_classes)
+    return {
+        "val_loss": round(loss, 5),
+        "val_accuracy": round(metrics.accuracy, 4),
+        "val_auroc": None if metrics.auroc_macro is None else round(metrics.auroc_macro, 4),
+        "val_recall": {c: round(m.recall, 4) for c, m in metrics.per_class.items()},
+    }
+
+
+def train(
+    config: TrainConfig,
+    run_dir: Path | str,
+    *,
+    data: PreparedData | None = None,
+    stop: threading.Event | None = None,
+    log_every: int = 20,
+) -> tuple[TrainResult, PreparedData]:
+    """Train (or resume) into ``run_dir``; returns when every epoch ran or early stopping hit.
+
+    ``stop`` cancels between steps: the last complete epoch's checkpoint remains and
+    the run can be resumed.
+    """
+    config.validate()
+    run = RunDir(run_dir)
+    if run.config.exists():
+        previous = TrainConfig.from_dict(json.loads(run.config.read_text()))
+        if previous.as_dict() != config.as_dict():
+            raise CxrError(f"{run.root} holds a run with a different configuration; use another run folder.")
+    else:
+        write_json(run.config, config.as_dict())
+
+    torch.manual_seed(config.seed)
+    device = select_device(config.device)
+    spec = final_spec(config)
+    if data is None:
+        run.event("preparing", message="reading and checking the data")
+        data = prepare_data(
+            config.data_dir,
+            label_plan(config),
+            max(size for size, _ in config.schedule),
+            val_fraction=config.val_fraction,
+            workers=config.workers,
+            progress=lambda i, n: run.event("preparing", done=i, total=n) if i % 2048 == 0 or i == n else None,
+        )
+    write_json(run.validation, data.report.as_dict())
+
+    network = build_network(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes))
+    if config.init != "random":
+        from cxr_core.training.init import initialise
+
+        initialise(network, config.arch, config.init)
+    network.to(device)
+    if config.channels_last:
+        network.to(memory_format=torch.channels_last)
+    groups = param_groups(network, config.arch, config.lr, config.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    y_train = _labels(data.train.records, config.model_classes)
+    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    total_steps = steps_per_epoch * config.total_epochs
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.2, div_factor=20, final_div_factor=200
+    )
+    loss_fn = _loss_fn(config, y_train, device)
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": -1, "value": None}
+    start_epoch = 0
+    checkpoint = run.load_checkpoint()
+    if checkpoint is not None:
+        network.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history = list(checkpoint["history"])
+        best = dict(checkpoint["best"])
+        start_epoch = int(checkpoint["epoch"]) + 1
+        run.event("resumed", epoch=start_epoch)
+        log.info("resuming %s at epoch %d", run.root, start_epoch)
+
+    train_cache: dict[int, np.ndarray] = {}
+    val_cache: dict[int, np.ndarray] = {}
+    use_amp = config.amp and device.type == "cuda"
+    started = time.time()
+    run.event("start", epochs=config.total_epochs, steps_per_epoch=steps_per_epoch, device=str(device), n_train=len(y_train), n_val=len(data.val.records), first_epoch=start_epoch)
+    stale = 0
+    for prev in history:
+        stale = 0 if prev.get("improved") else stale + (1 if config.in_final_phase(prev["epoch"]) else 0)
+    epoch_times: list[float] = []
+    for epoch in range(start_epoch, config.total_epochs):
+        size = config.size_at(epoch)
+        if size not in train_cache:
+            train_cache = {size: data.train.resized(size)}  # keep one size in memory at a time
+        pixels = train_cache[size]
+        frozen = epoch < config.freeze_epochs
+        _set_backbone_trainable(network, not frozen)
+        network.train()
+        if frozen:
+            network.backbone.eval()  # frozen BN statistics too
+        order = _epoch_order(config, y_train, epoch)
+        t0 = time.time()
+        running, seen = 0.0, 0
+        for step in range(steps_per_epoch):
+            if stop is not None and stop.is_set():
+                run.event("cancelled", epoch=epoch, step=step)
+                raise TrainingCancelled("Training was cancelled; it can be resumed from its last completed epoch.")
+            idx = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
+            if len(idx) < 2:
+                scheduler.step()
+                continue
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step)
+            x = augment(normalise(torch.from_numpy(pixels[idx])), config.augment, generator)
+            x = to_network_input(x, spec).to(device, non_blocking=True)
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(y_train[idx]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = loss_fn(network(x).float(), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * len(idx)
+            seen += len(idx)
+            if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
+                elapsed = time.time() - t0
+                per_step = elapsed / (step + 1)
+                done_steps = epoch * steps_per_epoch + step + 1
+                epoch_rate = (sum(epoch_times) / len(epoch_times) / steps_per_epoch) if epoch_times else per_step
+                eta = epoch_rate * (total_steps - done_steps)
+                run.event("step", epoch=epoch, step=step + 1, steps=steps_per_epoch, size=size, loss=round(running / seen, 5), lr=scheduler.get_last_lr()[0], images_per_s=round(seen / elapsed, 2), eta_s=round(eta, 1))
+        epoch_seconds = time.time() - t0
+        epoch_times.append(epoch_seconds)
+        record: dict[str, Any] = {"epoch": epoch, "size": size, "train_loss": round(running / max(seen, 1), 5), "seconds": round(epoch_seconds, 1), "frozen": frozen}
+        record.update(_validate(network, data, config, size, spec, device, val_cache))
+        value = record["val_loss"] if config.select_on == "loss" else -record["val_accuracy"]
+        improved = config.in_final_phase(epoch) and (best["value"] is None or value < best["value"])
+        record["improved"] = improved
+        if improved:
+            best = {"epoch": epoch, "value": value}
+            state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+            atomic_write(run.best, lambda p, weights=state: save_file(weights, str(p)))
+            stale = 0
+        elif config.in_final_phase(epoch):
+            stale += 1
+        history.append(record)
+        run.save_checkpoint(
+            {
+                "model": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+            }
+        )
+        run.event("epoch", **record)
+        log.info("epoch %d/%d: %s", epoch + 1, config.total_epochs, record)
+        if config.patience and stale >= config.patience:
+            run.event("early_stop", epoch=epoch, best_epoch=best["epoch"])
+            break
+
+    result = TrainResult(run.root, int(best["epoch"]), len(history), tuple(history), time.time() - started)
+    return result, data
+
+
+def load_best(network: CxrNet, run_dir: Path | str) -> CxrNet:
+    state = load_file(str(RunDir(run_dir).best))
+    network.load_state_dict(state)
+    return network
+
+
+def manifest_for(config: TrainConfig, spec: InputSpec) -> Manifest:
+    return Manifest(
+        id=config.model_id,
+        version=config.version,
+        name=config.name or config.model_id,
+        architecture=config.arch,
+        classes=config.model_classes,
+        head=config.head,
+        weights_sha256="0" * 64,
+        input=spec,
+        class_labels={"covid": "COVID-19", "normal": "Normal", "viral_pneumonia": "Viral pneumonia", "bacterial_pneumonia": "Bacterial pneumonia", "other": "Other (not COVID-19)"},
+    )
+
+
+def final_spec(config: TrainConfig) -> InputSpec:
+    return InputSpec(size=(config.final_size, config.final_size), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+

@@ -1,0 +1,143 @@
+"""Training end to end on tiny synthetic data: model folder, resume, cancel, progress, CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxr_core.cli import main
+from cxr_core.errors import CxrError
+from cxr_core.models import load_model
+from cxr_core.training.config import TrainConfig
+from cxr_core.training.finalize import finalize
+from cxr_core.training.run import RunDir
+from cxr_core.training.trainer import TrainingCancelled, train
+from tests.conftest import SHARED_DATA
+from tests.synthetic import make_labelled_folder
+
+
+def tiny_config(data: Path, out: Path, **changes: object) -> TrainConfig:
+    base = dict(data_dir=str(data), arch="cnn5", out=str(out), model_id="tiny", schedule=((32, 3),), batch_size=8, lr=3e-3, workers=1, device="cpu")
+    base.update(changes)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_labelled_folder(tmp_path_factory.mktemp("data"))
+
+
+def test_tiny_train_writes_a_loadable_calibrated_model(data_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(data_root, tmp_path / "weights" / "tiny", schedule=((32, 4),))
+    result, data = train(config, tmp_path / "run")
+    manifest = finalize(config, tmp_path / "run", data, result, command="pytest")
+    model = load_model(tmp_path / "weights" / "tiny", device="cpu")
+    assert model.manifest.classes == ("covid", "normal", "viral_pneumonia") and model.manifest.input.size == (32, 32)
+    assert manifest.temperature > 0 and 0 < manifest.thresholds["covid"] <= 0.5
+    test = manifest.metrics["test"]
+    assert set(test) >= {"accuracy", "per_class", "confusion_matrix", "auroc_macro", "ece"}
+    assert test["accuracy"] > 0.6  # the blob's position is learnable in a few epochs; chance is 0.33
+    assert (tmp_path / "weights" / "tiny" / "README.md").read_text().count("Confusion matrix") >= 1
+    assert (tmp_path / "weights" / "tiny" / "figures" / "test_roc.json").exists()
+    events = [e["event"] for e in RunDir(tmp_path / "run").events()]
+    assert events[0] == "preparing" and "start" in events and events.count("epoch") == 4
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["event"] == "epoch"
+
+
+def test_resume_after_interruption_matches_uninterrupted(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_config(data_root, tmp_path / "unused")
+    train(config, tmp_path / "straight")
+
+    stop = threading.Event()
+    original = RunDir.save_checkpoint
+
+    def checkpoint_then_crash(self: RunDir, state: dict) -> None:
+        original(self, state)
+        if state["epoch"] == 0:
+            stop.set()  # as if the process died after epoch 1's checkpoint
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", checkpoint_then_crash)
+    with pytest.raises(TrainingCancelled):
+        train(config, tmp_path / "interrupted", stop=stop)
+    monkeypatch.setattr(RunDir, "save_checkpoint", original)
+    result, _ = train(config, tmp_path / "interrupted")
+    assert result.epochs_run == 3
+    events = [e["event"] for e in RunDir(tmp_path / "interrupted").events()]
+    assert "cancelled" in events and "resumed" in events
+    a = load_file(str(tmp_path / "straight" / "best.safetensors"))
+    b = load_file(str(tmp_path / "interrupted" / "best.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_folder_refuses_a_different_config(data_root: Path, tmp_path: Path) -> None:
+    train(tiny_config(data_root, tmp_path / "x", schedule=((32, 1),)), tmp_path / "run")
+    with pytest.raises(CxrError, match="different configuration"):
+        train(tiny_config(data_root, tmp_path / "x", schedule=((32, 1),), lr=1e-4), tmp_path / "run")
+
+
+def test_binary_progressive_resizing_and_frozen_backbone(data_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(data_root, tmp_path / "w" / "bin", binary_positive="covid", schedule=((32, 1), (48, 2)), freeze_epochs=1, layer_decay=0.5)
+    result, data = train(config, tmp_path / "run")
+    assert [h["size"] for h in result.history] == [32, 48, 48] and result.history[0]["frozen"]
+    assert result.best_epoch in (1, 2)  # chosen within the final phase only
+    manifest = finalize(config, tmp_path / "run", data, result)
+    assert manifest.head == "sigmoid" and manifest.classes == ("covid", "other") and manifest.input.size == (48, 48)
+
+
+def test_frozen_epoch_leaves_backbone_unchanged(data_root: Path, tmp_path: Path) -> None:
+    from cxr_core.registry import build_network
+
+    torch.manual_seed(0)
+    initial = build_network("cnn5", 3).state_dict()
+    config = tiny_config(data_root, tmp_path / "w", schedule=((32, 1),), freeze_epochs=1)
+    train(config, tmp_path / "run")
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    for key, value in initial.items():
+        if key.startswith("backbone.") and value.is_floating_point():
+            torch.testing.assert_close(trained[key], value)
+    assert not torch.equal(trained["head.fc.weight"], initial["head.fc.weight"])
+
+
+def test_train_and_evaluate_commands(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "weights"
+    code = main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "cli-model"), "--size", "32", "--epochs", "2",
+                 "--batch-size", "8", "--workers", "1", "--run-dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    manifest = json.loads((weights / "cli-model" / "manifest.json").read_text())
+    assert manifest["training"]["command"].startswith("python -m cxr_core train ")
+    monkeypatch.setenv("CXR_WEIGHTS_DIR", str(weights))
+    assert main(["evaluate", str(data_root / "test"), "--model", "cli-model", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report)[:8] == ["model", "n", "classes", "accuracy", "per_class", "confusion_matrix", "auroc_macro", "ece"]
+    assert report["n"] == 18 and report["model"] == "cli-model@1.0.0"
+    # Same films through the app's own reading path as through training's evaluation.
+    assert report["accuracy"] == pytest.approx(manifest["metrics"]["test"]["accuracy"], abs=1e-6)
+    assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "x"), "--schedule", "32-2"]) == 2
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")
+def test_a_few_steps_on_shared_images(tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    rows = list(csv.DictReader(open(SHARED_DATA / "metadata.csv")))
+    picked = []
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        for label in ("covid", "normal", "viral_pneumonia"):
+            picked += [r for r in rows if r["split"] == split and r["label"] == label][:n]
+    root = tmp_path / "subset"
+    for r in picked:
+        (root / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED_DATA / r["file"], root / r["file"])
+    config = tiny_config(root, tmp_path / "w" / "shared", arch="densenet121", schedule=((64, 1),), batch_size=6)
+    result, data = train(config, tmp_path / "run")
+    manifest = finalize(config, tmp_path / "run", data, result)
+    assert load_model(tmp_path / "w" / "shared", device="cpu").manifest.key == manifest.key
+    assert np.isfinite(result.history[0]["train_loss"])
