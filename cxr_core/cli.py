@@ -213,9 +213,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / model_id
-    result, data = train(config, run_dir)
+    crossval = None
+    if args.folds:
+        from cxr_core.training.crossval import cross_validate
+        from cxr_core.training.prepare import prepare_data
+        from cxr_core.training.trainer import label_plan
+
+        data = prepare_data(config.data_dir, label_plan(config), max(s for s, _ in config.schedule), val_fraction=config.val_fraction, workers=config.workers)
+        crossval = cross_validate(config, data, args.folds, run_dir / "crossval")
+        print(f"{args.folds}-fold cross-validation: accuracy {crossval['accuracy']['mean']} +/- {crossval['accuracy']['std']}")
+        result, data = train(config, run_dir / "final", data=data)
+        run_dir = run_dir / "final"
+    else:
+        result, data = train(config, run_dir)
     command = "python -m cxr_core " + shlex.join(args.argv)
-    manifest = finalize(config, run_dir, data, result, command=command)
+    manifest = finalize(config, run_dir, data, result, command=command, crossval=crossval)
     test = manifest.metrics.get("test") or manifest.metrics.get("val") or {}
     print(f"wrote {out} ({manifest.key}); best epoch {result.best_epoch + 1}/{result.epochs_run}; "
           f"accuracy {test.get('accuracy')}, ECE {test.get('ece')}; run folder {run_dir}")
@@ -301,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID threshold chosen on validation for this sensitivity")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--hflip", action="store_true", help="allow horizontal flips (off: they swap laterality)")
+    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation on train+val first (by patient), then the final model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads decoding images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")

@@ -141,3 +141,20 @@ def test_a_few_steps_on_shared_images(tmp_path: Path) -> None:
     manifest = finalize(config, tmp_path / "run", data, result)
     assert load_model(tmp_path / "w" / "shared", device="cpu").manifest.key == manifest.key
     assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_cross_validation_folds_by_patient(data_root: Path, tmp_path: Path) -> None:
+    from cxr_core.training.crossval import cross_validate, fold_of
+    from cxr_core.training.prepare import prepare_data
+    from cxr_core.training.trainer import label_plan
+
+    config = tiny_config(data_root, tmp_path / "w", schedule=((32, 1),))
+    data = prepare_data(data_root, label_plan(config), 32)
+    report = cross_validate(config, data, 2, tmp_path / "cv")
+    assert report["folds"] == 2 and len(report["per_fold"]) == 2
+    assert sum(f["n_val"] for f in report["per_fold"]) == len(data.train.records) + len(data.val.records)
+    assert report["accuracy"]["mean"] is not None and (tmp_path / "cv" / "crossval.json").exists()
+    from cxr_core.training.dataset import Record
+
+    same_patient = [Record(Path(f"f{i}.png"), "covid", None, "patient-7") for i in range(10)]
+    assert len({fold_of(r, 5) for r in same_patient}) == 1

@@ -57,7 +57,9 @@ def evaluate_arrays(model_manifest: Manifest, logits: np.ndarray, labels: np.nda
     return compute_metrics(labels, decisions(probs, model_manifest), probs, model_manifest.classes, sources), probs
 
 
-def finalize(config: TrainConfig, run_dir: Path | str, data: PreparedData, result: TrainResult, command: str = "") -> Manifest:
+def finalize(
+    config: TrainConfig, run_dir: Path | str, data: PreparedData, result: TrainResult, command: str = "", crossval: dict[str, Any] | None = None
+) -> Manifest:
     """Write ``config.out`` from the run's best epoch, with temperature, threshold, metrics and model card."""
     run = RunDir(run_dir)
     spec = final_spec(config)
@@ -95,6 +97,8 @@ def finalize(config: TrainConfig, run_dir: Path | str, data: PreparedData, resul
         "val": val_metrics.as_dict(),
         "val_uncalibrated_ece": round(raw_val.ece, 4),
     }
+    if crossval is not None:
+        metrics["cross_validation"] = {k: v for k, v in crossval.items() if k != "per_fold"}
     if test_metrics is not None:
         metrics["test"] = test_metrics.as_dict()
         metrics["test_reliability"] = reliability_bins(test_probs, y_test)  # type: ignore[arg-type]

@@ -65,6 +65,16 @@ class ImageSet:
             unreadable=(),
         )
 
+    @staticmethod
+    def concat(parts: Sequence["ImageSet"]) -> "ImageSet":
+        return ImageSet(
+            records=tuple(r for part in parts for r in part.records),
+            pixels=np.concatenate([part.pixels for part in parts]),
+            sha256=tuple(d for part in parts for d in part.sha256),
+            signature=np.concatenate([part.signature for part in parts]),
+            unreadable=tuple(u for part in parts for u in part.unreadable),
+        )
+
     def resized(self, size: int) -> np.ndarray:
         """(N, size, size) uint8 copy (area filter), for lower-resolution training phases."""
         if size == self.size:
