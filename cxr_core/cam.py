@@ -135,7 +135,7 @@ CAM_METHODS: dict[str, CamMethod] = {
 
 @dataclass(frozen=True, eq=False)
 class Heatmap:
-    """One class's map at the original image resolution (H, W)."""
+    """One class's map, (H, W): the original image's resolution unless asked otherwise."""
 
     target: str
     probability: float
@@ -294,8 +294,10 @@ def explain(
     targets: Sequence[str] | None = None,
     layer: str | None = None,
     progress: ProgressCallback | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Explanation:
-    """Heatmaps of ``image`` for ``targets`` (default: every class), at the image's resolution.
+    """Heatmaps of ``image`` for ``targets`` (default: every class), at the image's resolution
+    or at ``size`` (H, W) when given (a grid of panels needs no 2k-pixel maps).
 
     The prediction comes from the same forward pass as the maps.
     """
@@ -305,7 +307,7 @@ def explain(
     raw_low, logits = compute_raw_cams(model, batch, method, classes, layer=layer, progress=progress)
     probs = logits_to_probabilities(logits, manifest)[0]
     prediction = make_prediction(manifest, probs)
-    raw = resize_maps(raw_low, image.shape)
+    raw = resize_maps(raw_low, size or image.shape)
     # Bilinear resizing is linear, so min-max after resizing equals the library's
     # normalise -> resize -> normalise, and uses the colour scale's full range.
     scaled = scale_minmax(raw)

@@ -28,7 +28,8 @@ def resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def to_input(pixels: np.ndarray, spec: InputSpec) -> torch.Tensor:
     """(H, W) float in [0, 1] -> normalised (C, h, w) float32 tensor, C = ``spec.channels``."""
     small = resize_pixels(pixels, spec.size)
-    grey = torch.from_numpy(np.ascontiguousarray(small))
+    # XrayImage pixels are read-only; torch wants a writable buffer even to read it.
+    grey = torch.from_numpy(small if small.flags.writeable and small.flags.c_contiguous else np.array(small, order="C"))
     mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
     # Grey films feed a 3-channel (ImageNet-shaped) stem by repeating the channel.

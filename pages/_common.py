@@ -16,6 +16,21 @@ from cxr_core.models import LoadedModel, ModelFolder, discover_models, load_mode
 log = logging.getLogger("cxr.pages")
 
 
+ENTRY_FLAG = "cxr_entry"
+
+
+def enter_page() -> None:
+    """Run a page only behind app.py, whose st.navigation declares the pages.
+
+    On the first request after the server starts, Streamlit can still be in its legacy
+    multipage mode (a pages/ folder exists) and run a file of pages/ directly, skipping
+    app.py and whatever it sets up (page config, sign-in). Such a session is sent to the
+    entry script first; from then on every run goes through it.
+    """
+    if not st.session_state.get(ENTRY_FLAG):
+        st.switch_page("app.py")
+
+
 @st.cache_resource(show_spinner="Loading model…", max_entries=8)
 def cached_model(path: str, weights_sha256: str) -> LoadedModel:
     """One LoadedModel per (folder, weights digest), shared by every session.
@@ -50,3 +65,8 @@ def guarded(what: str) -> Iterator[None]:
         ref = uuid.uuid4().hex[:8]
         log.exception("unexpected error while %s (ref %s)", what, ref)
         st.error(f"Something went wrong while {what}. Nothing was lost; please try again. (Reference {ref})")
+
+
+if __name__ == "__main__":
+    # Requested as a page in Streamlit's legacy mode: this module is not a page.
+    st.switch_page("app.py")

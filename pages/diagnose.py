@@ -18,11 +18,12 @@ from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
 from cxr_core.overlay import COLORMAPS, fit_within, render_overlay
 from cxr_core.report import StudyResult, result_rows, results_csv
-from pages._common import cached_model, guarded, model_folders, render_disclaimer
+from pages._common import cached_model, enter_page, guarded, model_folders, render_disclaimer
 
 DISPLAY_SIDE = 1024  # px: films are shown at most this large; downloads are full resolution
 KEEP_EXPLANATIONS = 4  # full-resolution maps are large: keep only the most recent per session
 
+enter_page()
 st.title("Diagnose")
 
 folders = [f for f in model_folders() if f.ok and f.manifest]

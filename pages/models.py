@@ -6,8 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from cxr_core import config
-from pages._common import model_folders
+from pages._common import enter_page, model_folders
 
+enter_page()
 st.title("Models")
 st.caption(
     f"Model folders under `{config.weights_dir()}`: each holds model.safetensors and manifest.json. "

@@ -95,3 +95,39 @@ def test_models_page(use_weights: Path) -> None:
     table = at.dataframe[0].value
     assert list(table["model"]) == ["densenet121-test@0.0.1", "resnet50-test@0.0.1"]
     assert set(table["status"]) == {"usable"}
+
+
+def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    at = app().run()
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception
+    at.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_J2KR.dcm").read_bytes(), "application/dicom"))
+    at.run()
+    assert not at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "Shared scale: 0 to" in captions and "leave-one-out Dice" in captions
+    assert [b.label for b in at.get("download_button")][0] == "Export grid (PNG)"
+
+    at.radio(key="compare_axis").set_value("depth")
+    at.run()
+    assert not at.exception
+    at.toggle[0].set_value(False)  # per-map scaling
+    at.run()
+    assert "Each map scaled to its own range" in " ".join(c.value for c in at.caption)
+
+    at.radio[1].set_value("Disagree")
+    at.radio[2].set_value("Agree")
+    at.text_area[0].set_value("the map sits on the heart border")
+    at.button[0].click()
+    at.run()
+    assert not at.exception and [s.value for s in at.success] == ["Review recorded."]
+
+    # A new app process (new AppTest, same database) lists the review.
+    again = app().run()
+    again.switch_page("pages/compare.py").run()
+    again.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_J2KR.dcm").read_bytes(), "application/dicom"))
+    again.run()
+    reviews = again.dataframe[-1].value
+    assert list(reviews["comment"]) == ["the map sits on the heart border"]
+    assert list(reviews["prediction"]) == [False] and list(reviews["heatmap"]) == [True]

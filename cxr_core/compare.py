@@ -1,0 +1,220 @@
+"""Heatmap grids: one or two studies, one axis varied (method, model, class or depth).
+
+Panels that share (study, model, method, layer) come from one :func:`explain` call,
+which yields every requested class from one backbone pass; maps are computed at
+display size, not at the film's full resolution.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cxr_core.cam import CAM_METHODS, explain
+from cxr_core.errors import ExplanationError
+from cxr_core.faithfulness import Faithfulness, faithfulness
+from cxr_core.io import XrayImage
+from cxr_core.lungs import LungOverlap, lung_overlap
+from cxr_core.models import LoadedModel
+from cxr_core.overlay import fit_within, render_overlay
+from cxr_core.registry import get_architecture
+
+AXES = {"method": "CAM method", "model": "Model", "class": "Target class", "depth": "Network depth"}
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    study: int  # index into the studies
+    model: str  # id@version
+    method: str
+    target: str
+    layer: str  # module path
+    label: str  # what this column shows (the varied value)
+
+
+@dataclass(frozen=True, eq=False)
+class Panel:
+    spec: PanelSpec
+    raw: np.ndarray  # (h, w) float32 >= 0 at display size
+    probability: float  # of spec.target
+    predicted: str | None
+    lung: LungOverlap
+    faithfulness: Faithfulness | None = None
+
+
+def depth_layers(model: LoadedModel) -> list[str]:
+    """The backbone's stages, shallow to deep (Lang et al.'s progression)."""
+    return list(get_architecture(model.manifest.architecture).stage_layers)
+
+
+def default_layer(model: LoadedModel) -> str:
+    return model.manifest.cam_target_layers[0] if model.manifest.cam_target_layers else depth_layers(model)[-1]
+
+
+def _target_for(model: LoadedModel, wanted: str) -> str:
+    """``wanted`` if the model has it, else its first (positive) class: a binary model has no 'normal'."""
+    return wanted if wanted in model.manifest.classes else model.manifest.classes[0]
+
+
+def _apply(axis: str, value: str, setting: dict[str, str | None]) -> None:
+    setting[{"method": "method", "model": "model", "class": "target", "depth": "layer"}[axis]] = value
+
+
+def grid_specs(
+    axis: str,
+    values: Sequence[str],
+    models: dict[str, LoadedModel],
+    *,
+    studies: int,
+    model: str,
+    method: str,
+    target: str,
+    layer: str | None = None,
+    row_axis: str | None = None,
+    row_values: Sequence[str] = (),
+) -> list[PanelSpec]:
+    """Panels row by row: one column per value of ``axis``; rows are the studies when there
+    are two, else the values of ``row_axis`` (e.g. 3 methods x 3 classes), else one row."""
+    for a in (axis, row_axis):
+        if a is not None and a not in AXES:
+            raise ExplanationError(f"Unknown axis {a!r}; choose one of {', '.join(AXES)}.")
+    if not values:
+        raise ExplanationError("Pick at least one value to compare.")
+    if row_axis == axis:
+        raise ExplanationError("Rows and columns must vary different things.")
+    if studies > 1 or row_axis is None or not row_values:
+        rows: list[tuple[int, str | None]] = [(s, None) for s in range(studies)]
+    else:
+        rows = [(0, v) for v in row_values]
+    specs = []
+    for study, row_value in rows:
+        for value in values:
+            setting: dict[str, str | None] = {"model": model, "method": method, "target": target, "layer": layer}
+            if row_value is not None and row_axis is not None:
+                _apply(row_axis, row_value, setting)
+            _apply(axis, value, setting)
+            loaded = models[str(setting["model"])]
+            cls = str(setting["target"])
+            label = {
+                "method": CAM_METHODS[str(setting["method"])].label if setting["method"] in CAM_METHODS else value,
+                "model": str(setting["model"]),
+                "class": loaded.manifest.label(cls) if cls in loaded.manifest.classes else cls,
+                "depth": value,
+            }[axis]
+            if row_value is not None and row_axis is not None:
+                label = f"{row_value if row_axis != 'method' else CAM_METHODS[row_value].label} / {label}"
+            specs.append(
+                PanelSpec(study, str(setting["model"]), str(setting["method"]), _target_for(loaded, cls), setting["layer"] or default_layer(loaded), label)
+            )
+    return specs
+
+
+def compute_grid(
+    specs: Sequence[PanelSpec],
+    models: dict[str, LoadedModel],
+    studies: Sequence[XrayImage],
+    *,
+    display_side: int = 512,
+    with_faithfulness: bool = False,
+    progress: Callable[[float, str], None] | None = None,
+) -> list[Panel]:
+    """Compute every panel; ``progress(fraction, message)`` after each group of maps."""
+    groups: OrderedDict[tuple[int, str, str, str], list[PanelSpec]] = OrderedDict()
+    for spec in specs:
+        groups.setdefault((spec.study, spec.model, spec.method, spec.layer), []).append(spec)
+    panels: dict[PanelSpec, Panel] = {}
+    steps = len(groups) + (len(specs) if with_faithfulness else 0)
+    done = 0
+    for (study, model_key, method, layer), members in groups.items():
+        image, model = studies[study], models[model_key]
+        shape = fit_within(image.pixels, display_side).shape
+        targets = list(OrderedDict.fromkeys(s.target for s in members))
+
+        def inner(fraction: float, _done: int = done, _label: str = CAM_METHODS[method].label) -> None:
+            if progress is not None:
+                progress((_done + fraction) / steps, f"{_label}: masked forward passes")
+
+        explanation = explain(model, image, method=method, targets=targets, layer=layer, size=shape, progress=inner)
+        for spec in members:
+            heatmap = explanation.heatmap(spec.target)
+            panels[spec] = Panel(spec, heatmap.raw, heatmap.probability, explanation.prediction.predicted, lung_overlap(heatmap.raw))
+        done += 1
+        if progress is not None:
+            progress(done / steps, f"maps {done} of {len(groups)}")
+    if with_faithfulness:
+        for spec in specs:
+            panel = panels[spec]
+            score = faithfulness(models[spec.model], studies[spec.study], panel.raw, spec.target)
+            panels[spec] = Panel(panel.spec, panel.raw, panel.probability, panel.predicted, panel.lung, score)
+            done += 1
+            if progress is not None:
+                progress(done / steps, "faithfulness scores")
+    return [panels[s] for s in specs]
+
+
+def scale_panels(panels: Sequence[Panel], shared: bool) -> tuple[list[np.ndarray], float | None]:
+    """Maps in [0, 1] for display, and the shared scale's top value when ``shared``.
+
+    Shared: every raw map divided by the largest raw value in the grid, so a weak map
+    looks weak. Not shared: each map min-max scaled on its own (every map looks confident).
+    Raw units differ between methods and models; sharing a scale across them compares
+    magnitudes that mean different things, which the page says.
+    """
+    if shared:
+        top = max((float(p.raw.max()) for p in panels), default=0.0)
+        scale = top if top > 0 else 1.0
+        return [np.clip(p.raw / scale, 0, 1).astype(np.float32) for p in panels], top
+    out = []
+    for p in panels:
+        lo, hi = float(p.raw.min()), float(p.raw.max())
+        out.append(((p.raw - lo) / (hi - lo)).astype(np.float32) if hi - lo > 1e-12 * max(abs(hi), 1e-12) else np.zeros_like(p.raw))
+    return out, None
+
+
+def panel_title(panel: Panel, manifest_label: Callable[[str], str] = str) -> str:
+    lungs = "empty map" if panel.lung.empty else f"lungs {panel.lung.share:.0%}"
+    parts = [panel.spec.label, f"p({manifest_label(panel.spec.target)}) = {panel.probability:.2f}", lungs]
+    if panel.faithfulness is not None:
+        f = panel.faithfulness
+        parts.append(f"drop {f.drop:+.2f} (random {f.random_drop:+.2f})")
+    return " · ".join(parts)
+
+
+def overlays(panels: Sequence[Panel], studies: Sequence[XrayImage], scaled: Sequence[np.ndarray], *, colormap: str, opacity: float, threshold: float) -> list[np.ndarray]:
+    """(h, w, 3) uint8 overlay per panel, film at the panel's size."""
+    out = []
+    for panel, heat in zip(panels, scaled):
+        film = fit_within(studies[panel.spec.study].pixels, max(heat.shape))
+        out.append(render_overlay(film, heat, colormap=colormap, opacity=opacity, threshold=threshold))
+    return out
+
+
+def grid_png(tiles: Sequence[np.ndarray], titles: Sequence[str], columns: int, tile_side: int = 384) -> Image.Image:
+    """Tile overlays into one image with a caption under each, for export."""
+    rows = (len(tiles) + columns - 1) // columns
+    caption_h = 44
+    font = ImageFont.load_default(size=13)
+    canvas = Image.new("RGB", (columns * tile_side, rows * (tile_side + caption_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, title) in enumerate(zip(tiles, titles)):
+        r, c = divmod(i, columns)
+        picture = Image.fromarray(tile)
+        picture.thumbnail((tile_side, tile_side))
+        x0, y0 = c * tile_side, r * (tile_side + caption_h)
+        canvas.paste(picture, (x0 + (tile_side - picture.width) // 2, y0 + (tile_side - picture.height) // 2))
+        words, lines, line = title.split(" "), [], ""
+        for word in words:
+            trial = f"{line} {word}".strip()
+            if draw.textlength(trial, font=font) > tile_side - 8 and line:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+        for k, text in enumerate(lines[:3]):
+            draw.text((x0 + 4, y0 + tile_side + 2 + 14 * k), text, fill="black", font=font)
+    return canvas

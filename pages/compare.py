@@ -1,0 +1,249 @@
+"""Compare: heatmaps side by side (method, model, class or depth), and whether to trust them."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+from plotly.subplots import make_subplots
+
+from cxr_core import config
+from cxr_core.cam import CAM_METHODS
+from cxr_core.compare import AXES, compute_grid, depth_layers, grid_png, grid_specs, overlays, panel_title, scale_panels
+from cxr_core.errors import CxrError
+from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
+from cxr_core.io import XrayImage, read_image
+from cxr_core.lungs import atlas_info
+from cxr_core.overlay import COLORMAPS
+from pages._common import cached_model, enter_page, guarded, model_folders, render_disclaimer
+
+DISPLAY_SIDE = 512
+MAX_STUDIES = 2
+
+enter_page()
+st.title("Compare heatmaps")
+
+folders = [f for f in model_folders() if f.ok and f.manifest]
+if not folders:
+    st.error("No trained model is installed, so there is nothing to compare.")
+    st.stop()
+
+models = {}
+with guarded("loading the models"):
+    for f in folders:
+        models[f.manifest.key] = cached_model(str(f.path), f.manifest.weights_sha256)  # type: ignore[union-attr]
+if not models:
+    st.stop()
+
+uploads = st.file_uploader(
+    "One study, or two side by side (e.g. a prior and a current film)",
+    accept_multiple_files=True,
+    max_upload_size=config.max_file_bytes() // (1024 * 1024),
+    key="compare_upload",
+)
+if not uploads:
+    st.info("Drop one or two chest radiographs to compare heatmaps.")
+    render_disclaimer()
+    st.stop()
+if len(uploads) > MAX_STUDIES:
+    st.warning(f"Only the first {MAX_STUDIES} files are compared.")
+uploads = uploads[:MAX_STUDIES]
+
+cache: dict[str, XrayImage | str] = st.session_state.setdefault("compare_images", {})
+for upload in uploads:
+    if upload.file_id not in cache:
+        try:
+            cache[upload.file_id] = read_image(upload.getvalue(), name=upload.name)
+        except CxrError as exc:
+            cache[upload.file_id] = str(exc)
+studies: list[XrayImage] = []
+names: list[str] = []
+for upload in uploads:
+    item = cache[upload.file_id]
+    if isinstance(item, str):
+        st.error(f"{upload.name}: {item}")
+    else:
+        studies.append(item)
+        names.append(upload.name)
+if not studies:
+    st.stop()
+
+# --- Controls --------------------------------------------------------------------------------
+
+top = st.columns([1.2, 1, 1, 1])
+axis = top[0].radio("Compare across", list(AXES), format_func=AXES.get, horizontal=False, key="compare_axis")
+model_key = top[1].selectbox("Model", list(models), key="compare_model")
+base = models[model_key]
+method = top[2].selectbox("Method", list(CAM_METHODS), format_func=lambda m: CAM_METHODS[m].label, key="compare_method")
+target = top[3].selectbox("Class", list(base.manifest.classes), format_func=base.manifest.label, key="compare_target")
+
+
+
+def axis_choices(which: str) -> tuple[list[str], list[str], Callable[[str], str]]:
+    """(options, default selection, label) for an axis."""
+    if which == "method":
+        return list(CAM_METHODS), ["gradcam", "gradcam++", "hirescam"], lambda v: CAM_METHODS[v].label + (" (slow)" if CAM_METHODS[v].perturbation else "")
+    if which == "model":
+        return list(models), list(models), lambda v: v
+    if which == "class":
+        return list(base.manifest.classes), list(base.manifest.classes), base.manifest.label
+    layers = depth_layers(base)
+    return layers, layers, lambda v: v
+
+
+options, default, label = axis_choices(axis)
+values = st.multiselect(f"Columns: {AXES[axis].lower()}", options, default=default, format_func=label, key=f"compare_values_{axis}_{model_key}")
+row_axis, row_values = None, []
+if len(studies) == 1:
+    rows_choice = st.columns([1, 3])
+    row_axis = rows_choice[0].selectbox("Rows", [None] + [a for a in AXES if a != axis], format_func=lambda a: "one row" if a is None else AXES[a], key=f"compare_rows_{axis}")
+    if row_axis is not None:
+        r_options, _, r_label = axis_choices(row_axis)
+        row_values = rows_choice[1].multiselect(f"Rows: {AXES[row_axis].lower()}", r_options, default=r_options[:3], format_func=r_label, key=f"compare_row_values_{row_axis}_{model_key}")
+
+display = st.columns(5)
+shared = display[0].toggle("Shared colour scale", value=True, help="Raw CAM values on one scale across the grid: a weak map looks weak. Off: every map stretched to its own range.")
+colormap = display[1].selectbox("Colormap", list(COLORMAPS), key="compare_colormap")
+opacity = display[2].slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="compare_opacity")
+threshold = display[3].slider("Hide below", 0.0, 0.9, 0.0, 0.05, key="compare_threshold", help="Map values below this (after scaling) are not coloured.")
+with_faith = display[4].toggle("Faithfulness scores", value=False, help="ROAD: remove or keep the top 20% of pixels and watch the probability; about 1 s per panel.")
+
+if not values:
+    st.info("Pick at least one value to compare.")
+    st.stop()
+
+# --- Compute (maps cached per session; display changes do not recompute) ------------------------
+
+specs = None
+with guarded("setting up the grid"):
+    specs = grid_specs(axis, values, models, studies=len(studies), model=model_key, method=method, target=target, row_axis=row_axis, row_values=row_values)
+if specs is None:
+    st.stop()
+key = (tuple(u.file_id for u in uploads), tuple(specs), with_faith)
+grids = st.session_state.setdefault("compare_grids", {})
+panels = grids.get(key)
+if panels is None:
+    bar = st.progress(0.0, text="Computing heatmaps…")
+    with guarded("computing the heatmaps"):
+        panels = compute_grid(specs, models, studies, display_side=DISPLAY_SIDE, with_faithfulness=with_faith,
+                              progress=lambda f, msg: bar.progress(min(1.0, f), text=msg))
+        grids.clear()  # one grid per session is plenty of memory
+        grids[key] = panels
+    bar.empty()
+if panels is None:
+    st.stop()
+
+scaled, top_value = scale_panels(panels, shared)
+tiles = overlays(panels, studies, scaled, colormap=colormap, opacity=opacity, threshold=threshold)
+titles = [panel_title(p, models[p.spec.model].manifest.label) for p in panels]
+
+columns = len(values)
+rows = len(panels) // columns
+fig = make_subplots(rows=rows, cols=columns, subplot_titles=[t.replace(" · ", "<br>", 1) for t in titles], horizontal_spacing=0.01, vertical_spacing=0.08)
+for i, tile in enumerate(tiles):
+    buffer = io.BytesIO()
+    Image.fromarray(tile).save(buffer, format="JPEG", quality=90)
+    uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    unit = 1000 / max(tile.shape[:2])  # every panel spans 1000 units on its long side: zoom matches across studies
+    r, c = divmod(i, columns)
+    fig.add_trace(go.Image(source=uri, dx=unit, dy=unit, hoverinfo="skip"), row=r + 1, col=c + 1)
+fig.update_xaxes(matches="x", showticklabels=False)
+fig.update_yaxes(matches="y", showticklabels=False)
+fig.update_annotations(font_size=11)
+fig.update_layout(height=380 * rows + 60, margin=dict(l=5, r=5, t=70, b=5), dragmode="zoom")
+st.plotly_chart(fig, width="stretch", key="compare_grid", config={"scrollZoom": True})
+st.caption(
+    ("Shared scale: 0 to " + f"{top_value:.3g} (raw CAM units; different methods' units are not comparable)." if shared else "Each map scaled to its own range.")
+    + " Zoom or pan any panel: the others follow."
+    + (f" Rows: {', '.join(names)}." if len(studies) > 1 else "")
+)
+
+outside = [p for p in panels if p.lung.mostly_outside]
+if outside:
+    st.warning(
+        "Most of the heatmap lies outside the lung fields for: "
+        + "; ".join(f"{p.spec.label} ({p.lung.share:.0%})" for p in outside)
+        + ". Check for burned-in text, markers or borders driving the result."
+    )
+info = atlas_info()
+st.caption(
+    f"Lung share: heatmap mass inside an atlas lung field (mean of {info['masks_used']} annotated masks; leave-one-out Dice "
+    f"{info['leave_one_out_dice']['mean']}). A flat map scores {panels[0].lung.lung_fraction:.0%}. The atlas does not adapt to the film."
+)
+
+if with_faith:
+    table = pd.DataFrame(
+        [
+            {
+                "panel": p.spec.label,
+                "study": names[p.spec.study],
+                "p(target)": round(p.probability, 3),
+                "drop when top 20% removed": round(p.faithfulness.drop, 3),
+                "random map": round(p.faithfulness.random_drop, 3),
+                "change when only top 20% kept": round(p.faithfulness.keep, 3),
+                "random map ": round(p.faithfulness.random_keep, 3),
+                "beats random": p.faithfulness.beats_random,
+            }
+            for p in panels
+            if p.faithfulness is not None
+        ]
+    )
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption("ROAD (noisy linear imputation). A faithful map's removal lowers the probability more than a random map's.")
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    grid_png(tiles, titles, columns).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+st.download_button("Export grid (PNG)", _png_bytes, file_name=f"cxr-compare-{axis}.png", mime="image/png")
+
+render_disclaimer()
+
+# --- Reviewer feedback -------------------------------------------------------------------------
+
+st.subheader("Your review")
+study_index = st.selectbox("Study", range(len(studies)), format_func=lambda i: names[i], key="compare_review_study") if len(studies) > 1 else 0
+reviewed = [p for p in panels if p.spec.study == study_index]
+anchor = next((p for p in reviewed if p.spec.model == model_key and p.spec.method == method and p.spec.target == target), reviewed[0])
+manifest = models[anchor.spec.model].manifest
+st.caption(
+    f"About {manifest.key}: predicted {manifest.label(anchor.predicted) if anchor.predicted else 'none'}; "
+    f"heatmap {CAM_METHODS[anchor.spec.method].label} for {manifest.label(anchor.spec.target)} at {anchor.spec.layer}."
+)
+choices = {"No opinion": None, "Agree": True, "Disagree": False}
+with st.form("compare_feedback", clear_on_submit=True):
+    c1, c2 = st.columns(2)
+    on_prediction = c1.radio("The prediction", list(choices), horizontal=True)
+    on_heatmap = c2.radio("The heatmap", list(choices), horizontal=True)
+    comment = st.text_area("Comment", max_chars=2000, placeholder="What you see, and why you agree or not. No patient identifiers, please.")
+    if st.form_submit_button("Record review"):
+        with guarded("recording the review"):
+            record_feedback(
+                Feedback(
+                    model=manifest.key, image_sha256=studies[study_index].sha256, method=anchor.spec.method, target=anchor.spec.target,
+                    layer=anchor.spec.layer, predicted=anchor.predicted, agree_prediction=choices[on_prediction],
+                    agree_heatmap=choices[on_heatmap], comment=comment, user=st.session_state.get("user", "anonymous"),
+                )
+            )
+            st.success("Review recorded.")
+
+with guarded("listing reviews"):
+    mine = list_feedback(studies[study_index].sha256)
+    everything = list_feedback(limit=10_000)
+    if mine:
+        st.dataframe(
+            pd.DataFrame([{"when": f.created, "who": f.user, "model": f.model, "method": f.method, "class": f.target,
+                           "prediction": f.agree_prediction, "heatmap": f.agree_heatmap, "comment": f.comment} for f in mine]),
+            hide_index=True, width="stretch",
+        )
+    else:
+        st.caption("No reviews of this image yet.")
+    st.download_button("Download all reviews (CSV)", feedback_csv(everything), file_name="cxr-reviews.csv", mime="text/csv")

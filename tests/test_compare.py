@@ -1,0 +1,146 @@
+"""Heatmap grids, shared scales, faithfulness, lung overlap and reviewer feedback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_core.compare import Panel, PanelSpec, compute_grid, depth_layers, grid_png, grid_specs, scale_panels
+from cxr_core.errors import CxrError, ExplanationError
+from cxr_core.faithfulness import faithfulness, random_map
+from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
+from cxr_core.io import read_image
+from cxr_core.lungs import lung_field, lung_overlap
+from cxr_core.models import load_model
+from cxr_core.registry import ARCHITECTURES, build_network
+from tests.synthetic import make_labelled_folder
+
+
+@pytest.fixture(scope="module")
+def chest(dicom_data: Path):  # type: ignore[no-untyped-def]
+    return read_image(dicom_data / "RG1_J2KR.dcm")
+
+
+@pytest.mark.parametrize("arch", sorted(a for a in ARCHITECTURES if a != "tiny-test"))
+def test_depth_progression_resolves_for_every_architecture(arch: str) -> None:
+    from cxr_core.registry import get_architecture
+
+    net = build_network(arch, 2)
+    stages = get_architecture(arch).stage_layers
+    assert len(stages) == 5
+    sizes = []
+    hooks = [net.get_submodule(layer).register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for layer in stages]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 96, 96))
+    for h in hooks:
+        h.remove()
+    assert sizes == sorted(sizes, reverse=True)  # shallow to deep: resolution never grows
+
+
+def test_grid_over_methods_classes_and_depth(densenet, resnet, chest) -> None:  # type: ignore[no-untyped-def]
+    models = {densenet.key: densenet, resnet.key: resnet}
+    specs = grid_specs("method", ["gradcam", "hirescam", "layercam"], models, studies=1, model=densenet.key, method="gradcam",
+                       target="covid", row_axis="class", row_values=["covid", "normal", "viral_pneumonia"])
+    assert len(specs) == 9 and {s.target for s in specs} == {"covid", "normal", "viral_pneumonia"}
+    panels = compute_grid(specs, models, [chest], display_side=256)
+    assert all(p.raw.shape == (256, 241) for p in panels)  # display size, aspect kept (1955 x 1841 film)
+    # Same class, same method: identical maps whichever way the grid was asked for.
+    by_key = {(p.spec.method, p.spec.target): p for p in panels}
+    assert by_key[("gradcam", "covid")].probability == pytest.approx(panels[0].probability)
+
+    across_models = grid_specs("model", list(models), models, studies=2, model=densenet.key, method="gradcam", target="normal")
+    assert [s.target for s in across_models] == ["normal", "covid", "normal", "covid"]  # the binary model has no 'normal'
+    depth = grid_specs("depth", depth_layers(densenet), models, studies=1, model=densenet.key, method="gradcam", target="covid")
+    assert [s.layer for s in depth][-1] == "backbone.norm5"
+    with pytest.raises(ExplanationError):
+        grid_specs("method", ["gradcam"], models, studies=1, model=densenet.key, method="gradcam", target="covid", row_axis="method", row_values=["x"])
+
+
+def _panel(raw: np.ndarray) -> Panel:
+    return Panel(PanelSpec(0, "m@1", "gradcam", "covid", "backbone.x", "x"), raw.astype(np.float32), 0.5, "covid", lung_overlap(raw))
+
+
+def test_shared_scale_keeps_a_weak_map_weak() -> None:
+    yy, xx = np.mgrid[0:64, 0:64]
+    bump = np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 50.0)
+    strong, weak = _panel(bump * 2.0), _panel(bump * 0.2)
+    shared, top = scale_panels([strong, weak], shared=True)
+    assert top == pytest.approx(2.0, rel=1e-3)
+    assert shared[0].max() == pytest.approx(1.0) and shared[1].max() < 0.2
+    separate, none = scale_panels([strong, weak], shared=False)
+    assert none is None and separate[0].max() == pytest.approx(1.0) and separate[1].max() == pytest.approx(1.0)
+
+
+def test_lung_overlap() -> None:
+    field = lung_field((200, 200))
+    assert 0.3 < field.mean() < 0.5 and field[100, 50] and not field[5, 5]
+    corner = np.zeros((200, 200), np.float32)
+    corner[:25, :25] = 1.0  # a burned-in label in the corner
+    lungs = field.astype(np.float32)
+    assert lung_overlap(corner).mostly_outside and lung_overlap(corner).share < 0.05
+    assert lung_overlap(lungs).share == pytest.approx(1.0) and not lung_overlap(lungs).mostly_outside
+    assert lung_overlap(np.zeros((50, 50))).empty and not lung_overlap(np.zeros((50, 50))).mostly_outside
+
+
+@pytest.fixture(scope="module")
+def patch_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """cnn5 trained a few epochs on films whose class is a bright patch's position."""
+    from cxr_core.training.config import TrainConfig
+    from cxr_core.training.finalize import finalize
+    from cxr_core.training.trainer import train
+
+    root = tmp_path_factory.mktemp("patch")
+    data = make_labelled_folder(root / "data", size=64, per_class={"train": 40, "val": 10, "test": 10})
+    config = TrainConfig(data_dir=str(data), arch="cnn5", out=str(root / "w" / "patch"), model_id="patch", schedule=((64, 6),),
+                         batch_size=16, lr=3e-3, workers=1, device="cpu", target_sensitivity=None)
+    result, prepared = train(config, root / "run")
+    manifest = finalize(config, root / "run", prepared, result)
+    assert manifest.metrics["test"]["accuracy"] > 0.8, manifest.metrics["test"]
+    return load_model(root / "w" / "patch", device="cpu"), data
+
+
+def test_gradcam_is_more_faithful_than_a_random_map(patch_model) -> None:  # type: ignore[no-untyped-def]
+    from cxr_core.cam import explain
+
+    model, data = patch_model
+    drops, random_drops = [], []
+    for cls in model.manifest.classes:
+        for path in sorted((data / "test" / cls).iterdir())[:4]:
+            image = read_image(path)
+            heatmap = explain(model, image, targets=[cls], layer="backbone.block3").heatmaps[0]
+            score = faithfulness(model, image, heatmap.raw, cls)
+            drops.append(score.drop)
+            random_drops.append(score.random_drop)
+    assert np.mean(drops) > np.mean(random_drops) + 0.05, (np.mean(drops), np.mean(random_drops))
+
+
+def test_random_map_is_reproducible() -> None:
+    a, b = random_map((32, 40), "abc"), random_map((32, 40), "abc")
+    assert a.shape == (32, 40) and np.array_equal(a, b) and not np.array_equal(a, random_map((32, 40), "abd"))
+
+
+def test_feedback_persists_across_restarts(tmp_path: Path) -> None:
+    import cxr_core.db as db
+
+    path = tmp_path / "app.sqlite3"
+    sha = "ab" * 32
+    record_feedback(Feedback("m@1", sha, "gradcam", "covid", "backbone.norm5", "covid", True, False, "heatmap on the label"), db=path)
+    record_feedback(Feedback("m@1", "cd" * 32, "eigencam", "normal", "backbone.norm5", "normal", None, True), db=path)
+    db._initialised.clear()  # as a new process would start
+    rows = list_feedback(sha, db=path)
+    assert len(rows) == 1 and rows[0].agree_prediction is True and rows[0].agree_heatmap is False
+    assert rows[0].comment == "heatmap on the label" and rows[0].created
+    assert len(list_feedback(db=path)) == 2
+    text = feedback_csv(list_feedback(db=path))
+    assert text.splitlines()[0].startswith("id,created,user,model,image_sha256") and sha in text
+    with pytest.raises(CxrError, match="Nothing to record"):
+        record_feedback(Feedback("m@1", sha, "gradcam", "covid", "x", None, None, None, "  "), db=path)
+
+
+def test_grid_png_export() -> None:
+    tiles = [np.full((100, 80, 3), 200, np.uint8) for _ in range(6)]
+    png = grid_png(tiles, [f"panel {i} · p = 0.5 · lungs 80%" for i in range(6)], columns=3, tile_side=120)
+    assert png.size == (360, 2 * (120 + 44))
