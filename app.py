@@ -11,6 +11,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 st.set_page_config(page_title="cxr — chest X-ray decision support", page_icon="🩻", layout="wide")
 
 # Pages check this flag (pages._common.enter_page): they only run behind this script.
+first_run = not st.session_state.get("cxr_entry")
 st.session_state["cxr_entry"] = True
 
 navigation = st.navigation(
@@ -24,4 +25,9 @@ navigation = st.navigation(
         ],
     }
 )
+if first_run:
+    # A session's first run may still be in Streamlit's legacy pages/ mode (the first
+    # request after the server starts), which shows the pages/ files as the menu. Now
+    # that st.navigation has been declared, run again so the real menu applies.
+    st.rerun()
 navigation.run()

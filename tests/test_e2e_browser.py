@@ -79,12 +79,12 @@ def test_radiologist_uploads_dicom_and_png_and_sees_probabilities(server: str, d
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.goto(server)
-        page.get_by_text("Diagnose").first.wait_for(timeout=60_000)
+        page.get_by_text("Diagnose").first.wait_for(timeout=180_000)
         started = time.time()
         page.set_input_files("input[type=file]", [str(dicom_data / "RG1_J2KR.dcm"), str(png)])
-        page.get_by_text("Prediction:").wait_for(timeout=120_000)
+        page.get_by_text("Prediction:").wait_for(timeout=180_000)
         elapsed = time.time() - started
-        page.get_by_text("Grad-CAM for").first.wait_for(timeout=60_000)
+        page.get_by_text("Grad-CAM for").first.wait_for(timeout=180_000)
         body = page.inner_text("body")
         assert "densenet121-test@0.0.1" in body and "Decision support only" in body
         assert "RG1_J2KR.dcm" in body and "chest.png" in body
@@ -106,3 +106,33 @@ def _film_png(dicom_data: Path) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(film.to_uint8()[::4, ::4].copy()).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_data: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(server)
+        page.get_by_role("link", name="Compare").click()
+        page.get_by_text("Compare heatmaps").first.wait_for(timeout=180_000)
+        page.set_input_files("input[type=file]", [str(dicom_data / "RG1_J2KR.dcm")])
+        page.get_by_text("Shared scale").first.wait_for(timeout=180_000)
+        plot = page.locator(".js-plotly-plot").first
+        plot.locator("image").nth(2).wait_for(timeout=180_000)
+        assert plot.locator("image").count() == 3  # Grad-CAM, Grad-CAM++, HiResCAM
+        # Zoom into the first panel: every panel's x range follows (matched axes).
+        box = plot.locator(".nsewdrag").first.bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=5)
+        page.mouse.up()
+        page.wait_for_timeout(1000)
+        ranges = page.evaluate(
+            "() => { const l = document.querySelector('.js-plotly-plot')._fullLayout;"
+            " return ['xaxis', 'xaxis2', 'xaxis3'].map(k => l[k].range.map(v => Math.round(v))); }"
+        )
+        assert ranges[0] == ranges[1] == ranges[2] and ranges[0][1] - ranges[0][0] < 700
+        assert "Traceback" not in page.inner_text("body")
+        browser.close()
