@@ -3,8 +3,10 @@
 Other tools parse this output, so it is part of the interface (see README, "Command line"):
 
 * ``predict --json`` prints one JSON object per line and per file, in input order:
-  ``{"file", "model", "probabilities", "prediction", "warnings", "error"}``. A file that
-  cannot be read gets ``error`` set and the rest are still processed.
+  ``{"file", "model", "probabilities", "prediction", "warnings", "error", "gate",
+  "gate_reasons", "uncertain"}``. A file that cannot be read gets ``error`` set and the
+  rest are still processed. ``prediction`` is null when the gate rejected the image or the
+  model is uncertain; a rejected image's ``probabilities`` are empty.
 * Exit status: 0 when the command ran (even if some files failed), 2 when it was misused
   (bad arguments, unknown model), 1 when it could not run at all (no model installed,
   ``explain`` on an unreadable file).
@@ -109,13 +111,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         predictions = iter(predict(model, images, batch_size=batch_size)) if images else iter(())
         for path, image, error in chunk:
             prediction = next(predictions) if image is not None else None
+            gate = prediction.gate if prediction else None
+            rejected = gate is not None and gate.rejected
             row = {
                 "file": path,
                 "model": model.key,
-                "probabilities": prediction.as_dict() if prediction else {},
+                # A rejected image's probabilities are not an answer to anything: not given.
+                "probabilities": prediction.as_dict() if prediction and not rejected else {},
                 "prediction": prediction.predicted if prediction else None,
                 "warnings": list(image.warnings) if image else [],
                 "error": error,
+                "gate": gate.outcome if gate else None,
+                "gate_reasons": list(gate.reasons) if gate else [],
+                "uncertain": bool(prediction.uncertain) if prediction else False,
             }
             if args.json:
                 print(json.dumps(row), flush=True)
@@ -123,8 +131,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{path}\tERROR\t{error}", flush=True)
             else:
                 probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
-                extra = f"\twarnings: {'; '.join(row['warnings'])}" if row["warnings"] else ""
-                print(f"{path}\t{row['prediction']}\t{probs}{extra}", flush=True)
+                answer = row["prediction"] or ("REJECTED" if rejected else "UNCERTAIN" if row["uncertain"] else "none")
+                notes = row["warnings"] + row["gate_reasons"]  # type: ignore[operator]
+                extra = f"\twarnings: {'; '.join(notes)}" if notes else ""
+                print(f"{path}\t{answer}\tgate={row['gate']}\t{probs}{extra}", flush=True)
         if len(chunk) < batch_size:
             break
     return EXIT_OK
@@ -147,7 +157,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     image = read_image(args.file)
     # Compute the map for the predicted class unless one was named: one pass gives both.
     explanation = explain(model, image, method=args.method, targets=[args.target] if args.target else None)
-    target = args.target or explanation.prediction.predicted or model.manifest.classes[0]
+    target = args.target or explanation.prediction.decision or model.manifest.classes[0]
     heatmap = explanation.heatmap(target)
     rgb = render_overlay(image.pixels, heatmap.scaled, colormap=args.colormap, opacity=args.opacity)
     out = Path(args.out)
@@ -256,6 +266,44 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_fit_gate(args: argparse.Namespace) -> int:
+    from cxr_core.models import resolve_model
+    from cxr_core.training.dataset import LabelPlan, scan_folder
+    from cxr_core.training.fit_gate import fit_gate
+    from cxr_core.training.prepare import prepare_data
+
+    folder = resolve_model(args.model)
+    assert folder.manifest is not None
+    plan: LabelPlan
+    if folder.manifest.head == "sigmoid":
+        plan = LabelPlan.binary(folder.manifest.classes[0], {r.label for r in scan_folder(args.data_dir)}, folder.manifest.classes[1])
+    else:
+        plan = LabelPlan.multiclass(folder.manifest.classes)
+    data = prepare_data(args.data_dir, plan, folder.manifest.input.size[0], workers=args.workers)
+    manifest = fit_gate(folder.path, data)
+    ood = dict(manifest.ood)
+    print(f"fitted the OOD gate of {manifest.key}: warn above {ood['warn']}, reject above {ood['reject']}; test split: {ood.get('test_rates')}")
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cxr_core.audit import entries, verify_chain
+
+    if args.audit_command == "verify":
+        report = verify_chain()
+        if args.json:
+            print(json.dumps({"ok": report.ok, "rows": report.rows, "first_bad_id": report.first_bad_id, "problem": report.problem}))
+        elif report.ok:
+            print(f"audit trail intact: {report.rows} entries")
+        else:
+            print(f"audit trail BROKEN at entry {report.first_bad_id}: {report.problem}")
+        return EXIT_OK if report.ok else EXIT_FAILED
+    for entry in reversed(entries(action=args.action, limit=args.limit)):
+        print(json.dumps({"id": entry.id, "created": entry.created, "user": entry.user, "role": entry.role, "action": entry.action,
+                          "image_sha256": entry.image_sha256, "model": entry.model, "details": entry.details}))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_core", description="cxr: chest X-ray decision support")
     parser.add_argument("--version", action="version", version=f"cxr_core {__version__}")
@@ -319,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--run-dir", help="checkpoints and progress (default runs/ID); an existing run resumes")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("fit-gate", help="fit a model's out-of-distribution gate on its training data")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="the labelled folder the model was trained on")
+    p.add_argument("--model")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_cmd_fit_gate)
+
+    p = sub.add_parser("audit", help="check or list the audit trail")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+    q = audit_sub.add_parser("verify", help="check the hash chain (exit 1 when broken)")
+    q.add_argument("--json", action="store_true")
+    q = audit_sub.add_parser("list", help="entries as JSON lines, oldest first")
+    q.add_argument("--action")
+    q.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("evaluate", help="metrics of a model on labelled folders")
     p.add_argument("data_dir", metavar="DATA_DIR")

@@ -32,6 +32,27 @@ SCHEMA: dict[int, str] = {
     );
     CREATE INDEX IF NOT EXISTS feedback_image ON feedback (image_sha256);
     """,
+    2: """
+    CREATE TABLE IF NOT EXISTS audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created TEXT NOT NULL,
+        user TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        image_sha256 TEXT,
+        model TEXT,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE
+    );
+    CREATE INDEX IF NOT EXISTS audit_action ON audit (action);
+    CREATE INDEX IF NOT EXISTS audit_image ON audit (image_sha256);
+    -- Append-only: rows can be added, never changed or removed through SQL.
+    CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    """,
 }
 
 _init_lock = threading.Lock()

@@ -8,10 +8,12 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from cxr_core.gate import ACCEPTED, GateResult, judge
 from cxr_core.io import XrayImage
 from cxr_core.manifest import Manifest
 from cxr_core.models import LoadedModel
 from cxr_core.preprocess import to_batch
+from cxr_core.quality import assess_quality
 
 DISCLAIMER = (
     "Decision support only: this result is not a diagnosis and must be interpreted by a "
@@ -19,9 +21,20 @@ DISCLAIMER = (
 )
 
 
+#: Say "uncertain" rather than name a class when the top calibrated probability is below
+#: this, or (multi-class) the top two are closer than the margin. A manifest's
+#: ``abstention`` overrides.
+DEFAULT_MIN_PROBABILITY = 0.6
+DEFAULT_MIN_MARGIN = 0.15
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. ``probabilities`` follow ``classes`` (the model's output order)."""
+    """One image's result. ``probabilities`` follow ``classes`` (the model's output order).
+
+    ``decision`` is what the decision rule picks; ``predicted`` is what may be shown as the
+    answer: None when the gate rejected the image or the model is uncertain.
+    """
 
     model: str  # "id@version"
     model_name: str
@@ -29,12 +42,19 @@ class Prediction:
     probabilities: tuple[float, ...]
     predicted: str | None
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    decision: str | None = None
+    uncertain: bool = False
+    gate: GateResult | None = None
 
     def probability(self, cls: str) -> float:
         return self.probabilities[self.classes.index(cls)]
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.classes, self.probabilities))
+
+    @property
+    def gate_outcome(self) -> str:
+        return self.gate.outcome if self.gate is not None else ACCEPTED
 
 
 def logits_to_probabilities(logits: torch.Tensor, manifest: Manifest) -> np.ndarray:
@@ -68,15 +88,29 @@ def decide(probabilities: Sequence[float], manifest: Manifest) -> str:
     return max(remaining, key=lambda c: probs[c])
 
 
-def make_prediction(manifest: Manifest, probabilities: Sequence[float]) -> Prediction:
+def is_uncertain(probabilities: Sequence[float], manifest: Manifest) -> bool:
+    """Top probability below the floor, or the top two too close to call."""
+    floor = manifest.abstention.get("min_probability", DEFAULT_MIN_PROBABILITY)
+    margin = manifest.abstention.get("min_margin", DEFAULT_MIN_MARGIN)
+    ranked = sorted(probabilities, reverse=True)
+    return ranked[0] < floor or (len(ranked) > 2 and ranked[0] - ranked[1] < margin)
+
+
+def make_prediction(manifest: Manifest, probabilities: Sequence[float], gate: GateResult | None = None) -> Prediction:
     values = tuple(float(p) for p in probabilities)
+    decision = decide(values, manifest)
+    uncertain = is_uncertain(values, manifest)
+    rejected = gate is not None and gate.rejected
     return Prediction(
         model=manifest.key,
         model_name=manifest.name,
         classes=manifest.classes,
         probabilities=values,
-        predicted=decide(values, manifest),
+        predicted=None if (rejected or uncertain) else decision,
         thresholds=dict(manifest.thresholds),
+        decision=decision,
+        uncertain=uncertain,
+        gate=gate,
     )
 
 
@@ -91,12 +125,26 @@ def predict_logits(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
         return model.network(batch.to(model.device)).float().cpu()
 
 
+def predict_with_features(model: LoadedModel, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """(logits (N, n_outputs), pooled features (N, C) as numpy), both on CPU, from one pass."""
+    with torch.inference_mode():
+        logits, pooled = model.network.forward_with_features(batch.to(model.device))
+        return logits.float().cpu(), pooled.float().cpu().numpy()
+
+
+def gate_images(model: LoadedModel, images: Sequence[XrayImage], pooled: np.ndarray) -> list[GateResult]:
+    distances = model.feature_gate.distances(pooled) if model.feature_gate is not None else [None] * len(images)
+    return [judge(im.metadata, None if d is None else float(d), model.feature_gate, assess_quality(im)) for im, d in zip(images, distances)]
+
+
 def predict(model: LoadedModel, images: Iterable[XrayImage], batch_size: int = 16) -> list[Prediction]:
-    """Predictions for ``images``, in order, ``batch_size`` images per forward pass."""
+    """Predictions for ``images``, in order, ``batch_size`` images per forward pass, each gated."""
     images = list(images)
     results: list[Prediction] = []
     for chunk in _chunks(images, max(1, batch_size)):
         batch = to_batch([im.pixels for im in chunk], model.manifest.input)
-        probs = logits_to_probabilities(predict_logits(model, batch), model.manifest)
-        results.extend(make_prediction(model.manifest, row) for row in probs)
+        logits, pooled = predict_with_features(model, batch)
+        probs = logits_to_probabilities(logits, model.manifest)
+        gates = gate_images(model, chunk, pooled)
+        results.extend(make_prediction(model.manifest, row, gate) for row, gate in zip(probs, gates))
     return results

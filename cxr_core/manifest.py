@@ -61,6 +61,10 @@ class Manifest:
     training_data: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
+    #: the fitted out-of-distribution gate: {"file", "sha256", "warn", "reject", ...}; empty = none
+    ood: Mapping[str, Any] = field(default_factory=dict)
+    #: when to say "uncertain": {"min_probability", "min_margin"} (defaults in cxr_core.inference)
+    abstention: Mapping[str, float] = field(default_factory=dict)
     intended_use: str = DEFAULT_INTENDED_USE
     weights_file: str = WEIGHTS_NAME
     created: str = ""
@@ -167,6 +171,17 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest.json") -> Man
     for key in ("training_data", "metrics", "training"):
         if not isinstance(data.get(key, {}), Mapping):
             raise ManifestError(f"{where}: '{key}' must be an object.")
+    ood = data.get("ood", {})
+    if not isinstance(ood, Mapping) or (ood and not (
+        isinstance(ood.get("file"), str) and Path(ood["file"]).name == ood["file"] and ood["file"].endswith(".safetensors")
+        and isinstance(ood.get("sha256"), str) and len(ood["sha256"]) == 64
+    )):
+        raise ManifestError(f"{where}: 'ood' must name a .safetensors file in the folder and its sha256.")
+    abstention = data.get("abstention", {})
+    if not isinstance(abstention, Mapping) or not all(
+        k in ("min_probability", "min_margin") and isinstance(v, (int, float)) and 0.0 <= v < 1.0 for k, v in abstention.items()
+    ):
+        raise ManifestError(f"{where}: 'abstention' takes min_probability and min_margin in [0, 1).")
     weights_file = data.get("weights_file", WEIGHTS_NAME)
     if not isinstance(weights_file, str) or Path(weights_file).name != weights_file or not weights_file.endswith(".safetensors"):
         raise ManifestError(f"{where}: weights_file must be a .safetensors file name inside the folder.")
@@ -187,6 +202,8 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest.json") -> Man
         training_data=dict(data.get("training_data", {})),
         metrics=dict(data.get("metrics", {})),
         training=dict(data.get("training", {})),
+        ood=dict(ood),
+        abstention={k: float(v) for k, v in abstention.items()},
         intended_use=str(data.get("intended_use") or DEFAULT_INTENDED_USE),
         weights_file=weights_file,
         created=str(data.get("created", "")),

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -139,6 +139,8 @@ class LoadedModel:
     device: torch.device
     path: Path
     lock: threading.RLock = field(default_factory=threading.RLock)
+    #: the out-of-distribution gate fitted for this model (cxr_core.gate), if any
+    feature_gate: Any = None
 
     @property
     def key(self) -> str:
@@ -185,11 +187,14 @@ def load_model(folder: Path | str, device: torch.device | str | None = None) -> 
         except AttributeError as exc:
             raise ManifestError(f"{folder.name}: CAM layer {layer!r} does not exist in {arch.name}.") from exc
 
+    from cxr_core.gate import load_gate_for
+
+    feature_gate = load_gate_for(folder, dict(manifest.ood)) if manifest.ood else None
     target = select_device(str(device)) if device is not None else select_device()
     network.requires_grad_(False)  # inference only: CAM gradients flow to activations, never to weights
     network.eval().to(target)
     log.info("loaded %s (%s) on %s", manifest.key, arch.name, target)
-    return LoadedModel(manifest=manifest, network=network, device=target, path=folder)
+    return LoadedModel(manifest=manifest, network=network, device=target, path=folder, feature_gate=feature_gate)
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:

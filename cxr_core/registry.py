@@ -41,9 +41,12 @@ class ClassifierHead(nn.Module):
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(in_features, n_outputs)
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, C): the vector the classifier sees (also the OOD gate's feature)."""
+        return self.flatten(self.pool(self.act(self.feature_map(features))))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.feature_map(features))
-        return self.fc(self.flatten(self.pool(x)))
+        return self.fc(self.pooled(features))
 
 
 class CxrNet(nn.Module):
@@ -57,6 +60,11 @@ class CxrNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, n_outputs), pooled features (N, C)) from one pass."""
+        pooled = self.head.pooled(self.backbone(x))
+        return self.head.fc(pooled), pooled
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ class StudyResult:
 
 
 def result_rows(results: Sequence[StudyResult], *, include_names: bool = False) -> list[dict[str, object]]:
-    """One dict per study, columns in a stable order: study, [file], image_sha256, model, prediction, p_<class>..., warnings, error."""
+    """One dict per study, columns in a stable order: study, [file], image_sha256, model, prediction,
+    p_<class>..., gate, uncertain, warnings, error. A rejected image's probabilities are left empty."""
     classes: list[str] = []
     for result in results:
         if result.prediction:
@@ -40,8 +41,12 @@ def result_rows(results: Sequence[StudyResult], *, include_names: bool = False) 
         row["model"] = result.prediction.model if result.prediction else ""
         row["prediction"] = (result.prediction.predicted or "") if result.prediction else ""
         for cls in classes:
-            has = result.prediction is not None and cls in result.prediction.classes
+            rejected = result.prediction is not None and result.prediction.gate is not None and result.prediction.gate.rejected
+            has = result.prediction is not None and cls in result.prediction.classes and not rejected
             row[f"p_{cls}"] = round(result.prediction.probability(cls), 4) if has and result.prediction else None
+        gate = result.prediction.gate if result.prediction else None
+        row["gate"] = gate.outcome if gate else ""
+        row["uncertain"] = bool(result.prediction.uncertain) if result.prediction else False
         row["warnings"] = " | ".join(result.warnings)
         row["error"] = result.error or ""
         rows.append(row)

@@ -42,6 +42,11 @@ def cached_model(path: str, weights_sha256: str) -> LoadedModel:
     return load_model(path)
 
 
+def current_user() -> tuple[str, str]:
+    """(user name, role) of this session; "anonymous" until signed in."""
+    return str(st.session_state.get("user", "anonymous")), str(st.session_state.get("role", "anonymous"))
+
+
 def model_folders() -> list[ModelFolder]:
     return discover_models()
 

@@ -1,30 +1,33 @@
-"""Diagnose: drop chest X-rays, get class probabilities and Grad-CAM overlays."""
+"""Diagnose: drop chest X-rays, get gated, calibrated class probabilities and Grad-CAM overlays."""
 
 from __future__ import annotations
 
 import io
 from collections import OrderedDict
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from cxr_core import config
+from cxr_core import audit, config
 from cxr_core.cam import CAM_METHODS, Explanation, explain
 from cxr_core.charts import probability_chart
 from cxr_core.errors import CxrError
-from cxr_core.inference import predict
+from cxr_core.inference import DISCLAIMER, Prediction, predict
 from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
 from cxr_core.overlay import COLORMAPS, fit_within, render_overlay
 from cxr_core.report import StudyResult, result_rows, results_csv
-from pages._common import cached_model, enter_page, guarded, model_folders, render_disclaimer
+from cxr_core.study import StudyView, draw_boxes, study_view
+from pages._common import cached_model, current_user, enter_page, guarded, model_folders, render_disclaimer
 
 DISPLAY_SIDE = 1024  # px: films are shown at most this large; downloads are full resolution
 KEEP_EXPLANATIONS = 4  # full-resolution maps are large: keep only the most recent per session
 
 enter_page()
 st.title("Diagnose")
+user, role = current_user()
 
 folders = [f for f in model_folders() if f.ok and f.manifest]
 if not folders:
@@ -61,15 +64,21 @@ if not uploads:
     render_disclaimer()
     st.stop()
 
-# --- Read and predict (each file once per session, each (file, model) pair once) -----------
+# --- Session state: decoded films, per-study options, predictions, overrides -------------------
 
-images: dict[str, XrayImage | str] = st.session_state.setdefault("diagnose_images", {})
-predictions: dict[tuple[str, str], object] = st.session_state.setdefault("diagnose_predictions", {})
+state = st.session_state
+images: dict[str, XrayImage | str] = state.setdefault("diagnose_images", {})
+options: dict[str, dict[str, bool]] = state.setdefault("diagnose_options", {})  # file -> {"correct", "mask"}
+views: dict[tuple[str, bool, bool], StudyView] = state.setdefault("diagnose_views", {})
+predictions: dict[tuple[str, bool, bool, str], Prediction] = state.setdefault("diagnose_predictions", {})
+overridden: set[tuple[str, str]] = state.setdefault("diagnose_overrides", set())
 current_ids = {u.file_id for u in uploads}
-for stale in [k for k in images if k not in current_ids]:
-    del images[stale]
-for stale in [k for k in predictions if k[0] not in current_ids]:
-    del predictions[stale]
+for store in (images, options):
+    for stale in [k for k in store if k not in current_ids]:
+        del store[stale]
+for store in (views, predictions):
+    for stale in [k for k in store if k[0] not in current_ids]:
+        del store[stale]
 
 new = [u for u in uploads if u.file_id not in images]
 if new:
@@ -82,28 +91,52 @@ if new:
         bar.progress(i / len(new), text=f"Read {i} of {len(new)}")
     bar.empty()
 
-todo = [u for u in uploads if isinstance(images[u.file_id], XrayImage) and (u.file_id, model.key) not in predictions]
+
+def variant(file_id: str) -> tuple[str, bool, bool]:
+    chosen = options.setdefault(file_id, {"correct": False, "mask": False})
+    return (file_id, chosen["correct"], chosen["mask"])
+
+
+def view_of(key: tuple[str, bool, bool]) -> StudyView:
+    if key not in views:
+        original = images[key[0]]
+        assert isinstance(original, XrayImage)
+        views[key] = study_view(original, correct=key[1], mask_text=key[2])
+    return views[key]
+
+
+todo = [u for u in uploads if isinstance(images[u.file_id], XrayImage) and (*variant(u.file_id), model.key) not in predictions]
 if todo:
     with guarded("predicting"), st.spinner(f"Predicting {len(todo)} image(s) with {manifest.name}…"):
-        for upload, prediction in zip(todo, predict(model, [images[u.file_id] for u in todo])):  # type: ignore[misc]
-            predictions[(upload.file_id, model.key)] = prediction
+        films = [view_of(variant(u.file_id)).image for u in todo]
+        for upload, film, prediction in zip(todo, films, predict(model, films)):
+            predictions[(*variant(upload.file_id), model.key)] = prediction
+            audit.record(
+                "prediction", user=user, role=role, image_sha256=film.sha256, model=model.key,
+                details={"prediction": prediction.predicted, "decision": prediction.decision, "uncertain": prediction.uncertain,
+                         "gate": prediction.gate_outcome, "probabilities": {c: round(p, 4) for c, p in prediction.as_dict().items()},
+                         "corrected": variant(upload.file_id)[1], "masked": variant(upload.file_id)[2], "warnings": list(film.warnings)},
+            )
 
 results: list[StudyResult] = []
 for upload in uploads:
     item = images[upload.file_id]
     if isinstance(item, XrayImage):
-        results.append(
-            StudyResult(upload.name, item.sha256, predictions.get((upload.file_id, model.key)), item.warnings)  # type: ignore[arg-type]
-        )
+        prediction = predictions.get((*variant(upload.file_id), model.key))
+        notes = item.warnings + (prediction.gate.reasons if prediction and prediction.gate else ())
+        results.append(StudyResult(upload.name, item.sha256, prediction, notes))
     else:
         results.append(StudyResult(upload.name, None, None, (), item))
 
-# --- Summary table ---------------------------------------------------------------------------
+# --- Worklist: flagged studies first ----------------------------------------------------------------
 
 if len(uploads) > 1 or results[0].error:
-    st.subheader(f"Results ({len(uploads)} file(s))")
+    st.subheader(f"Worklist ({len(uploads)} file(s))")
     table = pd.DataFrame(result_rows(results, include_names=True))
-    st.dataframe(table, hide_index=True, width="stretch")
+    table["image_sha256"] = table["image_sha256"].str[:12]
+    order = {"": 3, "rejected": 0, "warning": 1, "accepted": 2}
+    table = table.assign(_flag=[0 if err else order.get(g, 3) - (0.5 if u else 0) for err, g, u in zip(table["error"], table["gate"], table["uncertain"])])
+    st.dataframe(table.sort_values(["_flag", "study"]).drop(columns="_flag"), hide_index=True, width="stretch")
     include_names = st.checkbox(
         "Include file names in the CSV",
         value=False,
@@ -114,6 +147,7 @@ if len(uploads) > 1 or results[0].error:
         results_csv(results, include_names=include_names),
         file_name="cxr-results.csv",
         mime="text/csv",
+        on_click=lambda: audit.record("export_csv", user=user, role=role, model=model.key, details={"studies": len(results), "file_names": include_names}),
     )
     for result in results:
         if result.error:
@@ -124,7 +158,7 @@ if not readable:
     render_disclaimer()
     st.stop()
 
-# --- One study in detail -------------------------------------------------------------------
+# --- One study in detail -------------------------------------------------------------------------
 
 st.divider()
 if len(readable) > 1:
@@ -134,19 +168,77 @@ if len(readable) > 1:
 else:
     index = 0
 upload, result = readable[index]
-image = images[upload.file_id]
-assert isinstance(image, XrayImage) and result.prediction is not None
+file_id = upload.file_id
+key = variant(file_id)
+view = view_of(key)
+image = view.image
 prediction = result.prediction
-
+assert prediction is not None
+gate = prediction.gate
 st.subheader(upload.name)
-predicted = prediction.predicted
-p_pred = prediction.probability(predicted) if predicted else None
-st.markdown(
-    f"**Prediction: {manifest.label(predicted) if predicted else 'none'}**"
-    + (f" (p = {p_pred:.3f})" if p_pred is not None else "")
-    + f"  \nModel: **{manifest.name}**, version **{manifest.version}** (`{manifest.key}`)"
-)
-render_disclaimer()
+
+# Gate: accepted / warning / rejected, shown plainly.
+if gate is not None and gate.outcome == "rejected":
+    st.error("**Not analysed: this does not look like a frontal chest radiograph.**  \n" + "  \n".join(f"- {r}" for r in gate.reasons))
+elif gate is not None and gate.outcome == "warning":
+    st.warning("**Check before relying on this result.**  \n" + "  \n".join(f"- {r}" for r in gate.reasons))
+else:
+    st.success("Input checks passed: frontal chest radiograph.", icon=":material/check_circle:")
+
+# Offer the corrections the quality check suggests.
+fixes = st.columns(2)
+if view.quality.fixable and not key[1]:
+    what = " and ".join(w for w in (f"turn it by {90 * view.quality.rotation} degrees" if view.quality.rotation else "", "invert it" if view.quality.inverted else "") if w)
+    if fixes[0].button(f"Correct the film ({what})", key=f"fix_{file_id}"):
+        options[file_id]["correct"] = True
+        audit.record("correct_film", user=user, role=role, image_sha256=image.sha256, details={"rotation": view.quality.rotation, "inverted": view.quality.inverted})
+        st.rerun()
+elif key[1]:
+    if fixes[0].button("Undo the correction", key=f"unfix_{file_id}"):
+        options[file_id]["correct"] = False
+        st.rerun()
+if view.boxes:
+    masked = fixes[1].toggle(
+        f"Mask {len(view.boxes)} burned-in text/marker region(s) before inference",
+        value=key[2],
+        key=f"mask_{file_id}",
+        help="Markers and labels can steer a model (a shortcut). Masking fills them from their surroundings.",
+    )
+    if masked != key[2]:
+        options[file_id]["mask"] = masked
+        st.rerun()
+
+if gate is not None and gate.rejected and (file_id, model.key) not in overridden:
+    with st.form(f"override_{file_id}"):
+        st.markdown("A clinician may still look at the model's output, for example when the check is wrong. This is recorded.")
+        reason = st.text_input("Why show the result anyway?", max_chars=300)
+        if st.form_submit_button("Show the result anyway"):
+            if not reason.strip():
+                st.error("Give a reason to override the check.")
+            else:
+                overridden.add((file_id, model.key))
+                audit.record("override_gate", user=user, role=role, image_sha256=image.sha256, model=model.key,
+                             details={"reasons": list(gate.reasons), "justification": reason.strip()})
+                st.rerun()
+    render_disclaimer()
+    st.stop()
+
+if gate is not None and gate.rejected:
+    st.caption(f"Shown after an override by {user}: the input check rejected this image.")
+
+if prediction.predicted:
+    label = manifest.label(prediction.predicted)
+    headline = f"**Prediction: {label}** (p = {prediction.probability(prediction.predicted):.3f})"
+elif prediction.uncertain:
+    headline = (
+        f"**Uncertain** — the model does not favour one class clearly "
+        f"(most likely {manifest.label(prediction.decision or '')}, p = {max(prediction.probabilities):.3f}). "
+        "Read the film without relying on this result."
+    )
+else:
+    headline = f"**Rejected input** — the model would have said {manifest.label(prediction.decision or '')}."
+st.markdown(headline + f"  \nModel: **{manifest.name}**, version **{manifest.version}** (`{manifest.key}`)")
+st.caption(f"⚠️ {DISCLAIMER}")
 for warning in image.warnings:
     st.warning(warning)
 
@@ -154,9 +246,9 @@ controls = st.columns(4)
 target = controls[0].selectbox(
     "Heatmap for class",
     list(manifest.classes),
-    index=list(manifest.classes).index(predicted) if predicted else 0,
+    index=list(manifest.classes).index(prediction.decision) if prediction.decision in manifest.classes else 0,
     format_func=manifest.label,
-    key=f"diagnose_target_{upload.file_id}",
+    key=f"diagnose_target_{file_id}",
 )
 method = controls[1].selectbox(
     "Method",
@@ -167,10 +259,8 @@ method = controls[1].selectbox(
 colormap = controls[2].selectbox("Colormap", list(COLORMAPS), key="diagnose_colormap")
 opacity = controls[3].slider("Opacity", 0.0, 1.0, 0.4, 0.05, key="diagnose_opacity")
 
-explanations: OrderedDict[tuple[str, str, str], Explanation] = st.session_state.setdefault(
-    "diagnose_explanations", OrderedDict()
-)
-cache_key = (upload.file_id, model.key, method)
+explanations: OrderedDict[tuple[object, ...], Explanation] = state.setdefault("diagnose_explanations", OrderedDict())
+cache_key = (*key, model.key, method)
 explanation = explanations.get(cache_key)
 if explanation is None:
     with guarded("computing the heatmap"):
@@ -190,19 +280,19 @@ else:
 left, right = st.columns(2)
 film = fit_within(image.to_uint8(), DISPLAY_SIDE)
 window = image.metadata.window
+shown = draw_boxes(np.stack([film] * 3, axis=2), view.boxes, film.shape[0] / image.shape[0]) if view.boxes and not view.masked else film
 left.image(
-    film,
-    caption="Image" + (f" (window C {window.center:g} / W {window.width:g}, {window.source})" if window else ""),
+    shown,
+    caption="Image" + (f" (window C {window.center:g} / W {window.width:g}, {window.source})" if window else "")
+    + (f"; {len(view.boxes)} burned-in text/marker region(s) outlined" if view.boxes and not view.masked else "")
+    + ("; text masked" if view.masked else ""),
     width="stretch",
 )
 if explanation is not None:
     heatmap = explanation.heatmap(target)
-    small_film = fit_within(image.pixels, DISPLAY_SIDE)
-    small_map = fit_within(heatmap.scaled, DISPLAY_SIDE)
     right.image(
-        render_overlay(small_film, small_map, colormap=colormap, opacity=opacity),
-        caption=f"{CAM_METHODS[method].label} for {manifest.label(target)} (p = {heatmap.probability:.3f}), "
-        f"layer {explanation.layer}",
+        render_overlay(fit_within(image.pixels, DISPLAY_SIDE), fit_within(heatmap.scaled, DISPLAY_SIDE), colormap=colormap, opacity=opacity),
+        caption=f"{CAM_METHODS[method].label} for {manifest.label(target)} (p = {heatmap.probability:.3f}), layer {explanation.layer}",
         width="stretch",
     )
 
@@ -210,6 +300,7 @@ if explanation is not None:
         buffer = io.BytesIO()
         rgb = render_overlay(image.pixels, heatmap.scaled, colormap=colormap, opacity=opacity)
         Image.fromarray(rgb).save(buffer, format="PNG")
+        audit.record("export_overlay", user=user, role=role, image_sha256=image.sha256, model=model.key, details={"method": method, "target": target})
         return buffer.getvalue()
 
     right.download_button(
@@ -218,18 +309,43 @@ if explanation is not None:
         file_name=f"cxr-{method}-{target}-{image.sha256[:12]}.png",
         mime="image/png",
     )
-    right.caption(
-        "The heatmap shows which regions drove the model's score for this class. "
-        "It is not a segmentation of disease."
-    )
+    right.caption("The heatmap shows which regions drove the model's score for this class. It is not a segmentation of disease.")
 
-st.plotly_chart(probability_chart(prediction, manifest.label), width="stretch", key=f"chart_{upload.file_id}")
+st.plotly_chart(probability_chart(prediction, manifest.label), width="stretch", key=f"chart_{file_id}")
+captions = ["Probabilities are calibrated (temperature scaling on the validation set)." if manifest.temperature != 1.0 else "Probabilities are not calibrated for this model."]
 if prediction.thresholds:
-    st.caption(
-        "Dashed marks: decision thresholds. "
-        + "; ".join(f"{manifest.label(c)} is called at p ≥ {t:.2f}" for c, t in prediction.thresholds.items())
+    captions.append(
+        "Dashed marks: decision thresholds — "
+        + "; ".join(f"{manifest.label(c)} is called at p ≥ {t:.2f} (chosen on validation for sensitivity)" for c, t in prediction.thresholds.items())
+        + "."
+    )
+st.caption(" ".join(captions))
+
+# With and without masking, so the effect of burned-in text on the answer is visible.
+if view.boxes:
+    other_key = (file_id, key[1], not key[2])
+    other = predictions.get((*other_key, model.key))
+    if other is None:
+        other = predict(model, [view_of(other_key).image])[0]
+        predictions[(*other_key, model.key)] = other
+    masked_p, plain_p = (prediction, other) if key[2] else (other, prediction)
+    st.markdown("**Effect of masking the burned-in text**")
+    st.dataframe(
+        pd.DataFrame(
+            {"class": [manifest.label(c) for c in manifest.classes], "without masking": [round(p, 3) for p in plain_p.probabilities],
+             "with masking": [round(p, 3) for p in masked_p.probabilities],
+             "change": [round(m - p, 3) for m, p in zip(masked_p.probabilities, plain_p.probabilities)]}
+        ),
+        hide_index=True,
+        width="stretch",
     )
 
 with st.expander("Image metadata"):
     st.table(pd.DataFrame(image.metadata.as_rows(), columns=["Field", "Value"]).set_index("Field"))
-    st.caption(f"Image sha256: {image.sha256}. Patient identifiers are not read from the file.")
+    quality = view.quality
+    st.caption(
+        f"Image sha256: {image.sha256}. Patient identifiers are not read from the file. "
+        f"Gate: {gate.outcome if gate else 'n/a'}"
+        + (f", feature distance {gate.distance:.2f}" if gate and gate.distance is not None else "")
+        + f"; similarity to an upright chest film {quality.chest_likeness:.2f}."
+    )

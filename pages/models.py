@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import plotly.io as pio
 import streamlit as st
 
 from cxr_core import config
@@ -49,8 +50,32 @@ for folder in folders:
             f"**Grad-CAM layer.** {', '.join(m.cam_target_layers) or 'default'}.  \n"
             f"**Weights sha256.** `{m.weights_sha256}`"
         )
+        test = m.metrics.get("test") if m.metrics else None
+        if test:
+            cols = st.columns(4)
+            cols[0].metric("Test accuracy", f"{test['accuracy']:.3f}")
+            cols[1].metric("Macro AUROC", f"{test['auroc_macro']:.3f}" if test.get("auroc_macro") is not None else "—")
+            cols[2].metric("ECE (calibrated)", f"{test['ece']:.3f}")
+            if "covid" in test.get("per_class", {}):
+                cols[3].metric("COVID sensitivity", f"{test['per_class']['covid']['recall']:.3f}")
+        figures = sorted((folder.path / "figures").glob("*.json")) if (folder.path / "figures").is_dir() else []
+        wanted = [f for f in figures if f.stem.endswith(("reliability", "confusion", "roc"))] + [f for f in figures if f.stem.startswith("training")]
+        for row in range(0, len(wanted), 2):
+            cols = st.columns(2)
+            for col, path in zip(cols, wanted[row : row + 2]):
+                try:
+                    col.plotly_chart(pio.from_json(path.read_text(encoding="utf-8")), width="stretch", key=f"{m.key}-{path.stem}")
+                except ValueError:
+                    col.caption(f"{path.name} could not be read.")
+        if m.ood:
+            ood = dict(m.ood)
+            st.markdown(
+                f"**Input gate.** {ood.get('method', 'fitted')}: warning above {ood.get('warn')}, rejection above {ood.get('reject')}"
+                + (f"; on the test split {ood['test_rates']}" if ood.get("test_rates") else "")
+                + "."
+            )
         if m.metrics:
-            st.markdown("**Metrics**")
+            st.markdown("**All metrics**")
             st.json(dict(m.metrics), expanded=False)
         if m.training_data:
             st.markdown("**Training data**")

@@ -45,9 +45,11 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     assert "densenet121 random-weight test model" in body and "version **0.0.1**" in body
     assert "Decision support only" in body
     assert any("broken.dcm" in e.value and "not an image" in e.value for e in at.error)
-    table = at.dataframe[0].value
-    assert list(table["file"]) == ["RG1_J2KR.dcm", "IMG0002", "broken.dcm"]
-    assert table["p_covid"][0] == pytest.approx(table["p_covid"][1], abs=1e-4)
+    table = at.dataframe[0].value.set_index("file")
+    # The worklist puts problems first: the unreadable file, then flagged studies.
+    assert list(table.index) == ["broken.dcm", "RG1_J2KR.dcm", "IMG0002"]
+    assert table.loc["RG1_J2KR.dcm", "p_covid"] == pytest.approx(table.loc["IMG0002", "p_covid"], abs=1e-4)
+    assert set(table["gate"]) == {"", "warning"}  # random test models have no fitted gate: warned
     captions = [c for image in at.get("image") for c in image.captions]
     assert any(c.startswith("Image (window C 15000 / W 30000") for c in captions)
     assert any(c.startswith("Grad-CAM for") for c in captions)
@@ -131,3 +133,57 @@ def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data:
     reviews = again.dataframe[-1].value
     assert list(reviews["comment"]) == ["the map sits on the heart border"]
     assert list(reviews["prediction"]) == [False] and list(reviews["heatmap"]) == [True]
+
+
+def _png_bytes(pixels) -> bytes:  # type: ignore[no-untyped-def]
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(pixels, 0, 1) * 255).astype("uint8")).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_rejected_input_needs_a_recorded_override(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.audit import entries
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    at = app().run()
+    at.file_uploader[0].set_value(("head.dcm", (dicom_data / "693_UNCR.dcm").read_bytes(), "application/dicom"))
+    at.run()
+    assert not at.exception
+    assert any("Not analysed" in e.value and "CT image" in e.value for e in at.error)
+    assert not at.get("plotly_chart") and "**Prediction:" not in texts(at)  # no probabilities shown
+    at.text_input[0].set_value("testing the viewer on a CT scout")
+    at.button[0].click()
+    at.run()
+    assert not at.exception and any("Shown after an override" in c.value for c in at.caption)
+    overrides = entries(action="override_gate")
+    assert len(overrides) == 1 and overrides[0].details["justification"] == "testing the viewer on a CT scout"
+    assert any(e.action == "prediction" for e in entries())
+
+
+def test_rotated_film_can_be_corrected_and_text_masked(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+    import numpy as np
+
+    from cxr_core.io import read_image
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    film = cv2.resize(read_image(dicom_data / "RG1_UNCR.dcm").pixels, (512, 512))
+    marked = (film * 255).astype(np.uint8)
+    cv2.putText(marked, "R", (30, 60), cv2.FONT_HERSHEY_SIMPLEX, 1.5, 255, 4)
+    at = app().run()
+    at.file_uploader[0].set_value(("rotated.png", _png_bytes(np.rot90(marked / 255.0, 1)), "image/png"))
+    at.run()
+    assert not at.exception and "looks rotated by 90 degrees" in texts(at)
+    at.button(key=next(b.key for b in at.button if b.label.startswith("Correct the film"))).click()
+    at.run()
+    assert not at.exception and "Corrected by the user: rotated back by 90 degrees" in texts(at)
+    toggle = next(t for t in at.toggle if t.label.startswith("Mask"))
+    toggle.set_value(True)
+    at.run()
+    assert not at.exception and "Effect of masking the burned-in text" in texts(at)
+    assert "Burned-in text masked before inference" in texts(at)

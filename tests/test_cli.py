@@ -36,11 +36,12 @@ def test_predict_json_one_object_per_file_and_bad_files_do_not_stop_the_rest(
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["file"] for r in rows] == files
     for row in rows:
-        assert set(row) == {"file", "model", "probabilities", "prediction", "warnings", "error"}
+        assert set(row) == {"file", "model", "probabilities", "prediction", "warnings", "error", "gate", "gate_reasons", "uncertain"}
         assert row["model"] == "densenet121-test@0.0.1"
     good = [rows[0], rows[3]]
     for row in good:
-        assert row["error"] is None and row["prediction"] in ("covid", "normal", "viral_pneumonia")
+        assert row["error"] is None and row["gate"] in ("accepted", "warning")
+        assert row["prediction"] in ("covid", "normal", "viral_pneumonia") or (row["prediction"] is None and row["uncertain"])
         assert set(row["probabilities"]) == {"covid", "normal", "viral_pneumonia"}
         assert abs(sum(row["probabilities"].values()) - 1) < 1e-6
     # Lossless J2K and uncompressed forms of one film give the same answer.

@@ -77,7 +77,8 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
                 continue
             for (record, _), result in zip(kept, predict(model, [im for _, im in kept], batch_size=batch_size)):
                 labels.append(classes.index(record.label))
-                predicted.append(classes.index(result.predicted) if result.predicted else -1)
+                # Metrics judge the decision rule itself; abstention and the input gate are reported by the app, not scored here.
+                predicted.append(classes.index(result.decision or classes[0]))
                 probs.append(result.probabilities)
                 sources.append(record.source or source_of.get(record.path.resolve()))
     has_sources = any(s for s in sources)

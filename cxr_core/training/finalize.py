@@ -131,6 +131,9 @@ def finalize(
     if test_metrics is not None:
         figs.update(figures.evaluation_figures(test_metrics, test_probs, y_test, classes, "test"))  # type: ignore[arg-type]
     figures.save(figs, [run.figures, out / "figures"])
+    from cxr_core.training.fit_gate import fit_gate
+
+    manifest = fit_gate(out, data)
     (out / "README.md").write_text(model_card(manifest, report.notes), encoding="utf-8")
     log.info("wrote %s", out)
     return manifest

@@ -225,8 +225,10 @@ def train(
     y_train = _labels(data.train.records, config.model_classes)
     steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
     total_steps = steps_per_epoch * config.total_epochs
+    # Warm up over 20% of the steps, but over at least two: OneCycle divides by the warm-up length.
+    warmup = min(0.5, max(0.2, 2.0 / max(total_steps, 1)))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.2, div_factor=20, final_div_factor=200
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(total_steps, 4), pct_start=warmup, div_factor=20, final_div_factor=200
     )
     loss_fn = _loss_fn(config, y_train, device)
 

@@ -1,0 +1,201 @@
+"""Is this a frontal chest radiograph? Decide before showing a prediction.
+
+Three sources, combined into accepted / warning / rejected:
+
+1. DICOM metadata when present (PS3.3 C.7.3.1 Modality, C.7.3.1 Body Part Examined,
+   C.8.11.5 View Position): a CT/MR/US/... modality, a body part other than the chest,
+   or a lateral view is rejected.
+2. The classifier's own feature space: the class-conditional Mahalanobis distance
+   (Lee et al. 2018) of the pooled features, in the top principal components of the
+   training features, to the nearest class mean. Thresholds come from the validation
+   films' distances. No external weights, nothing downloaded.
+3. Image quality (rotation, inversion, resolution, cropping: :mod:`cxr_core.quality`),
+   which warns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cxr_core.errors import ModelError
+from cxr_core.io import ImageMetadata
+from cxr_core.quality import QualityReport
+
+log = logging.getLogger(__name__)
+
+ACCEPTED, WARNING, REJECTED = "accepted", "warning", "rejected"
+_RANK = {ACCEPTED: 0, WARNING: 1, REJECTED: 2}
+
+# Projection radiography modalities (PS3.3 C.7.3.1.1.1): CR, DX and the retired RG/DR.
+RADIOGRAPHY = {"CR", "DX", "RG", "DR"}
+# Secondary capture or "other": no opinion from metadata, the image decides.
+NEUTRAL_MODALITIES = {"OT", "SC", ""}
+MODALITY_NAMES = {
+    "CT": "a CT image", "MR": "an MR image", "US": "an ultrasound image", "NM": "a nuclear medicine image",
+    "PT": "a PET image", "MG": "a mammogram", "XA": "an angiography image", "RF": "a fluoroscopy image",
+    "IO": "an intra-oral dental radiograph", "PX": "a panoramic dental radiograph", "OP": "an ophthalmic image",
+    "SEG": "a segmentation object", "RTDOSE": "a radiotherapy dose map", "RTIMAGE": "a radiotherapy image",
+    "ES": "an endoscopy image", "XC": "an external camera photograph", "SM": "a microscopy slide",
+}
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "THORACIC")
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    outcome: str  # accepted | warning | rejected
+    reasons: tuple[str, ...] = ()
+    distance: float | None = None  # feature-space distance, None when the model has no fitted gate
+    image_checked: bool = False  # whether the feature-space check ran
+
+    @property
+    def rejected(self) -> bool:
+        return self.outcome == REJECTED
+
+
+def metadata_verdict(meta: ImageMetadata) -> tuple[str, list[str]]:
+    reasons: list[str] = []
+    outcome = ACCEPTED
+    modality = (meta.modality or "").upper().strip()
+    if modality and modality not in RADIOGRAPHY and modality not in NEUTRAL_MODALITIES:
+        what = MODALITY_NAMES.get(modality, f"a {modality} image")
+        return REJECTED, [f"The DICOM header says this is {what} (Modality {modality}), not a chest radiograph."]
+    part = (meta.body_part or "").upper().strip()
+    if part and not any(word in part for word in CHEST_BODY_PARTS):
+        return REJECTED, [f"The DICOM header says the body part is {part}, not the chest."]
+    view = (meta.view_position or "").upper().strip()
+    if view in LATERAL_VIEWS:
+        return REJECTED, [f"This is a lateral view (View Position {view}); the model reads frontal (PA/AP) films only."]
+    if meta.source_format == "dicom" and modality in NEUTRAL_MODALITIES:
+        outcome = WARNING
+        reasons.append("The DICOM header does not say this is a radiograph (modality missing or secondary capture).")
+    return outcome, reasons
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureGate:
+    """Class-conditional Mahalanobis distance in a PCA subspace of the pooled features."""
+
+    center: np.ndarray  # (C,) mean of training features
+    components: np.ndarray  # (C, D) principal axes
+    class_means: np.ndarray  # (K, D) in the subspace
+    precision: np.ndarray  # (D, D) inverse of the shared within-class covariance
+    warn: float
+    reject: float
+
+    def distances(self, pooled: np.ndarray) -> np.ndarray:
+        """(N, C) pooled features -> (N,) distance to the nearest class mean."""
+        z = (np.asarray(pooled, np.float64) - self.center) @ self.components
+        diffs = z[:, None, :] - self.class_means[None, :, :]  # (N, K, D)
+        d2 = np.einsum("nkd,de,nke->nk", diffs, self.precision, diffs)
+        return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+
+    def save(self, path: Path) -> None:
+        tensors = {
+            "center": torch.from_numpy(self.center.astype(np.float32)),
+            "components": torch.from_numpy(self.components.astype(np.float32)),
+            "class_means": torch.from_numpy(self.class_means.astype(np.float32)),
+            "precision": torch.from_numpy(self.precision.astype(np.float32)),
+            "thresholds": torch.tensor([self.warn, self.reject], dtype=torch.float64),
+        }
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> "FeatureGate":
+        t = load_file(str(path))
+        warn, reject = (float(v) for v in t["thresholds"])
+        return cls(
+            t["center"].double().numpy(), t["components"].double().numpy(), t["class_means"].double().numpy(),
+            t["precision"].double().numpy(), warn, reject,
+        )
+
+
+def fit_feature_gate(
+    train_pooled: np.ndarray,
+    train_labels: np.ndarray,
+    val_pooled: np.ndarray,
+    *,
+    dims: int = 128,
+    warn_quantile: float = 0.99,
+    reject_quantile: float = 0.999,
+    reject_margin: float = 1.2,
+) -> FeatureGate:
+    """Fit on training features; thresholds from validation films (chest films by construction).
+
+    Warning above the ``warn_quantile`` of validation distances; rejection above
+    ``reject_margin`` x their ``reject_quantile``, so that ordinary chest films from a
+    shifted source are warned about rather than turned away.
+    """
+    x = np.asarray(train_pooled, np.float64)
+    center = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - center, full_matrices=False)
+    dims = min(dims, vt.shape[0])
+    components = vt[:dims].T  # (C, D)
+    z = (x - center) @ components
+    labels = np.asarray(train_labels)
+    classes = np.unique(labels)
+    means = np.stack([z[labels == c].mean(axis=0) for c in classes])
+    within = z - means[np.searchsorted(classes, labels)]
+    covariance = np.cov(within, rowvar=False)
+    # Ledoit-Wolf-style shrinkage towards a scaled identity keeps the inverse stable.
+    shrink = 0.1
+    covariance = (1 - shrink) * covariance + shrink * np.trace(covariance) / dims * np.eye(dims)
+    precision = np.linalg.inv(covariance)
+    gate = FeatureGate(center, components, means, precision, 0.0, 0.0)
+    val = gate.distances(val_pooled)
+    warn = float(np.quantile(val, warn_quantile))
+    reject = float(np.quantile(val, reject_quantile) * reject_margin)
+    return FeatureGate(center, components, means, precision, warn, max(reject, warn))
+
+
+def judge(meta: ImageMetadata, distance: float | None, gate: FeatureGate | None, quality: QualityReport | None) -> GateResult:
+    outcome, reasons = metadata_verdict(meta)
+    if gate is not None and distance is not None:
+        if distance > gate.reject:
+            outcome = REJECTED
+            reasons.append(
+                f"The image is far from every chest film the model was trained on (distance {distance:.1f}; "
+                f"rejected above {gate.reject:.1f}). It may not be a frontal chest radiograph."
+            )
+        elif distance > gate.warn:
+            outcome = max(outcome, WARNING, key=_RANK.get)
+            reasons.append(
+                f"The image is unusual for this model (distance {distance:.1f}; typical films stay below {gate.warn:.1f}). "
+                "Check that it is a frontal chest radiograph."
+            )
+    elif gate is None:
+        outcome = max(outcome, WARNING, key=_RANK.get)
+        reasons.append("This model has no image-based check fitted: nothing confirms this is a frontal chest radiograph.")
+    if quality is not None and quality.warnings:
+        outcome = max(outcome, WARNING, key=_RANK.get)
+        reasons.extend(quality.warnings)
+    return GateResult(outcome, tuple(reasons), distance, gate is not None and distance is not None)
+
+
+def load_gate_for(folder: Path, ood: dict[str, object]) -> FeatureGate | None:
+    """The folder's fitted gate, verified against the manifest's digest; None when none is fitted."""
+    from cxr_core.models import sha256_file
+
+    name = str(ood.get("file") or "")
+    if not name:
+        return None
+    path = folder / name
+    if Path(name).name != name or not path.is_file():
+        raise ModelError(f"{folder.name}: the OOD gate file {name!r} is missing.")
+    if sha256_file(path) != ood.get("sha256"):
+        raise ModelError(f"{folder.name}: the OOD gate file does not match its manifest.")
+    return FeatureGate.load(path)
+
+
+def outcome_counts(results: Sequence[GateResult]) -> dict[str, int]:
+    counts = {ACCEPTED: 0, WARNING: 0, REJECTED: 0}
+    for r in results:
+        counts[r.outcome] += 1
+    return counts

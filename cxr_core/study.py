@@ -1,0 +1,48 @@
+"""What the model is shown of a study: the film as read, optionally turned upright or
+re-inverted (when the quality check suggests it and the user agrees) and with burned-in
+text masked (when the user asks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cxr_core.annotations import Box, detect_burned_in, mask_boxes
+from cxr_core.io import XrayImage
+from cxr_core.quality import QualityReport, assess_quality, fix_orientation
+
+
+@dataclass(frozen=True, eq=False)
+class StudyView:
+    image: XrayImage  # what the model sees
+    quality: QualityReport  # of the film as read
+    boxes: tuple[Box, ...]  # burned-in text and markers found (coordinates of ``image``)
+    corrected: bool
+    masked: bool
+
+
+def study_view(original: XrayImage, *, correct: bool = False, mask_text: bool = False) -> StudyView:
+    quality = assess_quality(original)
+    corrected = correct and quality.fixable
+    film = fix_orientation(original, quality) if corrected else original
+    boxes = detect_burned_in(film.pixels)
+    masked = mask_text and bool(boxes)
+    if masked:
+        pixels = mask_boxes(film.pixels, boxes)
+        pixels.setflags(write=False)
+        film = replace(film, pixels=pixels, warnings=film.warnings + (f"Burned-in text masked before inference ({len(boxes)} region(s)).",))
+    return StudyView(film, quality, boxes, corrected, masked)
+
+
+def draw_boxes(rgb: np.ndarray, boxes: tuple[Box, ...], scale: float = 1.0, colour: tuple[int, int, int] = (255, 200, 0)) -> np.ndarray:
+    """Outline ``boxes`` (film coordinates) on an (h, w, 3) uint8 image shown at ``scale``."""
+    import cv2
+
+    out = rgb.copy()
+    thickness = max(1, round(max(out.shape[:2]) / 400))
+    for b in boxes:
+        x0, y0 = round(b.x * scale), round(b.y * scale)
+        x1, y1 = round((b.x + b.width) * scale), round((b.y + b.height) * scale)
+        cv2.rectangle(out, (x0, y0), (x1, y1), colour, thickness)
+    return out

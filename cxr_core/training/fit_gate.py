@@ -1,0 +1,57 @@
+"""Fit a model's out-of-distribution gate on its training data and store it in the model folder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_core.gate import fit_feature_gate
+from cxr_core.manifest import Manifest
+from cxr_core.models import LoadedModel, load_model, sha256_file, update_manifest
+from cxr_core.training.prepare import PreparedData
+from cxr_core.training.trainer import normalise, to_network_input
+
+log = logging.getLogger(__name__)
+
+GATE_FILE = "ood.safetensors"
+
+
+def pooled_features(model: LoadedModel, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, C) pooled features of uint8 films (N, S, S) already at the model's input size."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            x = to_network_input(normalise(torch.from_numpy(pixels[start : start + batch_size])), model.manifest.input)
+            out.append(model.network.forward_with_features(x.to(model.device))[1].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def fit_gate(folder: Path | str, data: PreparedData) -> Manifest:
+    """Fit on ``data.train``, set thresholds on ``data.val``; report the test split's outcome rates."""
+    folder = Path(folder)
+    model = load_model(folder)
+    size = model.manifest.input.size[0]
+    classes = {c: i for i, c in enumerate(model.manifest.classes)}
+    train = pooled_features(model, data.train.resized(size))
+    labels = np.array([classes[r.label] for r in data.train.records])
+    val = pooled_features(model, data.val.resized(size))
+    gate = fit_feature_gate(train, labels, val)
+    gate.save(folder / GATE_FILE)
+    record: dict[str, object] = {
+        "file": GATE_FILE,
+        "sha256": sha256_file(folder / GATE_FILE),
+        "method": "class-conditional Mahalanobis distance, 128 principal components of the pooled features",
+        "warn": round(gate.warn, 3),
+        "reject": round(gate.reject, 3),
+        "fitted_on": {"train": len(train), "val": len(val)},
+    }
+    if data.test is not None and len(data.test.records):
+        test = gate.distances(pooled_features(model, data.test.resized(size)))
+        record["test_rates"] = {"warned_or_rejected": round(float(np.mean(test > gate.warn)), 4), "rejected": round(float(np.mean(test > gate.reject)), 4), "n": len(test)}
+    manifest = update_manifest(folder, replace(model.manifest, ood=record))
+    log.info("gate for %s: warn > %.2f, reject > %.2f", manifest.key, gate.warn, gate.reject)
+    return manifest

@@ -1,0 +1,230 @@
+"""Trust and safety: the OOD gate, abstention, image quality checks, burned-in text."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_core.annotations import Box, detect_burned_in, mask_boxes
+from cxr_core.gate import ACCEPTED, REJECTED, WARNING, FeatureGate, fit_feature_gate, judge, metadata_verdict
+from cxr_core.inference import is_uncertain, make_prediction
+from cxr_core.io import ImageMetadata, XrayImage, read_image
+from cxr_core.manifest import Manifest
+from cxr_core.quality import assess_quality, fix_orientation
+from tests.conftest import SHARED_DATA
+
+
+def _image(pixels: np.ndarray, **meta: object) -> XrayImage:
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    pixels.setflags(write=False)
+    return XrayImage(pixels, ImageMetadata("png", pixels.shape[0], pixels.shape[1], **meta), "0" * 64)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def chest(dicom_data: Path) -> XrayImage:
+    return read_image(dicom_data / "RG1_UNCR.dcm")
+
+
+# --- Metadata rules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "meta, outcome, words",
+    [
+        (dict(modality="CR", body_part="CHEST", view_position="PA"), ACCEPTED, ""),
+        (dict(modality="DX", body_part="THORAX", view_position="AP"), ACCEPTED, ""),
+        (dict(modality="CT"), REJECTED, "CT image"),
+        (dict(modality="MR"), REJECTED, "MR image"),
+        (dict(modality="US"), REJECTED, "ultrasound"),
+        (dict(modality="CR", body_part="EXTREMITY"), REJECTED, "EXTREMITY"),
+        (dict(modality="DX", body_part="CHEST", view_position="LL"), REJECTED, "lateral"),
+        (dict(modality="OT"), WARNING, "does not say this is a radiograph"),
+    ],
+)
+def test_metadata_rules(meta: dict, outcome: str, words: str) -> None:
+    verdict, reasons = metadata_verdict(ImageMetadata("dicom", 10, 10, **meta))
+    assert verdict == outcome and words in " ".join(reasons)
+
+
+def test_png_has_no_metadata_opinion() -> None:
+    assert metadata_verdict(ImageMetadata("png", 10, 10)) == (ACCEPTED, [])
+
+
+# --- The feature-space gate ------------------------------------------------------------------------
+
+
+def test_feature_gate_separates_far_points_and_round_trips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (3, 64))
+    labels = rng.integers(0, 3, 600)
+    train = centres[labels] + rng.normal(0, 1, (600, 64))
+    val = centres[rng.integers(0, 3, 200)] + rng.normal(0, 1, (200, 64))
+    gate = fit_feature_gate(train, labels, val, dims=16)
+    near = gate.distances(centres[rng.integers(0, 3, 300)] + rng.normal(0, 1, (300, 64)))
+    far = gate.distances(rng.normal(0, 5, (100, 64)) + 15)
+    assert np.mean(near > gate.reject) < 0.01 and np.mean(near > gate.warn) < 0.05
+    assert np.all(far > gate.reject)
+    gate.save(tmp_path / "g.safetensors")
+    again = FeatureGate.load(tmp_path / "g.safetensors")
+    np.testing.assert_allclose(again.distances(val[:5]), gate.distances(val[:5]), rtol=1e-4)
+    verdict = judge(ImageMetadata("png", 10, 10), float(far[0]), gate, None)
+    assert verdict.outcome == REJECTED and verdict.image_checked
+
+
+def test_a_model_without_a_gate_warns(chest: XrayImage) -> None:
+    verdict = judge(chest.metadata, None, None, assess_quality(chest))
+    assert verdict.outcome == WARNING and "no image-based check" in " ".join(verdict.reasons)
+
+
+# --- Abstention ----------------------------------------------------------------------------------
+
+
+def _manifest(**fields: object) -> Manifest:
+    base = Manifest(id="m", version="1", name="m", architecture="densenet121", classes=("covid", "normal", "viral_pneumonia"), head="softmax", weights_sha256="0" * 64)
+    return replace(base, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "probs, uncertain",
+    [((0.9, 0.05, 0.05), False), ((0.55, 0.4, 0.05), True), ((0.62, 0.36, 0.02), False), ((0.61, 0.5, 0.0), True), ((0.4, 0.3, 0.3), True)],
+)
+def test_abstention(probs: tuple[float, ...], uncertain: bool) -> None:
+    assert is_uncertain(probs, _manifest()) is uncertain
+
+
+def test_uncertain_or_rejected_names_no_class() -> None:
+    from cxr_core.gate import GateResult
+
+    unsure = make_prediction(_manifest(), (0.5, 0.45, 0.05))
+    assert unsure.uncertain and unsure.predicted is None and unsure.decision == "covid"
+    rejected = make_prediction(_manifest(), (0.95, 0.03, 0.02), GateResult(REJECTED, ("CT",)))
+    assert rejected.predicted is None and not rejected.uncertain and rejected.gate_outcome == REJECTED
+    strict = make_prediction(_manifest(abstention={"min_probability": 0.96}), (0.95, 0.03, 0.02))
+    assert strict.uncertain
+    binary = _manifest(classes=("covid", "other"), head="sigmoid")
+    assert make_prediction(binary, (0.52, 0.48)).uncertain and not make_prediction(binary, (0.9, 0.1)).uncertain
+
+
+# --- Image quality --------------------------------------------------------------------------------
+
+
+def test_upright_film_passes(chest: XrayImage) -> None:
+    report = assess_quality(chest)
+    assert (report.rotation, report.inverted, report.low_resolution, report.cropped) == (0, False, False, False)
+    assert report.warnings == ()
+
+
+@pytest.mark.parametrize("k, invert", [(1, False), (2, False), (3, False), (0, True), (2, True)])
+def test_rotation_and_polarity_are_detected_and_fixed(chest: XrayImage, k: int, invert: bool) -> None:
+    pixels = np.rot90(chest.pixels, k)
+    spoiled = _image(1.0 - pixels if invert else pixels)
+    report = assess_quality(spoiled)
+    assert (report.rotation, report.inverted) == (k, invert) and report.fixable and report.warnings
+    fixed = fix_orientation(spoiled, report)
+    np.testing.assert_allclose(fixed.pixels, chest.pixels, atol=1e-6)
+    assert "Corrected by the user" in fixed.warnings[-1]
+
+
+def test_low_resolution_and_cropping() -> None:
+    film = cv2.resize(np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1)), (120, 120))
+    assert assess_quality(_image(film)).low_resolution
+    assert assess_quality(_image(np.zeros((300, 900), np.float32))).cropped
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")
+def test_orientation_on_shared_test_films() -> None:
+    random.seed(0)
+    files = random.sample(sorted(SHARED_DATA.glob("test/*/*.jpg")), 150)
+    false_alarms = detected = 0
+    for path in files:
+        image = read_image(path)
+        false_alarms += assess_quality(image).fixable
+        k, invert = random.choice([(1, False), (2, False), (3, False), (0, True), (1, True)])
+        pixels = np.rot90(image.pixels, k)
+        report = assess_quality(_image(1 - pixels if invert else pixels))
+        detected += (report.rotation, report.inverted) == (k, invert)
+    assert false_alarms / len(files) <= 0.05 and detected / len(files) >= 0.9, (false_alarms, detected)
+
+
+# --- Burned-in text -----------------------------------------------------------------------------
+
+
+def _with_text(base: np.ndarray, rng: random.Random, n: int = 2) -> tuple[np.ndarray, list[Box]]:
+    img = (np.clip(cv2.resize(base, (1024, 1024)), 0, 1) * 255).astype(np.uint8)
+    truth = []
+    for _ in range(n):
+        word = rng.choice(["L", "R", "AP", "PORTABLE", "SUPINE", "ERECT", "D"])
+        scale = rng.uniform(1.0, 2.5)
+        thick = max(2, int(scale * 2))
+        (tw, th), base_line = cv2.getTextSize(word, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        x = rng.choice([rng.randint(10, 200), rng.randint(1024 - 200 - tw, 1024 - tw - 10)])
+        y = rng.choice([rng.randint(th + 10, 200), rng.randint(800, 1000)])
+        cv2.putText(img, word, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
+        truth.append(Box(x, y - th, tw, th + base_line))
+    return img.astype(np.float32) / 255.0, truth
+
+
+def _found(truth: Box, boxes: tuple[Box, ...]) -> bool:
+    cx, cy = truth.x + truth.width / 2, truth.y + truth.height / 2
+    return any(truth.iou(b) > 0.3 or (b.x <= cx <= b.x + b.width and b.y <= cy <= b.y + b.height) for b in boxes)
+
+
+def test_text_detection_recall_on_rendered_text(chest: XrayImage) -> None:
+    rng = random.Random(0)
+    bases = [chest.pixels, np.rot90(chest.pixels, 0)[::-1].copy()]  # the film and its vertical mirror
+    if SHARED_DATA.exists():
+        bases += [read_image(p).pixels for p in sorted(SHARED_DATA.glob("test/normal/*.jpg"))[:20]]
+    hits = total = 0
+    for base in bases:
+        for _ in range(3):
+            film, truth = _with_text(base, rng)
+            boxes = detect_burned_in(film)
+            hits += sum(_found(t, boxes) for t in truth)
+            total += len(truth)
+    assert hits / total >= 0.8, f"recall {hits}/{total}"
+
+
+def test_masking_removes_the_text(chest: XrayImage) -> None:
+    film, truth = _with_text(chest.pixels, random.Random(3), n=2)
+    boxes = detect_burned_in(film)
+    masked = mask_boxes(film, boxes)
+    assert masked.shape == film.shape and masked.dtype == np.float32
+    after = detect_burned_in(masked)
+    assert sum(_found(t, after) for t in truth) < sum(_found(t, boxes) for t in truth)
+    found = [t for t in truth if _found(t, boxes)]
+    assert found
+    for t in found:
+        assert masked[t.y : t.y + t.height, t.x : t.x + t.width].max() < 0.99  # the white strokes are gone
+
+
+def test_clean_film_has_few_boxes(chest: XrayImage) -> None:
+    assert len(detect_burned_in(chest.pixels)) <= 3
+
+
+# --- The command line reports the gate ---------------------------------------------------------
+
+
+def test_cli_reports_gate_and_uncertainty(use_weights: Path, dicom_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cxr_core.cli import main
+
+    assert main(["predict", str(dicom_data / "RG1_UNCR.dcm"), str(dicom_data / "693_UNCR.dcm"), "--json"]) == 0
+    chest_row, ct_row = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert {"gate", "uncertain", "gate_reasons"} <= set(chest_row)
+    assert chest_row["gate"] in (ACCEPTED, WARNING)
+    assert ct_row["gate"] == REJECTED and ct_row["prediction"] is None and ct_row["probabilities"] == {}
+    assert any("CT image" in r for r in ct_row["gate_reasons"])
+
+
+def test_png_roundtrip_keeps_pixels_for_metadata_free_checks(chest: XrayImage) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(chest.to_uint8()).save(buffer, format="PNG")
+    again = read_image(buffer.getvalue())
+    assert again.metadata.modality is None and metadata_verdict(again.metadata)[0] == ACCEPTED
