@@ -22,6 +22,11 @@ navigation = st.navigation(
         ],
         "Admin": [
             st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
+            st.Page("pages/data.py", title="Training data", icon=":material/folder_open:"),
+            st.Page("pages/training.py", title="Training", icon=":material/monitoring:"),
+        ],
+        "Account": [
+            st.Page("pages/account.py", title="Sign in" if st.session_state.get("user", "anonymous") == "anonymous" else f"{st.session_state['user']}", icon=":material/person:"),
         ],
     }
 )

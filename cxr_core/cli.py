@@ -304,6 +304,31 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_users(args: argparse.Namespace) -> int:
+    import getpass
+
+    from cxr_core.users import add_user, list_users, remove_user, users_file
+
+    if args.users_command == "list":
+        for user in list_users():
+            print(f"{user.name}\t{user.role}")
+        return EXIT_OK
+    if args.users_command == "remove":
+        if not remove_user(args.name):
+            raise UsageError(f"No user {args.name!r}.")
+        print(f"removed {args.name}")
+        return EXIT_OK
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("The two passwords differ.")
+    user = add_user(args.name, password, args.role)
+    print(f"added {user.name} ({user.role}) to {users_file()}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_core", description="cxr: chest X-ray decision support")
     parser.add_argument("--version", action="version", version=f"cxr_core {__version__}")
@@ -373,6 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=_cmd_fit_gate)
+
+    p = sub.add_parser("users", help="manage the users who can sign in")
+    users_sub = p.add_subparsers(dest="users_command", required=True)
+    q = users_sub.add_parser("add", help="add a user or reset their password")
+    q.add_argument("name")
+    q.add_argument("--role", required=True, choices=["radiologist", "reviewer", "admin"])
+    q.add_argument("--password-stdin", action="store_true", help="read the password from standard input (scripts)")
+    q = users_sub.add_parser("remove")
+    q.add_argument("name")
+    users_sub.add_parser("list")
+    p.set_defaults(func=_cmd_users)
 
     p = sub.add_parser("audit", help="check or list the audit trail")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)

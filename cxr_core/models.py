@@ -76,19 +76,39 @@ class ModelFolder:
 def discover_models(root: Path | None = None) -> list[ModelFolder]:
     """Every sub-folder of ``root`` holding a manifest.json, valid or not, sorted by name.
 
-    Only the manifest is read (cheap); weights are verified when a model is loaded.
+    With the default root (the weights folder) the model registry applies: a model id
+    whose active version was trained here resolves to that version's folder
+    (:mod:`cxr_core.versions`). Only manifests are read (cheap); weights are verified
+    when a model is loaded.
     """
+    use_registry = root is None
     root = Path(root) if root is not None else config.weights_dir()
-    if not root.is_dir():
-        return []
+    pointer: dict[str, str] = {}
+    if use_registry:
+        from cxr_core.versions import RegistryError, read_pointer, registry_dir
+
+        try:
+            pointer = dict(read_pointer()["active"])
+        except RegistryError as exc:
+            log.error("%s", exc)
+        for model_id, version in list(pointer.items()):
+            try:
+                read_manifest(registry_dir() / model_id / version)
+            except ManifestError:
+                # A pointer to a missing or broken version must not leave the app without a model.
+                log.error("active version %s@%s is unreadable; using the shipped version", model_id, version)
+                del pointer[model_id]
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST_NAME).exists()) if root.is_dir() else []
     found: list[ModelFolder] = []
     seen: set[str] = set()
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST_NAME).exists()):
+    for folder in folders + [registry_dir() / i / v for i, v in pointer.items()] if pointer else folders:
         try:
             manifest = read_manifest(folder)
         except ManifestError as exc:
             found.append(ModelFolder(folder, None, str(exc)))
             continue
+        if pointer.get(manifest.id) not in (None, manifest.version):
+            continue  # another version of this model is the active one
         if manifest.id in seen:
             found.append(ModelFolder(folder, manifest, f"Another folder already provides model id {manifest.id!r}."))
             continue

@@ -19,16 +19,30 @@ log = logging.getLogger("cxr.pages")
 ENTRY_FLAG = "cxr_entry"
 
 
-def enter_page() -> None:
-    """Run a page only behind app.py, whose st.navigation declares the pages.
+def enter_page(role: str | None = None) -> None:
+    """Run a page only behind app.py, and only for a user allowed to see it.
 
     On the first request after the server starts, Streamlit can still be in its legacy
     multipage mode (a pages/ folder exists) and run a file of pages/ directly, skipping
     app.py and whatever it sets up (page config, sign-in). Such a session is sent to the
     entry script first; from then on every run goes through it.
+
+    ``role="admin"`` pages need an admin signed in; clinical pages need any signed-in user
+    when ``CXR_REQUIRE_LOGIN`` is set, and are open otherwise.
     """
+    from cxr_core.users import require_login_everywhere
+
     if not st.session_state.get(ENTRY_FLAG):
         st.switch_page("app.py")
+    user, current = current_user()
+    if role == "admin" and current != "admin":
+        st.warning("This page is for administrators. Sign in with an admin account." if user == "anonymous" else f"Signed in as {user} ({current}): this page needs an admin account.")
+        st.page_link("pages/account.py", label="Sign in", icon=":material/login:")
+        st.stop()
+    if role is None and require_login_everywhere() and user == "anonymous":
+        st.warning("Sign in to use the app.")
+        st.page_link("pages/account.py", label="Sign in", icon=":material/login:")
+        st.stop()
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=8)

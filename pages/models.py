@@ -1,86 +1,138 @@
-"""Models: what is installed, what each model is for, and how it was made (read-only)."""
+"""Admin · Models: every version side by side, promote a candidate, roll back, delete."""
 
 from __future__ import annotations
 
 import pandas as pd
+import plotly.graph_objects as go
 import plotly.io as pio
 import streamlit as st
 
-from cxr_core import config
-from pages._common import enter_page, model_folders
+from cxr_core import audit
+from cxr_core.versions import (
+    RegistryError,
+    Version,
+    delete_version,
+    list_versions,
+    promote,
+    promotion_problems,
+    read_pointer,
+    rollback,
+)
+from pages._common import current_user, enter_page, guarded
 
-enter_page()
+enter_page(role="admin")
 st.title("Models")
+user, role = current_user()
 st.caption(
-    f"Model folders under `{config.weights_dir()}`: each holds model.safetensors and manifest.json. "
-    "Weights are verified against the manifest's sha256 when a model is loaded."
+    "Shipped versions live in weights/ (in git); versions trained here in the registry. The active version is what "
+    "Diagnose and Compare use. Promotion only flips a pointer once the candidate is complete and verified."
 )
 
-folders = model_folders()
-if not folders:
+versions = list_versions()
+if not versions:
     st.error("No trained model is installed. Add a model folder (model.safetensors + manifest.json); see the README.")
     st.stop()
 
-rows = []
-for folder in folders:
-    m = folder.manifest
-    rows.append(
-        {
-            "model": m.key if m else folder.path.name,
-            "name": m.name if m else "",
-            "architecture": m.architecture if m else "",
-            "head": m.head if m else "",
-            "classes": ", ".join(m.classes) if m else "",
-            "status": "usable" if folder.ok else f"unusable: {folder.problem}",
-        }
-    )
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
-for folder in folders:
-    m = folder.manifest
-    if m is None:
-        continue
-    with st.expander(f"{m.name} — {m.key}"):
-        st.markdown(f"**Intended use.** {m.intended_use}")
-        st.markdown(
-            f"**Input.** {m.input.size[0]} x {m.input.size[1]} px, {m.input.channels} channel(s), "
-            f"mean {list(m.input.mean)}, std {list(m.input.std)}.  \n"
-            f"**Classes (output order).** {', '.join(m.label(c) for c in m.classes)} — {m.head} head.  \n"
-            f"**Temperature.** {m.temperature:g}. **Thresholds.** {dict(m.thresholds) or 'none (most probable class)'}.  \n"
-            f"**Grad-CAM layer.** {', '.join(m.cam_target_layers) or 'default'}.  \n"
-            f"**Weights sha256.** `{m.weights_sha256}`"
-        )
-        test = m.metrics.get("test") if m.metrics else None
-        if test:
-            cols = st.columns(4)
-            cols[0].metric("Test accuracy", f"{test['accuracy']:.3f}")
-            cols[1].metric("Macro AUROC", f"{test['auroc_macro']:.3f}" if test.get("auroc_macro") is not None else "—")
-            cols[2].metric("ECE (calibrated)", f"{test['ece']:.3f}")
-            if "covid" in test.get("per_class", {}):
-                cols[3].metric("COVID sensitivity", f"{test['per_class']['covid']['recall']:.3f}")
-        figures = sorted((folder.path / "figures").glob("*.json")) if (folder.path / "figures").is_dir() else []
-        wanted = [f for f in figures if f.stem.endswith(("reliability", "confusion", "roc"))] + [f for f in figures if f.stem.startswith("training")]
-        for row in range(0, len(wanted), 2):
-            cols = st.columns(2)
-            for col, path in zip(cols, wanted[row : row + 2]):
+def _row(v: Version) -> dict[str, object]:
+    ev = v.evaluation or {}
+    test = v.manifest.metrics.get("test", {}) if v.manifest.metrics else {}
+    covid = (ev.get("per_class") or {}).get("covid", {})
+    return {
+        "version": v.version, "active": v.active, "where": "shipped" if v.shipped else "registry", "created": v.manifest.created[:16],
+        "eval accuracy": ev.get("accuracy"), "eval COVID sensitivity": covid.get("recall"), "eval ECE": ev.get("ece"), "eval n": ev.get("n"),
+        "training test accuracy": test.get("accuracy"), "architecture": v.manifest.architecture,
+    }
+
+
+for model_id in sorted({v.model_id for v in versions}):
+    mine = [v for v in versions if v.model_id == model_id]
+    active = next((v for v in mine if v.active), None)
+    st.header(model_id)
+    st.dataframe(pd.DataFrame([_row(v) for v in mine]), hide_index=True, width="stretch")
+    measured = [v for v in mine if v.evaluation]
+    if measured:
+        fig = go.Figure()
+        for metric, getter in (
+            ("accuracy", lambda v: v.evaluation.get("accuracy")),
+            ("COVID sensitivity", lambda v: (v.evaluation.get("per_class") or {}).get("covid", {}).get("recall")),
+            ("1 - ECE", lambda v: 1 - v.evaluation["ece"] if v.evaluation.get("ece") is not None else None),
+        ):
+            fig.add_bar(name=metric, x=[v.version + (" (active)" if v.active else "") for v in measured], y=[getter(v) for v in measured])
+        fig.update_layout(barmode="group", yaxis_range=[0, 1], height=320, title="On the fixed evaluation set", margin=dict(t=40))
+        st.plotly_chart(fig, width="stretch", key=f"compare-{model_id}")
+    else:
+        st.caption("No version has been measured on the fixed evaluation set yet.")
+
+    others = [v for v in mine if not v.active]
+    cols = st.columns([2, 3, 1, 1])
+    if others:
+        pick = cols[0].selectbox("Version", [v.version for v in others], key=f"pick-{model_id}")
+        candidate = next(v for v in others if v.version == pick)
+        problems = promotion_problems(candidate, active)
+        reason = ""
+        if problems:
+            cols[1].warning("Worse than the active model: " + "; ".join(problems) + ".")
+            reason = cols[1].text_input("Reason to promote anyway", key=f"reason-{model_id}")
+        if cols[2].button("Promote", key=f"promote-{model_id}", type="primary"):
+            with guarded("promoting"):
                 try:
-                    col.plotly_chart(pio.from_json(path.read_text(encoding="utf-8")), width="stretch", key=f"{m.key}-{path.stem}")
-                except ValueError:
-                    col.caption(f"{path.name} could not be read.")
-        if m.ood:
-            ood = dict(m.ood)
+                    promote(model_id, pick, user=user, override_reason=reason or None)
+                except RegistryError as exc:
+                    st.error(str(exc))
+                else:
+                    audit.record("promote", user=user, role=role, model=f"{model_id}@{pick}", details={"from": active.version if active else None, "override_reason": reason or None, "problems": problems})
+                    st.cache_resource.clear()
+                    st.rerun()
+        if cols[3].button("Delete", key=f"delete-{model_id}"):
+            with guarded("deleting the version"):
+                try:
+                    delete_version(model_id, pick)
+                except RegistryError as exc:
+                    st.error(str(exc))
+                else:
+                    audit.record("delete_version", user=user, role=role, model=f"{model_id}@{pick}")
+                    st.rerun()
+    history = [h for h in read_pointer()["history"] if h["model"] == model_id]
+    if history and st.button(f"Roll back to {history[-1]['from']}", key=f"rollback-{model_id}"):
+        with guarded("rolling back"):
+            restored = rollback(model_id, user=user)
+            audit.record("rollback", user=user, role=role, model=restored.key, details={"from": history[-1]["to"]})
+            st.cache_resource.clear()
+            st.rerun()
+
+    for v in mine:
+        m = v.manifest
+        with st.expander(f"{m.name} — {m.key}" + (" (active)" if v.active else "")):
+            st.markdown(f"**Intended use.** {m.intended_use}")
             st.markdown(
-                f"**Input gate.** {ood.get('method', 'fitted')}: warning above {ood.get('warn')}, rejection above {ood.get('reject')}"
-                + (f"; on the test split {ood['test_rates']}" if ood.get("test_rates") else "")
-                + "."
+                f"**Input.** {m.input.size[0]} x {m.input.size[1]} px, {m.input.channels} channel(s).  \n"
+                f"**Classes (output order).** {', '.join(m.label(c) for c in m.classes)} — {m.head} head.  \n"
+                f"**Temperature.** {m.temperature:g}. **Thresholds.** {dict(m.thresholds) or 'none (most probable class)'}.  \n"
+                f"**Weights sha256.** `{m.weights_sha256}`"
             )
-        if m.metrics:
-            st.markdown("**All metrics**")
-            st.json(dict(m.metrics), expanded=False)
-        if m.training_data:
-            st.markdown("**Training data**")
-            st.json(dict(m.training_data), expanded=False)
-        card = folder.path / "README.md"
-        if card.is_file():
-            st.markdown("**Model card**")
-            st.markdown(card.read_text(encoding="utf-8"))
+            test = m.metrics.get("test") if m.metrics else None
+            if test:
+                c = st.columns(4)
+                c[0].metric("Test accuracy", f"{test['accuracy']:.3f}")
+                c[1].metric("Macro AUROC", f"{test['auroc_macro']:.3f}" if test.get("auroc_macro") is not None else "—")
+                c[2].metric("ECE (calibrated)", f"{test['ece']:.3f}")
+                if "covid" in test.get("per_class", {}):
+                    c[3].metric("COVID sensitivity", f"{test['per_class']['covid']['recall']:.3f}")
+            figures = sorted((v.path / "figures").glob("*.json")) if (v.path / "figures").is_dir() else []
+            wanted = [f for f in figures if f.stem.endswith(("reliability", "confusion", "roc"))] + [f for f in figures if f.stem.startswith("training")]
+            for start in range(0, len(wanted), 2):
+                c = st.columns(2)
+                for col, path in zip(c, wanted[start : start + 2]):
+                    try:
+                        col.plotly_chart(pio.from_json(path.read_text(encoding="utf-8")), width="stretch", key=f"{m.key}-{path.stem}")
+                    except ValueError:
+                        col.caption(f"{path.name} could not be read.")
+            if m.ood:
+                ood = dict(m.ood)
+                st.markdown(f"**Input gate.** {ood.get('method', 'fitted')}: warning above {ood.get('warn')}, rejection above {ood.get('reject')}"
+                            + (f"; on the test split {ood['test_rates']}" if ood.get("test_rates") else "") + ".")
+            card = v.path / "README.md"
+            if card.is_file():
+                st.markdown("**Model card**")
+                st.markdown(card.read_text(encoding="utf-8"))

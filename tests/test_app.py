@@ -90,13 +90,17 @@ def test_unexpected_failure_shows_no_traceback(use_weights: Path, dicom_data: Pa
     assert "**Prediction:" in texts(at)  # the prediction itself is still shown
 
 
-def test_models_page(use_weights: Path) -> None:
+def test_models_page_needs_an_admin(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     at = app().run()
     at.switch_page("pages/models.py").run()
+    assert not at.exception and "This page is for administrators" in texts(at) and not at.dataframe
+    at.session_state["user"], at.session_state["role"] = "alice", "admin"
+    at.run()
     assert not at.exception
-    table = at.dataframe[0].value
-    assert list(table["model"]) == ["densenet121-test@0.0.1", "resnet50-test@0.0.1"]
-    assert set(table["status"]) == {"usable"}
+    tables = [d.value for d in at.dataframe]
+    assert [list(t["version"]) for t in tables] == [["0.0.1"], ["0.0.1"]]
+    assert all(bool(t["active"][0]) for t in tables) and [h.value for h in at.header] == ["densenet121-test", "resnet50-test"]
 
 
 def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,3 +191,84 @@ def test_rotated_film_can_be_corrected_and_text_masked(use_weights: Path, dicom_
     at.run()
     assert not at.exception and "Effect of masking the burned-in text" in texts(at)
     assert "Burned-in text masked before inference" in texts(at)
+
+
+def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import time
+    import zipfile
+
+    from cxr_core.audit import entries
+    from cxr_core.jobs import FAILED, FINISHED, list_jobs
+    from cxr_core.users import add_user
+    from tests.synthetic import make_labelled_folder
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    add_user("alice", "a long enough password", "admin")
+    eval_dir = make_labelled_folder(tmp_path / "eval", per_class={"test": 4}, seed=7)
+    monkeypatch.setenv("CXR_EVAL_DIR", str(eval_dir))
+    source = make_labelled_folder(tmp_path / "set", per_class={"train": 12, "val": 4})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in source.rglob("*.png"):
+            archive.write(path, f"site-b/{path.relative_to(source).as_posix()}")
+
+    at = app().run()
+    at.switch_page("pages/account.py").run()
+    at.text_input[0].set_value("alice")
+    at.text_input[1].set_value("wrong password")
+    at.button[0].click()
+    at.run()
+    assert any("Wrong user name or password" in e.value for e in at.error)
+    at.text_input[1].set_value("a long enough password")
+    at.button[0].click()
+    at.run()
+    assert at.session_state["role"] == "admin"
+
+    at.switch_page("pages/data.py").run()
+    assert not at.exception
+    at.text_input[0].set_value("site B")
+    at.file_uploader(key="data_zip").set_value(("site-b.zip", buffer.getvalue(), "application/zip"))
+    at.run()
+    next(b for b in at.button if b.label == "Store the upload").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any(m.label == "Unreadable files" for m in at.metric) and "Images per class" in str(at.get("plotly_chart")[0].proto)
+    next(b for b in at.button if b.label == "Use this dataset for training").click()
+    at.run()
+    assert not at.exception
+
+    at.switch_page("pages/training.py").run()
+    assert not at.exception
+    at.radio[0].set_value("An architecture (from scratch)")
+    at.run()
+    arch = next(s for s in at.selectbox if s.label == "Architecture")
+    arch.set_value("cnn5")
+    at.run()
+    next(n for n in at.number_input if n.label == "Epochs").set_value(2)
+    next(n for n in at.number_input if n.label == "Image size (px)").set_value(64)
+    next(n for n in at.number_input if n.label == "Batch size").set_value(8)
+    next(t for t in at.text_input if t.label == "New version name").set_value("9.9.9")
+    at.run()
+    next(b for b in at.button if b.label == "Launch").click()
+    at.run()
+    assert not at.exception and any("started" in s.value for s in at.success)
+    job_dir = list_jobs()[0][0]
+    deadline = time.time() + 600
+    while time.time() < deadline and list_jobs()[0][2].state not in (FINISHED, FAILED):
+        time.sleep(1)
+    assert list_jobs()[0][2].state == FINISHED, (job_dir / "job.log").read_text()[-2000:]
+
+    at.switch_page("pages/models.py").run()
+    assert not at.exception
+    select = next(s for s in at.selectbox if s.label == "Version" and "9.9.9" in s.options)
+    select.set_value("9.9.9")
+    at.run()
+    promote_button = next(b for b in at.button if b.label == "Promote" and b.key == select.key.replace("pick-", "promote-"))
+    promote_button.click()
+    at.run()
+    assert not at.exception
+    actions = [e.action for e in entries()]
+    for action in ("sign_in_failed", "sign_in", "upload_dataset", "confirm_dataset", "launch_job", "promote"):
+        assert action in actions, actions

@@ -44,6 +44,7 @@ class ValidationReport:
     exact_duplicates_within_split: int = 0
     exact_duplicates_removed: tuple[tuple[str, str], ...] = ()  # (removed path, kept path)
     near_duplicates_removed: tuple[tuple[str, str, float], ...] = ()  # (removed, kept, correlation)
+    evaluation_overlap_removed: int = 0
     imbalance_ratio: float = 1.0
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -60,6 +61,7 @@ class ValidationReport:
             "exact_duplicates_within_split": self.exact_duplicates_within_split,
             "exact_duplicates_removed": len(self.exact_duplicates_removed),
             "near_duplicates_removed": len(self.near_duplicates_removed),
+            "evaluation_overlap_removed": self.evaluation_overlap_removed,
             "imbalance_ratio": round(self.imbalance_ratio, 3),
             "problems": list(self.problems),
             "notes": list(self.notes),

@@ -1,0 +1,287 @@
+"""Training jobs launched from the app: each runs in its own process, one at a time.
+
+    var/jobs/<job_id>/job.json     what to train (JobSpec)
+    var/jobs/<job_id>/state.json   queued / running / finished / failed / cancelled, pid, error
+    var/jobs/<job_id>/run/         the trainer's run folder (progress.jsonl, status.json, last.pt)
+    var/jobs/<job_id>/job.log      the process's output
+    var/jobs/.lock                 held (flock) by the running job's process
+
+The page only writes job.json, starts ``python -m cxr_core.jobs <job_dir>`` in a new
+process session and reads files back, so a job survives page reloads and closed
+browsers. A job whose process died without saying so (killed, machine restarted) shows
+as failed and can be resumed: the trainer continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cxr_core import config
+from cxr_core.errors import CxrError
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", "failed", "cancelled"
+
+
+class JobError(CxrError):
+    """A job cannot be launched, cancelled or resumed as asked."""
+
+
+def jobs_dir() -> Path:
+    return Path(os.environ.get("CXR_JOBS_DIR", config.var_dir() / "jobs"))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    dataset: str
+    arch: str
+    model_id: str
+    version: str
+    user: str
+    classes: tuple[str, ...] = ("covid", "normal", "viral_pneumonia")
+    binary_positive: str | None = None
+    base_model: str | None = None  # "id@version" to fine-tune from; None: from scratch
+    schedule: tuple[tuple[int, int], ...] = ((224, 5),)
+    batch_size: int = 32
+    lr: float = 1e-3
+    balance: str = "weights"
+    freeze_epochs: int = 0
+    layer_decay: float = 1.0
+    patience: int = 0
+    target_sensitivity: float = 0.95
+    augment: bool = True
+    hflip: bool = False
+    eval_dir: str | None = None
+    eval_split: str | None = "test"
+    device: str | None = None
+    job_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        data = dict(data)
+        data["classes"] = tuple(data.get("classes", ()))
+        data["schedule"] = tuple(tuple(p) for p in data.get("schedule", ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobState:
+    state: str
+    pid: int | None = None
+    started: str | None = None
+    finished: str | None = None
+    error: str | None = None
+    candidate: str | None = None  # id@version written to the registry
+    device: str | None = None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def read_spec(job_dir: Path) -> JobSpec:
+    return JobSpec.from_dict(json.loads((job_dir / "job.json").read_text(encoding="utf-8")))
+
+
+def read_state(job_dir: Path) -> JobState:
+    path = job_dir / "state.json"
+    if not path.exists():
+        return JobState(QUEUED)
+    state = JobState(**json.loads(path.read_text(encoding="utf-8")))
+    if state.state in (RUNNING, QUEUED) and state.pid and not _alive(state.pid):
+        return replace(state, state=FAILED, error=state.error or "The job's process ended without finishing (killed or crashed). It can be resumed.")
+    return state
+
+
+def list_jobs() -> list[tuple[Path, JobSpec, JobState]]:
+    root = jobs_dir()
+    if not root.is_dir():
+        return []
+    out = []
+    for job_dir in sorted((p for p in root.iterdir() if (p / "job.json").exists()), reverse=True):
+        try:
+            out.append((job_dir, read_spec(job_dir), read_state(job_dir)))
+        except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            log.warning("unreadable job %s: %s", job_dir.name, exc)
+    return out
+
+
+def running_job() -> Path | None:
+    for job_dir, _, state in list_jobs():
+        if state.state in (RUNNING, QUEUED) and _alive(state.pid):
+            return job_dir
+    return None
+
+
+def create_job(spec: JobSpec) -> Path:
+    job_dir = jobs_dir() / spec.job_id
+    job_dir.mkdir(parents=True, exist_ok=False)
+    _write_json(job_dir / "job.json", asdict(spec))
+    return job_dir
+
+
+def launch(job_dir: Path) -> int:
+    """Start (or resume) the job in a new process; refuse while another job runs."""
+    busy = running_job()
+    if busy is not None and busy != job_dir:
+        raise JobError(f"Job {busy.name} is still running: one training job at a time. Cancel it or wait for it to finish.")
+    if busy == job_dir:
+        raise JobError("This job is already running.")
+    (job_dir / "CANCEL").unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(config.PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(job_dir / "job.log", "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cxr_core.jobs", str(job_dir)],
+            cwd=config.PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the Streamlit script and its session
+        )
+    _write_json(job_dir / "state.json", asdict(JobState(QUEUED, pid=process.pid, started=datetime.now(timezone.utc).isoformat(timespec="seconds"))))
+    return process.pid
+
+
+def cancel(job_dir: Path) -> None:
+    (job_dir / "CANCEL").touch()
+    state = read_state(job_dir)
+    if state.pid and _alive(state.pid):
+        try:
+            os.killpg(state.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def log_tail(job_dir: Path, lines: int = 40) -> str:
+    path = job_dir / "job.log"
+    if not path.exists():
+        return ""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 64 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- The job's own process -----------------------------------------------------------------
+
+
+def _train_config(spec: JobSpec, out: Path) -> Any:
+    from cxr_core.training.augment import AugmentConfig
+    from cxr_core.training.config import TrainConfig
+
+    init = "random"
+    if spec.base_model:
+        from cxr_core.versions import list_versions
+
+        name, _, version = spec.base_model.partition("@")
+        base = next((v for v in list_versions(name) if v.version == version), None)
+        if base is None:
+            raise JobError(f"Base model {spec.base_model} is not in the registry.")
+        init = str(base.path / base.manifest.weights_file)
+    return TrainConfig(
+        data_dir=spec.dataset, arch=spec.arch, out=str(out), model_id=spec.model_id, version=spec.version,
+        name=f"{spec.model_id} (trained {spec.created[:10]} by {spec.user})", classes=spec.classes,
+        binary_positive=spec.binary_positive, schedule=spec.schedule, batch_size=spec.batch_size, lr=spec.lr,
+        balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip) if spec.augment else AugmentConfig.none(),
+        init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
+        target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2,
+    )
+
+
+def run_job(job_dir: Path) -> int:
+    """Body of ``python -m cxr_core.jobs JOB_DIR``: train, write the candidate, evaluate it."""
+    from cxr_core.training.evaluation_set import evaluate_candidate, exclude_evaluation_overlap
+    from cxr_core.training.finalize import finalize
+    from cxr_core.training.prepare import prepare_data
+    from cxr_core.training.trainer import TrainingCancelled, label_plan, train
+    from cxr_core.versions import registry_dir
+
+    job_dir = Path(job_dir)
+    lock_path = jobs_dir() / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(lock_path, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), error="Another training job is running.")))
+        return 3
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    spec = read_spec(job_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def watch_cancel() -> None:
+        while not stop.is_set():
+            if (job_dir / "CANCEL").exists():
+                stop.set()
+            time.sleep(0.5)
+
+    threading.Thread(target=watch_cancel, daemon=True).start()
+    out = registry_dir() / spec.model_id / spec.version
+    from cxr_core.models import select_device
+
+    device = str(select_device(spec.device))
+    _write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=os.getpid(), started=started, device=device)))
+    try:
+        config_ = _train_config(spec, out)
+        data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2)
+        if spec.eval_dir:
+            data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
+        result, data = train(config_, job_dir / "run", data=data, stop=stop)
+        finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}")
+        if spec.eval_dir:
+            evaluate_candidate(out, Path(spec.eval_dir), spec.eval_split)
+        _write_json(job_dir / "state.json", asdict(JobState(FINISHED, pid=os.getpid(), started=started, device=device,
+                                                            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                                            candidate=f"{spec.model_id}@{spec.version}")))
+        return 0
+    except TrainingCancelled:
+        _write_json(job_dir / "state.json", asdict(JobState(CANCELLED, pid=os.getpid(), started=started, device=device, error="Cancelled; it can be resumed.")))
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the job's last word goes to its state, the traceback to its log
+        traceback.print_exc()
+        message = str(exc) if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
+        _write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), started=started, device=device, error=message)))
+        return 1
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(run_job(Path(sys.argv[1])))

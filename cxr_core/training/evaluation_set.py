@@ -1,0 +1,59 @@
+"""The fixed evaluation set: training never sees it, every candidate is measured on it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cxr_core.models import load_model
+from cxr_core.training.dataset import scan_folder
+from cxr_core.training.evaluate import evaluate_folder
+from cxr_core.training.images import ImageSet, load_images, near_duplicate_pairs
+from cxr_core.training.prepare import PreparedData
+from cxr_core.versions import EVALUATION_NAME
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_images(eval_dir: Path, split: str | None = "test") -> ImageSet:
+    records = scan_folder(eval_dir)
+    if split and any(r.split == split for r in records):
+        records = [r for r in records if r.split == split]
+    return load_images(records, 32)  # the signatures are what matters here, not the pixels
+
+
+def overlap_indices(images: ImageSet, reference: ImageSet, min_correlation: float = 0.98) -> set[int]:
+    """Indices of ``images`` that are exact or near copies of any ``reference`` image."""
+    digests = set(reference.sha256)
+    hits = {i for i, d in enumerate(images.sha256) if d in digests}
+    if len(images.records) and len(reference.records):
+        hits |= {i for i, _, _ in near_duplicate_pairs(images.signature, reference.signature, min_correlation)}
+    return hits
+
+
+def exclude_evaluation_overlap(data: PreparedData, eval_dir: Path, split: str | None = "test") -> PreparedData:
+    """Drop training/validation images that also sit in the evaluation set (the report says how many)."""
+    reference = evaluation_images(eval_dir, split)
+    train_hits = overlap_indices(data.train, reference)
+    val_hits = overlap_indices(data.val, reference)
+    train = data.train.subset([i for i in range(len(data.train.records)) if i not in train_hits])
+    val = data.val.subset([i for i in range(len(data.val.records)) if i not in val_hits])
+    removed = len(train_hits) + len(val_hits)
+    notes = data.report.notes + ((f"{removed} image(s) also in the evaluation set were removed from training/validation.",) if removed else ())
+    log.info("evaluation overlap: %d train, %d val removed", len(train_hits), len(val_hits))
+    return replace(data, train=train, val=val, report=replace(data.report, notes=notes, evaluation_overlap_removed=removed))
+
+
+def evaluate_candidate(folder: Path, eval_dir: Path, split: str | None = "test") -> dict[str, object]:
+    """Metrics of the model in ``folder`` on the evaluation set, written to its evaluation.json."""
+    model = load_model(folder)
+    records = scan_folder(eval_dir)
+    use_split = split if split and any(r.split == split for r in records) else None
+    metrics = evaluate_folder(model, eval_dir, split=use_split).as_dict()
+    result = {**metrics, "evaluation_set": str(eval_dir), "split": use_split, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (Path(folder) / EVALUATION_NAME).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+

@@ -1,0 +1,199 @@
+"""The model registry: every trained version kept, one active version per model id.
+
+    weights/<id>/                      shipped versions (in git)
+    var/registry/<id>/<version>/       versions trained here (model folder + evaluation.json)
+    var/registry/active.json           {"active": {id: version}, "history": [...]}
+
+Which version the app uses is a pointer in ``active.json``; without an entry, the shipped
+folder. Promotion and rollback only rewrite that small file (temporary file, fsync,
+rename): a crash leaves either the old or the new pointer, and both name complete,
+verified folders, so the app always has a working model. Versions are kept until an
+admin deletes them; the active and shipped versions cannot be deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cxr_core import config
+from cxr_core.errors import CxrError, ModelError
+from cxr_core.manifest import Manifest, read_manifest
+
+EVALUATION_NAME = "evaluation.json"
+
+
+class RegistryError(CxrError):
+    """A registry operation was refused."""
+
+
+def registry_dir() -> Path:
+    return Path(os.environ.get("CXR_REGISTRY_DIR", config.var_dir() / "registry"))
+
+
+@dataclass(frozen=True)
+class Version:
+    model_id: str
+    version: str
+    path: Path
+    manifest: Manifest
+    shipped: bool  # lives in weights/ (in git)
+    active: bool
+    evaluation: dict[str, Any] | None  # metrics on the fixed evaluation set, if measured
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_id}@{self.version}"
+
+
+def _pointer_path() -> Path:
+    return registry_dir() / "active.json"
+
+
+def read_pointer() -> dict[str, Any]:
+    path = _pointer_path()
+    if not path.exists():
+        return {"active": {}, "history": []}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"{path} is unreadable; the shipped models are used until it is repaired.") from exc
+    data.setdefault("active", {})
+    data.setdefault("history", [])
+    return data
+
+
+def _write_pointer(data: dict[str, Any]) -> None:
+    path = _pointer_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".active.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old pointer or the new one
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _evaluation(folder: Path) -> dict[str, Any] | None:
+    path = folder / EVALUATION_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _folders(model_id: str | None = None) -> list[tuple[Path, bool]]:
+    out: list[tuple[Path, bool]] = []
+    weights = config.weights_dir()
+    if weights.is_dir():
+        out += [(p, True) for p in sorted(weights.iterdir()) if (p / "manifest.json").is_file()]
+    reg = registry_dir()
+    if reg.is_dir():
+        for model_dir in sorted(p for p in reg.iterdir() if p.is_dir()):
+            out += [(p, False) for p in sorted(model_dir.iterdir()) if (p / "manifest.json").is_file()]
+    return out
+
+
+def list_versions(model_id: str | None = None) -> list[Version]:
+    """Every readable version (shipped and trained), grouped by model id, newest last."""
+    pointer = read_pointer()["active"]
+    versions: list[Version] = []
+    for folder, shipped in _folders():
+        try:
+            manifest = read_manifest(folder)
+        except ModelError:
+            continue
+        if model_id and manifest.id != model_id:
+            continue
+        versions.append(Version(manifest.id, manifest.version, folder, manifest, shipped, False, _evaluation(folder)))
+    out = []
+    for v in versions:
+        wanted = pointer.get(v.model_id)
+        active = (v.version == wanted) if wanted else v.shipped
+        out.append(Version(v.model_id, v.version, v.path, v.manifest, v.shipped, active, v.evaluation))
+    return sorted(out, key=lambda v: (v.model_id, v.manifest.created, v.version))
+
+
+def active_folders() -> list[Path]:
+    """The folder of each model id's active version (what the app loads)."""
+    return [v.path for v in list_versions() if v.active]
+
+
+def candidate_folder(model_id: str, version: str) -> Path:
+    folder = registry_dir() / model_id / version
+    if folder.exists():
+        raise RegistryError(f"Version {model_id}@{version} already exists.")
+    return folder
+
+
+def _find(model_id: str, version: str) -> Version:
+    for v in list_versions(model_id):
+        if v.version == version:
+            return v
+    raise RegistryError(f"No version {model_id}@{version} in the registry.")
+
+
+def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
+    """Why the candidate is worse than the active model on the fixed evaluation set (empty: it is not)."""
+    if active is None or candidate.evaluation is None:
+        return [] if candidate.evaluation is not None else ["The candidate has no evaluation on the fixed evaluation set."]
+    if active.evaluation is None:
+        return []
+    problems = []
+    ca, aa = candidate.evaluation.get("accuracy"), active.evaluation.get("accuracy")
+    if ca is not None and aa is not None and ca < aa:
+        problems.append(f"accuracy {ca:.4f} is below the active model's {aa:.4f}")
+    cs = candidate.evaluation.get("per_class", {}).get("covid", {}).get("recall")
+    as_ = active.evaluation.get("per_class", {}).get("covid", {}).get("recall")
+    if cs is not None and as_ is not None and cs < as_:
+        problems.append(f"COVID sensitivity {cs:.4f} is below the active model's {as_:.4f}")
+    return problems
+
+
+def promote(model_id: str, version: str, *, user: str, override_reason: str | None = None, gate: bool = True) -> Version:
+    """Make ``version`` active. With ``gate``, refuse a candidate worse than the active one unless a reason is given."""
+    from cxr_core.models import load_model
+
+    candidate = _find(model_id, version)
+    load_model(candidate.path, device="cpu")  # verify it loads before anything points at it
+    active = next((v for v in list_versions(model_id) if v.active), None)
+    problems = promotion_problems(candidate, active) if gate else []
+    if problems and not (override_reason and override_reason.strip()):
+        raise RegistryError("Promotion refused: " + "; ".join(problems) + ". Give a reason to override.")
+    pointer = read_pointer()
+    previous = pointer["active"].get(model_id) or (active.version if active else None)
+    pointer["active"][model_id] = version
+    pointer["history"].append(
+        {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "user": user, "model": model_id, "from": previous,
+         "to": version, "problems": problems, "override_reason": override_reason or None}
+    )
+    _write_pointer(pointer)
+    return _find(model_id, version)
+
+
+def rollback(model_id: str, *, user: str) -> Version:
+    """Back to the version active before the latest promotion of ``model_id``."""
+    history = [h for h in read_pointer()["history"] if h["model"] == model_id]
+    if not history or not history[-1].get("from"):
+        raise RegistryError(f"Nothing to roll back to for {model_id}.")
+    return promote(model_id, history[-1]["from"], user=user, gate=False)
+
+
+def delete_version(model_id: str, version: str) -> None:
+    v = _find(model_id, version)
+    if v.active:
+        raise RegistryError("The active version cannot be deleted; promote another one first.")
+    if v.shipped:
+        raise RegistryError("Shipped versions (in weights/) are not deleted from the app.")
+    shutil.rmtree(v.path)

@@ -1,0 +1,187 @@
+"""Admin back end: safe uploads, users, the model registry and promotion."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cxr_core.archive import ArchiveError, Limits, extract_zip, save_files
+from cxr_core.users import AuthError, add_user, authenticate, list_users, remove_user
+from tests.conftest import make_model_folder
+
+
+def _zip(entries: list[tuple[str, bytes]], *, symlink: str | None = None, method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def test_a_normal_archive_extracts(tmp_path: Path) -> None:
+    data = _zip([("covid/a.png", b"a" * 100), ("normal/b.png", b"b" * 100), ("__MACOSX/._a.png", b"junk"), ("normal/.DS_Store", b"x")])
+    written = extract_zip(data, tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["covid/a.png", "normal/b.png"]
+
+
+@pytest.mark.parametrize(
+    "entries, symlink, message",
+    [
+        ([("../../evil.png", b"x")], None, "outside the folder"),
+        ([("covid/../../evil.png", b"x")], None, "outside the folder"),
+        ([("/etc/evil.png", b"x")], None, "absolute path"),
+        ([("C:/evil.png", b"x")], None, "absolute path"),
+        ([("..\\..\\evil.png", b"x")], None, "outside the folder"),
+        ([("covid/a.png", b"x")], "covid/link.png", "symbolic link"),
+        ([("covid/a.png", b"x"), ("covid/a.png", b"y")], None, "twice"),
+    ],
+)
+def test_hostile_archives_are_refused_and_leave_nothing(tmp_path: Path, entries: list, symlink: str | None, message: str) -> None:
+    with pytest.raises(ArchiveError, match=message):
+        extract_zip(_zip(entries, symlink=symlink), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil.png").exists() and not Path("/etc/evil.png").exists()
+
+
+def test_zip_bomb_and_caps(tmp_path: Path) -> None:
+    bomb = _zip([("covid/bomb.png", b"\0" * (20 * 1024 * 1024))])  # 20 MB of zeros compresses ~1000:1
+    with pytest.raises(ArchiveError, match="zip bomb"):
+        extract_zip(bomb, tmp_path / "a")
+    many = _zip([(f"covid/{i}.png", b"x") for i in range(30)], method=zipfile.ZIP_STORED)
+    with pytest.raises(ArchiveError, match="30 entries; the limit is 20"):
+        extract_zip(many, tmp_path / "b", Limits(max_files=20))
+    big = _zip([("covid/a.png", os.urandom(5000))], method=zipfile.ZIP_STORED)
+    with pytest.raises(ArchiveError, match="limit"):
+        extract_zip(big, tmp_path / "c", Limits(max_total_bytes=4000))
+    with pytest.raises(ArchiveError, match="not a readable zip"):
+        extract_zip(b"PK\x03\x04 not really", tmp_path / "d")
+
+
+def test_lying_header_is_caught_while_decompressing(tmp_path: Path) -> None:
+    data = bytearray(_zip([("covid/a.png", os.urandom(1000))], method=zipfile.ZIP_STORED))
+    # Shrink the declared size in the central directory: the real content is bigger.
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 24 : central + 28] = (100).to_bytes(4, "little")
+    with pytest.raises((ArchiveError, zipfile.BadZipFile)):
+        extract_zip(bytes(data), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_upload_is_saved_with_the_same_checks(tmp_path: Path) -> None:
+    written = save_files([("set/covid/a.png", b"a"), ("set/normal/b.png", b"b")], tmp_path / "ok")
+    assert len(written) == 2 and (tmp_path / "ok" / "set" / "covid" / "a.png").read_bytes() == b"a"
+    with pytest.raises(ArchiveError, match="outside the folder"):
+        save_files([("set/covid/a.png", b"a"), ("../x.png", b"b")], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_users_file_hashes_and_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "users.json"
+    add_user("alice", "correct horse battery", "admin", path)
+    add_user("bob", "another long password", "radiologist", path)
+    text = path.read_text()
+    assert "correct horse" not in text and "$2b$" in text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert authenticate("alice", "correct horse battery", path).role == "admin"
+    with pytest.raises(AuthError, match="Wrong user name or password"):
+        authenticate("alice", "wrong", path)
+    with pytest.raises(AuthError, match="Wrong user name or password"):
+        authenticate("mallory", "whatever", path)
+    for _ in range(5):
+        with pytest.raises(AuthError):
+            authenticate("bob", "guess", path)
+    with pytest.raises(AuthError, match="Too many failed attempts"):
+        authenticate("bob", "another long password", path)  # locked even with the right password
+    with pytest.raises(AuthError, match="at least 10"):
+        add_user("carol", "short", "admin", path)
+    with pytest.raises(AuthError, match="Role must be"):
+        add_user("carol", "long enough password", "superuser", path)
+    assert [u.name for u in list_users(path)] == ["alice", "bob"] and remove_user("bob", path)
+
+
+# --- Registry -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def registry_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    weights = tmp_path / "weights"
+    make_model_folder(weights, "densenet121", ("covid", "normal", "viral_pneumonia"), id="dn", version="1.0.0", size=64)
+    monkeypatch.setenv("CXR_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.delenv("CXR_REGISTRY_DIR", raising=False)
+    return tmp_path
+
+
+def _candidate(version: str, accuracy: float, covid_recall: float, seed: int = 1) -> Path:
+    from cxr_core.versions import registry_dir
+
+    folder = make_model_folder(registry_dir() / "dn", "densenet121", ("covid", "normal", "viral_pneumonia"), id="dn", version=version, size=64, seed=seed)
+    target = registry_dir() / "dn" / version
+    folder.rename(target)
+    (target / "evaluation.json").write_text(json.dumps({"accuracy": accuracy, "per_class": {"covid": {"recall": covid_recall}}}))
+    return target
+
+
+def test_promotion_gate_rollback_and_delete(registry_env: Path) -> None:
+    from cxr_core.models import installed_models
+    from cxr_core.versions import RegistryError, delete_version, list_versions, promote, rollback
+
+    shipped = registry_env / "weights" / "dn"
+    (shipped / "evaluation.json").write_text(json.dumps({"accuracy": 0.90, "per_class": {"covid": {"recall": 0.95}}}))
+    _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
+    _candidate("2.1.0", accuracy=0.95, covid_recall=0.90, seed=2)
+    assert [v.version for v in list_versions("dn") if v.active] == ["1.0.0"]
+
+    promote("dn", "2.0.0", user="alice")
+    assert [m.manifest.version for m in installed_models()] == ["2.0.0"]  # the app now loads 2.0.0
+    with pytest.raises(RegistryError, match="COVID sensitivity 0.9000 is below"):
+        promote("dn", "2.1.0", user="alice")
+    promote("dn", "2.1.0", user="alice", override_reason="better specificity, sensitivity checked on site data")
+    assert [m.manifest.version for m in installed_models()] == ["2.1.0"]
+    rollback("dn", user="alice")
+    assert [m.manifest.version for m in installed_models()] == ["2.0.0"]
+    with pytest.raises(RegistryError, match="active version cannot be deleted"):
+        delete_version("dn", "2.0.0")
+    with pytest.raises(RegistryError, match="Shipped versions"):
+        delete_version("dn", "1.0.0")
+    delete_version("dn", "2.1.0")
+    assert [v.version for v in list_versions("dn")] == ["1.0.0", "2.0.0"]
+
+
+def test_a_crash_during_promotion_leaves_a_working_model(registry_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.models import installed_models, load_model
+    from cxr_core.versions import promote
+
+    _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("power cut")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", crash)
+        with pytest.raises(OSError):
+            promote("dn", "2.0.0", user="alice", gate=False)
+    models = installed_models()
+    assert [m.manifest.version for m in models] == ["1.0.0"]
+    load_model(models[0].path, device="cpu")
+    assert not list((registry_env / "var" / "registry").glob(".active.*"))  # no temporary file left behind
+
+
+def test_a_broken_pointer_falls_back_to_the_shipped_model(registry_env: Path) -> None:
+    from cxr_core.models import installed_models
+    from cxr_core.versions import promote, registry_dir
+
+    target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
+    promote("dn", "2.0.0", user="alice")
+    (target / "manifest.json").unlink()  # the active version's folder is damaged by hand
+    assert [m.manifest.version for m in installed_models()] == ["1.0.0"]
+    assert (registry_dir() / "active.json").exists()

@@ -1,0 +1,91 @@
+"""Training jobs in their own process: launch, progress, lock, cancel, kill -9, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from cxr_core.jobs import CANCELLED, FAILED, FINISHED, JobError, JobSpec, cancel, create_job, launch, read_state
+from cxr_core.training.run import RunDir
+from tests.synthetic import make_labelled_folder
+
+
+@pytest.fixture()
+def job_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("CXR_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    make_labelled_folder(tmp_path / "data", per_class={"train": 16, "val": 6})
+    make_labelled_folder(tmp_path / "eval", per_class={"test": 6}, seed=9)
+    return tmp_path
+
+
+def _spec(env: Path, epochs: int, version: str) -> JobSpec:
+    return JobSpec(dataset=str(env / "data"), arch="cnn5", model_id="tiny", version=version, user="alice",
+                   schedule=((32, epochs),), batch_size=8, lr=3e-3, eval_dir=str(env / "eval"), eval_split="test")
+
+
+def _wait(job_dir: Path, predicate, timeout: float = 420.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; state {read_state(job_dir)}; log:\n{(job_dir / 'job.log').read_text()[-3000:]}")
+
+
+def _epochs(job_dir: Path) -> int:
+    return sum(e["event"] == "epoch" for e in RunDir(job_dir / "run").events())
+
+
+def test_job_trains_a_candidate_and_one_job_runs_at_a_time(job_env: Path) -> None:
+    from cxr_core.versions import list_versions
+
+    first = create_job(_spec(job_env, 3, "2.0.0"))
+    launch(first)
+    second = create_job(_spec(job_env, 1, "2.0.1"))
+    with pytest.raises(JobError, match="one training job at a time"):
+        launch(second)
+    _wait(first, lambda: read_state(first).state in (FINISHED, FAILED))
+    state = read_state(first)
+    assert state.state == FINISHED, (state, (first / "job.log").read_text()[-2000:])
+    assert state.candidate == "tiny@2.0.0" and state.device == "cpu"
+    status = json.loads((first / "run" / "status.json").read_text())
+    assert status["event"] == "epoch" and _epochs(first) == 3
+    version = next(v for v in list_versions("tiny") if v.version == "2.0.0")
+    assert not version.active and version.evaluation is not None and version.evaluation["n"] == 18
+    launch(second)  # free again
+    _wait(second, lambda: read_state(second).state in (FINISHED, FAILED))
+    assert read_state(second).state == FINISHED
+
+
+def test_cancel_kill_and_resume(job_env: Path) -> None:
+    job = create_job(_spec(job_env, 25, "3.0.0"))
+    launch(job)
+    _wait(job, lambda: _epochs(job) >= 1)
+    cancel(job)
+    _wait(job, lambda: read_state(job).state == CANCELLED, timeout=120)
+    done = _epochs(job)
+    assert 1 <= done < 25
+
+    launch(job)  # resume after a cancel
+    _wait(job, lambda: _epochs(job) >= done + 1)
+    pid = read_state(job).pid
+    assert pid
+    os.killpg(pid, signal.SIGKILL)  # no chance to say anything
+    _wait(job, lambda: read_state(job).state == FAILED, timeout=60)
+    assert "ended without finishing" in (read_state(job).error or "")
+    before = _epochs(job)
+
+    launch(job)  # resume after kill -9, from the last checkpoint
+    _wait(job, lambda: read_state(job).state in (FINISHED, FAILED), timeout=900)
+    assert read_state(job).state == FINISHED
+    events = [e["event"] for e in RunDir(job / "run").events()]
+    assert events.count("resumed") == 2
+    epochs = [e["epoch"] for e in RunDir(job / "run").events() if e["event"] == "epoch"]
+    assert sorted(set(epochs)) == list(range(25)) and before < len(epochs)
