@@ -90,53 +90,35 @@ def _load(model_id: str | None):  # type: ignore[no-untyped-def]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cxr_core.inference import predict
-    from cxr_core.io import XrayImage, read_image
+    from cxr_core.batch import predict_paths
 
     model = _load(args.model)
-    files = _iter_files(args.files)
-    batch_size = max(1, args.batch_size)
-    while True:
-        chunk: list[tuple[str, XrayImage | None, str | None]] = []
-        for path in files:
-            try:
-                chunk.append((path, read_image(path), None))
-            except CxrError as exc:
-                chunk.append((path, None, str(exc)))
-            if len(chunk) >= batch_size:
-                break
-        if not chunk:
-            break
-        images = [im for _, im, _ in chunk if im is not None]
-        predictions = iter(predict(model, images, batch_size=batch_size)) if images else iter(())
-        for path, image, error in chunk:
-            prediction = next(predictions) if image is not None else None
-            gate = prediction.gate if prediction else None
-            rejected = gate is not None and gate.rejected
-            row = {
-                "file": path,
-                "model": model.key,
-                # A rejected image's probabilities are not an answer to anything: not given.
-                "probabilities": prediction.as_dict() if prediction and not rejected else {},
-                "prediction": prediction.predicted if prediction else None,
-                "warnings": list(image.warnings) if image else [],
-                "error": error,
-                "gate": gate.outcome if gate else None,
-                "gate_reasons": list(gate.reasons) if gate else [],
-                "uncertain": bool(prediction.uncertain) if prediction else False,
-            }
-            if args.json:
-                print(json.dumps(row), flush=True)
-            elif error:
-                print(f"{path}\tERROR\t{error}", flush=True)
-            else:
-                probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
-                answer = row["prediction"] or ("REJECTED" if rejected else "UNCERTAIN" if row["uncertain"] else "none")
-                notes = row["warnings"] + row["gate_reasons"]  # type: ignore[operator]
-                extra = f"\twarnings: {'; '.join(notes)}" if notes else ""
-                print(f"{path}\t{answer}\tgate={row['gate']}\t{probs}{extra}", flush=True)
-        if len(chunk) < batch_size:
-            break
+    for item in predict_paths(model, _iter_files(args.files), batch_size=max(1, args.batch_size), workers=args.workers):
+        prediction, path, error = item.prediction, item.path, item.error
+        gate = prediction.gate if prediction else None
+        rejected = gate is not None and gate.rejected
+        row = {
+            "file": path,
+            "model": model.key,
+            # A rejected image's probabilities are not an answer to anything: not given.
+            "probabilities": prediction.as_dict() if prediction and not rejected else {},
+            "prediction": prediction.predicted if prediction else None,
+            "warnings": list(item.warnings),
+            "error": error,
+            "gate": gate.outcome if gate else None,
+            "gate_reasons": list(gate.reasons) if gate else [],
+            "uncertain": bool(prediction.uncertain) if prediction else False,
+        }
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif error:
+            print(f"{path}\tERROR\t{error}", flush=True)
+        else:
+            probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
+            answer = row["prediction"] or ("REJECTED" if rejected else "UNCERTAIN" if row["uncertain"] else "none")
+            notes = row["warnings"] + row["gate_reasons"]  # type: ignore[operator]
+            extra = f"\twarnings: {'; '.join(notes)}" if notes else ""
+            print(f"{path}\t{answer}\tgate={row['gate']}\t{probs}{extra}", flush=True)
     return EXIT_OK
 
 
@@ -344,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model id or id@version (default: the first installed)")
     p.add_argument("--json", action="store_true", help="one JSON object per line and per file")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="threads decoding files ahead of the model")
     p.set_defaults(func=_cmd_predict)
 
     # pytorch-grad-cam costs seconds to import: predict should not pay for it, so the

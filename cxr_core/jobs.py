@@ -32,6 +32,7 @@ from typing import Any
 
 from cxr_core import config
 from cxr_core.errors import CxrError
+from cxr_core.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,6 @@ class JobState:
     device: str | None = None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -151,7 +146,7 @@ def running_job() -> Path | None:
 def create_job(spec: JobSpec) -> Path:
     job_dir = jobs_dir() / spec.job_id
     job_dir.mkdir(parents=True, exist_ok=False)
-    _write_json(job_dir / "job.json", asdict(spec))
+    write_json(job_dir / "job.json", asdict(spec))
     return job_dir
 
 
@@ -170,7 +165,7 @@ def launch(job_dir: Path) -> int:
             cwd=config.PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # survives the Streamlit script and its session
         )
-    _write_json(job_dir / "state.json", asdict(JobState(QUEUED, pid=process.pid, started=datetime.now(timezone.utc).isoformat(timespec="seconds"))))
+    write_json(job_dir / "state.json", asdict(JobState(QUEUED, pid=process.pid, started=datetime.now(timezone.utc).isoformat(timespec="seconds"))))
     return process.pid
 
 
@@ -237,7 +232,7 @@ def run_job(job_dir: Path) -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        _write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), error="Another training job is running.")))
+        write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), error="Another training job is running.")))
         return 3
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     spec = read_spec(job_dir)
@@ -255,7 +250,7 @@ def run_job(job_dir: Path) -> int:
     from cxr_core.models import select_device
 
     device = str(select_device(spec.device))
-    _write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=os.getpid(), started=started, device=device)))
+    write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=os.getpid(), started=started, device=device)))
     try:
         config_ = _train_config(spec, out)
         data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2)
@@ -265,17 +260,17 @@ def run_job(job_dir: Path) -> int:
         finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}")
         if spec.eval_dir:
             evaluate_candidate(out, Path(spec.eval_dir), spec.eval_split)
-        _write_json(job_dir / "state.json", asdict(JobState(FINISHED, pid=os.getpid(), started=started, device=device,
+        write_json(job_dir / "state.json", asdict(JobState(FINISHED, pid=os.getpid(), started=started, device=device,
                                                             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                                             candidate=f"{spec.model_id}@{spec.version}")))
         return 0
     except TrainingCancelled:
-        _write_json(job_dir / "state.json", asdict(JobState(CANCELLED, pid=os.getpid(), started=started, device=device, error="Cancelled; it can be resumed.")))
+        write_json(job_dir / "state.json", asdict(JobState(CANCELLED, pid=os.getpid(), started=started, device=device, error="Cancelled; it can be resumed.")))
         return 0
     except Exception as exc:  # noqa: BLE001 - the job's last word goes to its state, the traceback to its log
         traceback.print_exc()
         message = str(exc) if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
-        _write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), started=started, device=device, error=message)))
+        write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), started=started, device=device, error=message)))
         return 1
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)

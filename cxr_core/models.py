@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +31,7 @@ from cxr_core.errors import (
     ModelNotFoundError,
     NoModelInstalledError,
 )
+from cxr_core.fileio import atomic_write
 from cxr_core.manifest import MANIFEST_NAME, Manifest, read_manifest
 from cxr_core.registry import CxrNet, build_network, get_architecture
 
@@ -217,20 +217,6 @@ def load_model(folder: Path | str, device: torch.device | str | None = None) -> 
     return LoadedModel(manifest=manifest, network=network, device=target, path=folder, feature_gate=feature_gate)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def save_model_folder(
     network: CxrNet, manifest: Manifest, folder: Path | str, *, half: bool = True
 ) -> Manifest:
@@ -249,7 +235,7 @@ def save_model_folder(
         state[key] = tensor
     weights = folder / manifest.weights_file
     metadata = {"format": "pt", "id": manifest.id, "version": manifest.version, "architecture": manifest.architecture}
-    _atomic_write(weights, lambda p: save_file(state, str(p), metadata=metadata))
+    atomic_write(weights, lambda p: save_file(state, str(p), metadata=metadata))
     arch = get_architecture(manifest.architecture)
     final = replace(
         manifest,
@@ -257,7 +243,7 @@ def save_model_folder(
         cam_target_layers=manifest.cam_target_layers or (arch.default_cam_layer,),
         created=manifest.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    _atomic_write(folder / MANIFEST_NAME, lambda p: p.write_text(final.to_json(), encoding="utf-8"))
+    atomic_write(folder / MANIFEST_NAME, lambda p: p.write_text(final.to_json(), encoding="utf-8"))
     # Round-trip through the validator so a folder we write is always one we can read.
     read_manifest(folder)
     return final
@@ -273,5 +259,5 @@ def update_manifest(folder: Path | str, manifest: Manifest) -> Manifest:
     actual = sha256_file(folder / manifest.weights_file)
     if actual != manifest.weights_sha256:
         raise ChecksumMismatchError(f"{folder.name}: refusing to write a manifest for different weights.")
-    _atomic_write(folder / MANIFEST_NAME, lambda p: p.write_text(manifest.to_json(), encoding="utf-8"))
+    atomic_write(folder / MANIFEST_NAME, lambda p: p.write_text(manifest.to_json(), encoding="utf-8"))
     return read_manifest(folder)

@@ -21,6 +21,7 @@ import bcrypt
 
 from cxr_core import config
 from cxr_core.errors import CxrError
+from cxr_core.fileio import write_json
 
 ROLES = ("radiologist", "reviewer", "admin")
 MIN_PASSWORD = 10
@@ -54,12 +55,7 @@ def _load(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _save(path: Path, users: dict[str, dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump({"users": users}, handle, indent=2)
-    os.replace(tmp, path)
+    write_json(path, {"users": users}, mode=0o600)  # hashes only, but still nobody else's business
 
 
 def add_user(name: str, password: str, role: str, path: Path | None = None) -> User:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from cxr_core import config
 from cxr_core.errors import CxrError, ModelError
+from cxr_core.fileio import write_json
 from cxr_core.manifest import Manifest, read_manifest
 
 EVALUATION_NAME = "evaluation.json"
@@ -70,17 +70,7 @@ def read_pointer() -> dict[str, Any]:
 
 
 def _write_pointer(data: dict[str, Any]) -> None:
-    path = _pointer_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".active.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old pointer or the new one
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_json(_pointer_path(), data)  # atomic: readers see the old pointer or the new one
 
 
 def _evaluation(folder: Path) -> dict[str, Any] | None:

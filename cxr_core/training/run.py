@@ -15,32 +15,13 @@ tensors and plain containers only, nothing executable.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8"))
+from cxr_core.fileio import atomic_write, write_json
 
 
 class RunDir:
