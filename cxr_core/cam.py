@@ -135,12 +135,33 @@ CAM_METHODS: dict[str, CamMethod] = {
 
 @dataclass(frozen=True, eq=False)
 class Heatmap:
-    """One class's map, (H, W): the original image's resolution unless asked otherwise."""
+    """One class's map. Kept at the CAM layer's resolution and resized on demand: a 2k film's
+    full-resolution maps cost 14 MB each, and a session keeps several explanations.
+
+    ``raw`` and ``scaled`` are (H, W) at ``shape`` (the film's resolution unless asked
+    otherwise); :meth:`at` gives them at any other size, e.g. for display.
+    """
 
     target: str
     probability: float
-    raw: np.ndarray  # (H, W) float32 >= 0, the method's own units
-    scaled: np.ndarray  # (H, W) float32 in [0, 1], min-max over this map
+    low: np.ndarray  # (h, w) float32 >= 0 at the layer's resolution, the method's own units
+    shape: tuple[int, int]  # (H, W)
+
+    def at(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(raw, scaled) resized to ``shape``. Bilinear resizing is linear, so min-max after
+        resizing equals the library's normalise -> resize -> normalise, with the full range used."""
+        raw = resize_maps(self.low[None], shape)
+        return raw[0], scale_minmax(raw)[0]
+
+    @property
+    def raw(self) -> np.ndarray:
+        """(H, W) float32 >= 0 at ``shape``."""
+        return self.at(self.shape)[0]
+
+    @property
+    def scaled(self) -> np.ndarray:
+        """(H, W) float32 in [0, 1] at ``shape``, min-max over this map."""
+        return self.at(self.shape)[1]
 
     @property
     def peak(self) -> float:
@@ -307,12 +328,9 @@ def explain(
     raw_low, logits = compute_raw_cams(model, batch, method, classes, layer=layer, progress=progress)
     probs = logits_to_probabilities(logits, manifest)[0]
     prediction = make_prediction(manifest, probs)
-    raw = resize_maps(raw_low, size or image.shape)
-    # Bilinear resizing is linear, so min-max after resizing equals the library's
-    # normalise -> resize -> normalise, and uses the colour scale's full range.
-    scaled = scale_minmax(raw)
+    shape = tuple(size or image.shape)
     heatmaps = tuple(
-        Heatmap(target=cls, probability=prediction.probability(cls), raw=raw[i], scaled=scaled[i])
+        Heatmap(target=cls, probability=prediction.probability(cls), low=np.ascontiguousarray(raw_low[i]), shape=shape)  # type: ignore[arg-type]
         for i, cls in enumerate(classes)
     )
     used_layer = layer or (manifest.cam_target_layers[0] if manifest.cam_target_layers else "")

@@ -141,7 +141,8 @@ def compute_grid(
         explanation = explain(model, image, method=method, targets=targets, layer=layer, size=shape, progress=inner)
         for spec in members:
             heatmap = explanation.heatmap(spec.target)
-            panels[spec] = Panel(spec, heatmap.raw, heatmap.probability, explanation.prediction.predicted, lung_overlap(heatmap.raw))
+            raw = heatmap.raw
+            panels[spec] = Panel(spec, raw, heatmap.probability, explanation.prediction.predicted, lung_overlap(raw))
         done += 1
         if progress is not None:
             progress(done / steps, f"maps {done} of {len(groups)}")

@@ -194,13 +194,18 @@ def load_model(folder: Path | str, device: torch.device | str | None = None) -> 
             f"{folder.name}: the classifier head has {fc.shape[0]} output(s) but the manifest's "
             f"{manifest.head} head over {len(manifest.classes)} classes needs {manifest.n_outputs}."
         )
-    network = build_network(arch.name, manifest.n_outputs, manifest.input.channels)
+    # Build on the meta device and adopt the loaded tensors (assign=True): no random
+    # initialisation to compute and throw away, and no second copy of the weights in memory.
+    with torch.device("meta"):
+        network = build_network(arch.name, manifest.n_outputs, manifest.input.channels)
     reference = network.state_dict()
     state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
     try:
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelError(f"{folder.name}: the weights do not fit architecture {arch.name}: {str(exc)[:300]}") from exc
+    if any(t.is_meta for t in list(network.parameters()) + list(network.buffers())):
+        raise ModelError(f"{folder.name}: the weights leave parts of {arch.name} unset.")
     for layer in manifest.cam_target_layers:
         try:
             network.get_submodule(layer)

@@ -47,13 +47,14 @@ def render_overlay(
         raise ValueError(f"film {pixels.shape} and heatmap {heatmap.shape} differ in shape")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError("opacity must be in [0, 1]")
-    film = np.clip(pixels, 0.0, 1.0).astype(np.float32)
-    heat = np.clip(heatmap, 0.0, 1.0).astype(np.float32)
-    film_rgb = np.repeat(film[..., None], 3, axis=2)
-    colour = colorize(heat, colormap).astype(np.float32) / 255.0
-    alpha = np.where(heat >= threshold, opacity, 0.0).astype(np.float32)[..., None] if threshold > 0 else opacity
-    blended = film_rgb * (1.0 - alpha) + colour * alpha
-    return np.clip(blended * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # uint8 throughout: a 2k film's float32 RGB intermediates would cost ~40 MB each.
+    film = cv2.cvtColor(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
+    colour = colorize(heatmap, colormap)
+    blended = cv2.addWeighted(film, 1.0 - opacity, colour, opacity, 0.0)
+    if threshold > 0:
+        weak = heatmap < threshold
+        blended[weak] = film[weak]
+    return blended
 
 
 def fit_within(array: np.ndarray, max_side: int) -> np.ndarray:

@@ -290,8 +290,9 @@ left.image(
 )
 if explanation is not None:
     heatmap = explanation.heatmap(target)
+    small_film = fit_within(image.pixels, DISPLAY_SIDE)
     right.image(
-        render_overlay(fit_within(image.pixels, DISPLAY_SIDE), fit_within(heatmap.scaled, DISPLAY_SIDE), colormap=colormap, opacity=opacity),
+        render_overlay(small_film, heatmap.at(small_film.shape)[1], colormap=colormap, opacity=opacity),
         caption=f"{CAM_METHODS[method].label} for {manifest.label(target)} (p = {heatmap.probability:.3f}), layer {explanation.layer}",
         width="stretch",
     )
