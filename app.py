@@ -24,6 +24,7 @@ navigation = st.navigation(
             st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
             st.Page("pages/data.py", title="Training data", icon=":material/folder_open:"),
             st.Page("pages/training.py", title="Training", icon=":material/monitoring:"),
+            st.Page("pages/audit.py", title="Audit", icon=":material/policy:"),
         ],
         "Account": [
             st.Page("pages/account.py", title="Sign in" if st.session_state.get("user", "anonymous") == "anonymous" else f"{st.session_state['user']}", icon=":material/person:"),

@@ -72,16 +72,59 @@ def _entry(row: sqlite3.Row) -> AuditEntry:
                       json.loads(row["details"]), row["prev_hash"], row["hash"])
 
 
-def entries(*, action: str | None = None, user: str | None = None, image_sha256: str | None = None, limit: int = 1000, db: Path | None = None) -> list[AuditEntry]:
+def entries(*, action: str | None = None, user: str | None = None, image_sha256: str | None = None, model: str | None = None,
+            since: str | None = None, until: str | None = None, limit: int = 1000, db: Path | None = None) -> list[AuditEntry]:
+    """Newest first. ``image_sha256`` matches a prefix (people paste the first characters);
+    ``since`` / ``until`` are ISO dates or times compared with the UTC ``created`` stamp
+    (``until`` is exclusive)."""
     clauses, args = [], []
-    for column, value in (("action", action), ("user", user), ("image_sha256", image_sha256)):
+    for column, value in (("action", action), ("user", user), ("model", model)):
         if value:
             clauses.append(f"{column} = ?")
             args.append(value)
+    if image_sha256:
+        clauses.append("image_sha256 LIKE ?")
+        args.append(image_sha256.strip().lower().replace("%", "").replace("_", "") + "%")
+    if since:
+        clauses.append("created >= ?")
+        args.append(since)
+    if until:
+        clauses.append("created < ?")
+        args.append(until)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     with connect(db) as conn:
         rows = conn.execute(f"SELECT * FROM audit{where} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
     return [_entry(r) for r in rows]
+
+
+def distinct_values(column: str, db: Path | None = None) -> list[str]:
+    """The values seen in ``action``, ``user`` or ``model``, for filter menus."""
+    if column not in {"action", "user", "model", "role"}:
+        raise ValueError(f"not a filterable column: {column}")
+    with connect(db) as conn:
+        rows = conn.execute(f"SELECT DISTINCT {column} FROM audit WHERE {column} IS NOT NULL ORDER BY {column}").fetchall()
+    return [str(r[0]) for r in rows]
+
+
+CSV_COLUMNS = ("id", "created", "user", "role", "action", "image_sha256", "model", "details", "prev_hash", "hash")
+
+
+def to_csv(rows: list[AuditEntry]) -> str:
+    """CSV text with the hashes, so an exported extract can be checked against the chain.
+    Cells that a spreadsheet would run as a formula are prefixed with a quote."""
+    import csv
+    import io
+
+    def cell(value: object) -> str:
+        text = "" if value is None else value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+        return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([cell(getattr(row, name)) for name in CSV_COLUMNS])
+    return buffer.getvalue()
 
 
 def verify_chain(db: Path | None = None) -> ChainReport:

@@ -228,8 +228,12 @@ def run(model_keys: list[str] | None, smoke: bool, folder: Path | None) -> dict[
     }
     bench_folder, folder_note = _folder(folder, 16 if smoke else 256)
     result["batch_folder"] = folder_note
-    for key in keys:
-        model = load_model(resolve_model(key).path)
+    loaded_keys: list[str] = []
+    for requested in keys:
+        model = load_model(resolve_model(requested).path)
+        # Report under the full id@version so results from different versions never merge.
+        key = model.manifest.key
+        loaded_keys.append(key)
         fwd = bench_forward(model, repeats, warmup, (2,) if smoke else (8, 16, 32, 64) if device.type == "cuda" else (8, 16, 32))
         result["forward_s"][key] = fwd["forward_s"]
         result["forward_batch_images_per_s"][key] = fwd["forward_batch_images_per_s"]
@@ -247,7 +251,7 @@ def run(model_keys: list[str] | None, smoke: bool, folder: Path | None) -> dict[
         result["train_images_per_s"][key] = train["train_images_per_s"]
         result["train_data_fraction"][key] = train["train_data_fraction"]
         del model
-    result["app_rss_mb"] = app_rss_mb(keys)
+    result["app_rss_mb"] = app_rss_mb(loaded_keys)
     return result
 
 

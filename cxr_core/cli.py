@@ -413,11 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_tracebacks(record: logging.LogRecord) -> bool:
+    # Decoders (pydicom's among them) log a failed frame with its traceback; the file's
+    # error is already reported in plain words, so keep stack traces for --verbose.
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_tracebacks)
     try:
         return int(args.func(args))
     except (ModelNotFoundError, UsageError) as exc:

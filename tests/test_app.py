@@ -272,3 +272,25 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     actions = [e.action for e in entries()]
     for action in ("sign_in_failed", "sign_in", "upload_dataset", "confirm_dataset", "launch_job", "promote"):
         assert action in actions, actions
+
+
+def test_audit_page_filters_verifies_and_exports(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.audit import entries, record
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    record("prediction", user="dr.a", role="radiologist", image_sha256="ab" * 32, model="m@1", details={"prediction": "covid"})
+    record("promote", user="root", role="admin", model="m@2")
+    at = app().run()
+    at.switch_page("pages/audit.py").run()
+    assert not at.exception and "This page is for administrators" in texts(at) and not at.dataframe
+    at.session_state["user"], at.session_state["role"] = "root", "admin"
+    at.run()
+    assert not at.exception
+    assert [s.value for s in at.success] == ["Chain intact: 2 entries verified."]
+    assert list(at.dataframe[0].value["action"]) == ["promote", "prediction"]
+    at.selectbox[0].set_value("prediction")
+    at.button[0].click()  # the form's submit button
+    at.run()
+    assert list(at.dataframe[0].value["user"]) == ["dr.a"]
+    assert [b.label for b in at.get("download_button")] == ["Download CSV"]
+    assert len(entries()) == 2  # viewing records nothing; downloading would

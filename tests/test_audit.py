@@ -55,3 +55,30 @@ def test_cli_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     record("prediction", details={})
     assert main(["audit", "verify"]) == 0 and "intact: 1 entries" in capsys.readouterr().out
     assert main(["audit", "list"]) == 0 and '"action": "prediction"' in capsys.readouterr().out
+
+
+def test_filters_and_csv_export(tmp_path: Path) -> None:
+    import csv
+    import io
+
+    from cxr_core.audit import distinct_values, to_csv
+
+    path = tmp_path / "a.sqlite3"
+    record("prediction", user="dr.a", role="radiologist", image_sha256="ab" * 32, model="m@1", details={"prediction": "covid"}, db=path)
+    record("prediction", user="dr.b", role="radiologist", image_sha256="cd" * 32, model="m@2", details={"note": "=HYPERLINK(\"x\")"}, db=path)
+    record("promote", user="root", role="admin", model="m@2", db=path)
+    assert distinct_values("action", db=path) == ["prediction", "promote"]
+    assert distinct_values("user", db=path) == ["dr.a", "dr.b", "root"]
+    assert [e.user for e in entries(image_sha256="ABAB", db=path)] == ["dr.a"]  # prefix, any case
+    assert [e.action for e in entries(model="m@2", db=path)] == ["promote", "prediction"]
+    assert entries(since="2000-01-01", until="2000-01-02", db=path) == []
+    assert len(entries(since="2000-01-01", db=path)) == 3
+    with pytest.raises(ValueError):
+        distinct_values("details; DROP TABLE audit", db=path)
+
+    rows = list(csv.DictReader(io.StringIO(to_csv(entries(db=path)))))
+    assert [r["action"] for r in rows] == ["promote", "prediction", "prediction"]
+    assert rows[2]["hash"] == entries(db=path)[2].hash and rows[2]["image_sha256"] == "ab" * 32
+    # A details cell is JSON and never starts like a spreadsheet formula.
+    assert rows[1]["details"].startswith("{") and '"note"' in rows[1]["details"]
+    assert all(not value.startswith(("=", "+", "@")) for r in rows for value in r.values())
