@@ -17,7 +17,7 @@ from typing import BinaryIO, Union
 import numpy as np
 
 from cxr_core import config
-from cxr_core.errors import EmptyFileError, ImageReadError, ImageTooLargeError, NotAnImageError
+from cxr_core.errors import CorruptImageError, CxrError, EmptyFileError, ImageReadError, ImageTooLargeError, NotAnImageError
 
 log = logging.getLogger(__name__)
 
@@ -214,18 +214,30 @@ def read_image(
         raise EmptyFileError("The file is empty (0 bytes).")
 
     fmt = sniff_format(data)
-    if fmt == "dicom" or (fmt is None and _looks_like_bare_dicom(data)):
-        from cxr_core.dicom import decode_dicom
-
-        decoded = decode_dicom(data, max_pixels=max_pixels, has_preamble=fmt == "dicom")
-    elif fmt is not None:
-        from cxr_core.raster import decode_raster
-
-        decoded = decode_raster(data, max_pixels=max_pixels)
-    else:
+    if fmt is None and not _looks_like_bare_dicom(data):
         raise NotAnImageError(
             "File is not an image: it is neither DICOM nor PNG, JPEG, BMP or TIFF."
         )
+    try:
+        if fmt == "dicom" or fmt is None:
+            from cxr_core.dicom import decode_dicom
+
+            decoded = decode_dicom(data, max_pixels=max_pixels, has_preamble=fmt == "dicom")
+        else:
+            from cxr_core.raster import decode_raster
+
+            decoded = decode_raster(data, max_pixels=max_pixels)
+    except CxrError:
+        raise
+    except MemoryError as exc:
+        raise ImageTooLargeError("The image is too large to decode in the memory available.") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise anything on hostile bytes
+        # Fuzzing found pydicom's lazy element parsing (NotImplementedError for a garbled
+        # VR) and Pillow's TIFF setup (TypeError) escaping the readers' own handlers: a
+        # damaged file is a damaged file, whatever the decoder calls it.
+        log.info("decoder raised %s on %s content: %s", type(exc).__name__, fmt or "bare DICOM", exc)
+        kind = "DICOM file" if fmt in ("dicom", None) else f"{fmt.upper()} image"
+        raise CorruptImageError(f"This {kind} is damaged and cannot be read.") from exc
 
     pixels = np.ascontiguousarray(decoded.pixels, dtype=np.float32)
     if pixels.ndim != 2 or min(pixels.shape) < 1:

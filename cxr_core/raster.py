@@ -40,7 +40,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLargeError(f"The image declares too many pixels (limit {max_pixels / 1e6:.0f} MP).") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError("File is not an image Pillow recognises as PNG, JPEG, BMP or TIFF.") from exc
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, TypeError) as exc:
+        # TypeError: Pillow's TIFF reader on a damaged directory ("Missing dimensions").
         raise CorruptImageError("The image file is damaged and cannot be read.") from exc
     width, height = image.size
     if width <= 0 or height <= 0:

@@ -105,3 +105,15 @@ def test_cli_reports_each_bad_file_and_carries_on(corpus: tuple[Path, list[dict[
             assert row["error"] and row["prediction"] is None and row["probabilities"] == {}, row
         else:
             assert row["error"] or row["gate"] in {"accepted", "warning", "rejected"}, row
+
+
+def test_fuzz_finding_unknown_vr_is_a_clean_error(dicom_data: Path) -> None:
+    """Found by tests/test_fuzz.py: a garbled VR made pydicom raise NotImplementedError
+    when the element was first touched, past the reader's own handlers."""
+    from cxr_core.errors import CorruptImageError
+
+    data = (dicom_data / "RG1_UNCR.dcm").read_bytes()
+    at = data.find(b"\x18\x00\x15\x00CS")  # Body Part Examined, explicit VR "CS"
+    assert at > 0
+    with pytest.raises(CorruptImageError, match="DICOM file is damaged"):
+        read_image(data[: at + 4] + b"GS" + data[at + 6 :])
