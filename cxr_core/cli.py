@@ -92,8 +92,17 @@ def _load(model_id: str | None):  # type: ignore[no-untyped-def]
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cxr_core.batch import predict_paths
 
-    model = _load(args.model)
-    for item in predict_paths(model, _iter_files(args.files), batch_size=max(1, args.batch_size), workers=args.workers):
+    import itertools
+
+    from cxr_core import distributed
+    from cxr_core.models import load_model, resolve_model, select_device
+
+    # Under torchrun each rank predicts every N-th file on its own GPU; lines are short
+    # single writes, so the ranks' JSON lines do not interleave on a shared stdout.
+    world = distributed.world_from_env()
+    model = load_model(resolve_model(args.model).path, device=distributed.rank_device(world, select_device()))
+    files = itertools.islice(_iter_files(args.files), world.rank, None, world.size)
+    for item in predict_paths(model, files, batch_size=max(1, args.batch_size), workers=args.workers):
         prediction, path, error = item.prediction, item.path, item.error
         gate = prediction.gate if prediction else None
         rejected = gate is not None and gate.rejected
@@ -206,6 +215,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / model_id
     crossval = None
+    from cxr_core import distributed
+
+    if args.folds and distributed.world_from_env().distributed:
+        raise UsageError("Cross-validation (--folds) runs in one process; start it without torchrun.")
     if args.folds:
         from cxr_core.training.crossval import cross_validate
         from cxr_core.training.prepare import prepare_data
@@ -218,6 +231,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = run_dir / "final"
     else:
         result, data = train(config, run_dir)
+    from cxr_core import distributed
+
+    if not distributed.world_from_env().main:
+        distributed.stop()
+        return EXIT_OK  # rank 0 writes the model
+    distributed.stop()
     command = "python -m cxr_core " + shlex.join(args.argv)
     manifest = finalize(config, run_dir, data, result, command=command, crossval=crossval)
     test = manifest.metrics.get("test") or manifest.metrics.get("val") or {}

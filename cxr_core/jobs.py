@@ -150,6 +150,22 @@ def create_job(spec: JobSpec) -> Path:
     return job_dir
 
 
+def gpus_for(spec: JobSpec) -> int:
+    """Processes a job trains with: one per visible GPU (``CXR_TRAIN_GPUS`` caps it) unless
+    the job names a device; 1 means a single process (GPU or CPU).
+    ``CXR_TRAIN_PROCESSES`` forces a number (e.g. 2 CPU processes over gloo, for tests)."""
+    import torch
+
+    forced = os.environ.get("CXR_TRAIN_PROCESSES", "")
+    if forced.isdigit() and int(forced) >= 1:
+        return int(forced)
+    if spec.device not in (None, "", "cuda") or not torch.cuda.is_available():
+        return 1
+    count = torch.cuda.device_count()
+    cap = os.environ.get("CXR_TRAIN_GPUS")
+    return max(1, min(count, int(cap))) if cap and cap.isdigit() else count
+
+
 def launch(job_dir: Path) -> int:
     """Start (or resume) the job in a new process; refuse while another job runs."""
     busy = running_job()
@@ -159,9 +175,15 @@ def launch(job_dir: Path) -> int:
         raise JobError("This job is already running.")
     (job_dir / "CANCEL").unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(config.PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    gpus = gpus_for(read_spec(job_dir))
+    command = [sys.executable, "-m", "cxr_core.jobs", str(job_dir)]
+    if gpus > 1:
+        # One process per GPU, data-parallel (cxr_core.distributed); torchrun leads the
+        # process group, so cancel's killpg reaches every rank.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *command[1:]]
     with open(job_dir / "job.log", "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cxr_core.jobs", str(job_dir)],
+            command,
             cwd=config.PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # survives the Streamlit script and its session
         )
@@ -217,6 +239,36 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     )
 
 
+def _group() -> int:
+    """The job's process group: the job process itself, or torchrun leading the ranks.
+    Recorded as the job's pid so that cancel and kill reach every process."""
+    return os.getpgid(0)
+
+
+def _run_job_follower(job_dir: Path) -> int:
+    """Ranks 1..N-1 of a multi-GPU job: train alongside rank 0, which does everything else."""
+    from cxr_core import distributed
+    from cxr_core.training.evaluation_set import exclude_evaluation_overlap
+    from cxr_core.training.prepare import prepare_data
+    from cxr_core.training.trainer import TrainingCancelled, label_plan, train
+    from cxr_core.versions import registry_dir
+
+    spec = read_spec(job_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    config_ = _train_config(spec, registry_dir() / spec.model_id / spec.version)
+    data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2)
+    if spec.eval_dir:
+        data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
+    try:
+        train(config_, job_dir / "run", data=data, stop=stop)
+    except TrainingCancelled:
+        pass
+    finally:
+        distributed.stop()
+    return 0
+
+
 def run_job(job_dir: Path) -> int:
     """Body of ``python -m cxr_core.jobs JOB_DIR``: train, write the candidate, evaluate it."""
     from cxr_core.training.evaluation_set import evaluate_candidate, exclude_evaluation_overlap
@@ -226,13 +278,17 @@ def run_job(job_dir: Path) -> int:
     from cxr_core.versions import registry_dir
 
     job_dir = Path(job_dir)
+    from cxr_core import distributed
+
+    if not distributed.world_from_env().main:
+        return _run_job_follower(job_dir)
     lock_path = jobs_dir() / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = open(lock_path, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), error="Another training job is running.")))
+        write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=_group(), error="Another training job is running.")))
         return 3
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     spec = read_spec(job_dir)
@@ -250,27 +306,28 @@ def run_job(job_dir: Path) -> int:
     from cxr_core.models import select_device
 
     device = str(select_device(spec.device))
-    write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=os.getpid(), started=started, device=device)))
+    write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=_group(), started=started, device=device)))
     try:
         config_ = _train_config(spec, out)
         data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2)
         if spec.eval_dir:
             data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
         result, data = train(config_, job_dir / "run", data=data, stop=stop)
+        distributed.stop()
         finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}")
         if spec.eval_dir:
             evaluate_candidate(out, Path(spec.eval_dir), spec.eval_split)
-        write_json(job_dir / "state.json", asdict(JobState(FINISHED, pid=os.getpid(), started=started, device=device,
+        write_json(job_dir / "state.json", asdict(JobState(FINISHED, pid=_group(), started=started, device=device,
                                                             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                                             candidate=f"{spec.model_id}@{spec.version}")))
         return 0
     except TrainingCancelled:
-        write_json(job_dir / "state.json", asdict(JobState(CANCELLED, pid=os.getpid(), started=started, device=device, error="Cancelled; it can be resumed.")))
+        write_json(job_dir / "state.json", asdict(JobState(CANCELLED, pid=_group(), started=started, device=device, error="Cancelled; it can be resumed.")))
         return 0
     except Exception as exc:  # noqa: BLE001 - the job's last word goes to its state, the traceback to its log
         traceback.print_exc()
         message = str(exc) if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
-        write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=os.getpid(), started=started, device=device, error=message)))
+        write_json(job_dir / "state.json", asdict(JobState(FAILED, pid=_group(), started=started, device=device, error=message)))
         return 1
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)

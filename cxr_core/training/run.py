@@ -25,9 +25,13 @@ from cxr_core.fileio import atomic_write, write_json
 
 
 class RunDir:
-    def __init__(self, root: Path | str) -> None:
+    """``quiet``: events are not written (the other ranks of a data-parallel run)."""
+
+    def __init__(self, root: Path | str, *, quiet: bool = False) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.quiet = quiet
+        if not quiet:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     config = property(lambda self: self.root / "config.json")
     validation = property(lambda self: self.root / "validation.json")
@@ -41,6 +45,8 @@ class RunDir:
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Append one progress event and mirror it into status.json."""
         record = {"event": kind, "time": round(time.time(), 3), **fields}
+        if self.quiet:
+            return record
         with open(self.progress, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=str) + "\n")
             handle.flush()
@@ -48,6 +54,8 @@ class RunDir:
         return record
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        if self.quiet:
+            return
         atomic_write(self.last, lambda p: torch.save(state, p))
 
     def load_checkpoint(self) -> dict[str, Any] | None:

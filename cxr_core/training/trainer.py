@@ -26,6 +26,7 @@ from cxr_core.evaluation import compute_metrics
 from cxr_core.manifest import InputSpec, Manifest
 from cxr_core.models import select_device
 from cxr_core.registry import CxrNet, build_network, get_architecture
+from cxr_core import distributed
 from cxr_core.training.augment import augment
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.dataset import LabelPlan, scan_folder
@@ -189,16 +190,19 @@ def train(
     the run can be resumed.
     """
     config.validate()
+    world = distributed.world_from_env()
     run = RunDir(run_dir)
     if run.config.exists():
         previous = TrainConfig.from_dict(json.loads(run.config.read_text()))
         if previous.as_dict() != config.as_dict():
             raise CxrError(f"{run.root} holds a run with a different configuration; use another run folder.")
-    else:
+    elif world.main:
         write_json(run.config, config.as_dict())
 
     torch.manual_seed(config.seed)
-    device = select_device(config.device)
+    device = distributed.start(world, select_device(config.device))
+    if not world.main:
+        run = RunDir(run.root, quiet=True)  # every rank trains; only rank 0 writes the run folder
     spec = final_spec(config)
     if data is None:
         run.event("preparing", message="reading and checking the data")
@@ -210,7 +214,8 @@ def train(
             workers=config.workers,
             progress=lambda i, n: run.event("preparing", done=i, total=n) if i % 2048 == 0 or i == n else None,
         )
-    write_json(run.validation, data.report.as_dict())
+    if world.main:
+        write_json(run.validation, data.report.as_dict())
 
     network = build_network(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes))
     if config.init != "random":
@@ -220,6 +225,13 @@ def train(
     network.to(device)
     if config.channels_last:
         network.to(memory_format=torch.channels_last)
+    # Forward and backward go through the DDP wrapper (gradients averaged across ranks);
+    # state dicts, validation and checkpoints use the plain network.
+    forward: torch.nn.Module = network
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     groups = param_groups(network, config.arch, config.lr, config.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     y_train = _labels(data.train.records, config.model_classes)
@@ -250,7 +262,8 @@ def train(
     val_cache: dict[int, np.ndarray] = {}
     use_amp = config.amp and device.type == "cuda"
     started = time.time()
-    run.event("start", epochs=config.total_epochs, steps_per_epoch=steps_per_epoch, device=str(device), n_train=len(y_train), n_val=len(data.val.records), first_epoch=start_epoch)
+    run.event("start", epochs=config.total_epochs, steps_per_epoch=steps_per_epoch, device=str(device), n_train=len(y_train), n_val=len(data.val.records),
+              first_epoch=start_epoch, world_size=world.size)
     stale = 0
     for prev in history:
         stale = 0 if prev.get("improved") else stale + (1 if config.in_final_phase(prev["epoch"]) else 0)
@@ -269,14 +282,16 @@ def train(
         t0 = time.time()
         running, seen = 0.0, 0
         for step in range(steps_per_epoch):
-            if stop is not None and stop.is_set():
+            if distributed.any_rank(stop is not None and stop.is_set(), device):
                 run.event("cancelled", epoch=epoch, step=step)
                 raise TrainingCancelled("Training was cancelled; it can be resumed from its last completed epoch.")
             idx = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
-            if len(idx) < 2:
+            if len(idx) < 2 * world.size:
                 scheduler.step()
                 continue
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step)
+            # Each rank takes its share of the same global batch; DDP averages the gradients.
+            idx = idx[world.rank :: world.size]
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step + 7_919 * world.rank)
             x = augment(normalise(torch.from_numpy(pixels[idx])), config.augment, generator)
             x = to_network_input(x, spec).to(device, non_blocking=True)
             if config.channels_last:
@@ -284,50 +299,58 @@ def train(
             y = torch.from_numpy(y_train[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(network(x).float(), y)
+                loss = loss_fn(forward(x).float(), y)
             loss.backward()
             optimizer.step()
             scheduler.step()
             running += loss.item() * len(idx)
-            seen += len(idx)
+            seen += len(idx) * world.size
             if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
                 elapsed = time.time() - t0
                 per_step = elapsed / (step + 1)
                 done_steps = epoch * steps_per_epoch + step + 1
                 epoch_rate = (sum(epoch_times) / len(epoch_times) / steps_per_epoch) if epoch_times else per_step
                 eta = epoch_rate * (total_steps - done_steps)
-                run.event("step", epoch=epoch, step=step + 1, steps=steps_per_epoch, size=size, loss=round(running / seen, 5), lr=scheduler.get_last_lr()[0], images_per_s=round(seen / elapsed, 2), eta_s=round(eta, 1))
+                run.event("step", epoch=epoch, step=step + 1, steps=steps_per_epoch, size=size, loss=round(running * world.size / seen, 5), lr=scheduler.get_last_lr()[0], images_per_s=round(seen / elapsed, 2), eta_s=round(eta, 1))
         epoch_seconds = time.time() - t0
         epoch_times.append(epoch_seconds)
-        record: dict[str, Any] = {"epoch": epoch, "size": size, "train_loss": round(running / max(seen, 1), 5), "seconds": round(epoch_seconds, 1), "frozen": frozen}
-        record.update(_validate(network, data, config, size, spec, device, val_cache))
+        record: dict[str, Any] = {"epoch": epoch, "size": size, "train_loss": round(running * world.size / max(seen, 1), 5), "seconds": round(epoch_seconds, 1), "frozen": frozen}
+        # Rank 0 validates and tells the others, so every rank takes the same
+        # early-stopping decision (batch-norm statistics differ slightly between ranks).
+        record.update(distributed.from_main(lambda: _validate(network, data, config, size, spec, device, val_cache), world))
         value = record["val_loss"] if config.select_on == "loss" else -record["val_accuracy"]
         improved = config.in_final_phase(epoch) and (best["value"] is None or value < best["value"])
         record["improved"] = improved
         if improved:
             best = {"epoch": epoch, "value": value}
-            state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
-            atomic_write(run.best, lambda p, weights=state: save_file(weights, str(p)))
+            if world.main:
+                state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+                atomic_write(run.best, lambda p, weights=state: save_file(weights, str(p)))
             stale = 0
         elif config.in_final_phase(epoch):
             stale += 1
         history.append(record)
-        run.save_checkpoint(
-            {
-                "model": network.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best": best,
-            }
-        )
+        if world.main:
+            run.save_checkpoint(
+                {
+                    "model": network.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "best": best,
+                }
+            )
+        distributed.barrier()  # nobody runs ahead of a checkpoint that a resume would need
         run.event("epoch", **record)
         log.info("epoch %d/%d: %s", epoch + 1, config.total_epochs, record)
         if config.patience and stale >= config.patience:
             run.event("early_stop", epoch=epoch, best_epoch=best["epoch"])
             break
 
+    if world.distributed:
+        digests = distributed.gather(distributed.parameter_digest(network))
+        run.event("ranks", world_size=world.size, parameter_digests=digests, in_sync=len(set(digests)) == 1)
     result = TrainResult(run.root, int(best["epoch"]), len(history), tuple(history), time.time() - started)
     return result, data
 
