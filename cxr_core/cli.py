@@ -90,11 +90,10 @@ def _load(model_id: str | None):  # type: ignore[no-untyped-def]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cxr_core.batch import predict_paths
-
     import itertools
 
     from cxr_core import distributed
+    from cxr_core.batch import predict_paths
     from cxr_core.models import load_model, resolve_model, select_device
 
     # Under torchrun each rank predicts every N-th file on its own GPU; lines are short

@@ -17,7 +17,14 @@ from typing import BinaryIO, Union
 import numpy as np
 
 from cxr_core import config
-from cxr_core.errors import CorruptImageError, CxrError, EmptyFileError, ImageReadError, ImageTooLargeError, NotAnImageError
+from cxr_core.errors import (
+    CorruptImageError,
+    CxrError,
+    EmptyFileError,
+    ImageReadError,
+    ImageTooLargeError,
+    NotAnImageError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from cxr_core import distributed
 from cxr_core.errors import CxrError
 from cxr_core.evaluation import compute_metrics
 from cxr_core.manifest import InputSpec, Manifest
 from cxr_core.models import select_device
 from cxr_core.registry import CxrNet, build_network, get_architecture
-from cxr_core import distributed
 from cxr_core.training.augment import augment
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.dataset import LabelPlan, scan_folder
@@ -317,7 +317,7 @@ def train(
         record: dict[str, Any] = {"epoch": epoch, "size": size, "train_loss": round(running * world.size / max(seen, 1), 5), "seconds": round(epoch_seconds, 1), "frozen": frozen}
         # Rank 0 validates and tells the others, so every rank takes the same
         # early-stopping decision (batch-norm statistics differ slightly between ranks).
-        record.update(distributed.from_main(lambda: _validate(network, data, config, size, spec, device, val_cache), world))
+        record.update(distributed.from_main(lambda size=size: _validate(network, data, config, size, spec, device, val_cache), world))
         value = record["val_loss"] if config.select_on == "loss" else -record["val_accuracy"]
         improved = config.in_final_phase(epoch) and (best["value"] is None or value < best["value"])
         record["improved"] = improved
