@@ -207,6 +207,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         device=args.device,
+        mask_burned_in=args.mask_text,
     )
     try:
         config.validate()
@@ -223,7 +224,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from cxr_core.training.prepare import prepare_data
         from cxr_core.training.trainer import label_plan
 
-        data = prepare_data(config.data_dir, label_plan(config), max(s for s, _ in config.schedule), val_fraction=config.val_fraction, workers=config.workers)
+        data = prepare_data(config.data_dir, label_plan(config), max(s for s, _ in config.schedule), val_fraction=config.val_fraction, workers=config.workers,
+                            mask_text=config.mask_burned_in)
         crossval = cross_validate(config, data, args.folds, run_dir / "crossval")
         print(f"{args.folds}-fold cross-validation: accuracy {crossval['accuracy']['mean']} +/- {crossval['accuracy']['std']}")
         result, data = train(config, run_dir / "final", data=data)
@@ -279,7 +281,7 @@ def _cmd_fit_gate(args: argparse.Namespace) -> int:
         plan = LabelPlan.binary(folder.manifest.classes[0], {r.label for r in scan_folder(args.data_dir)}, folder.manifest.classes[1])
     else:
         plan = LabelPlan.multiclass(folder.manifest.classes)
-    data = prepare_data(args.data_dir, plan, folder.manifest.input.size[0], workers=args.workers)
+    data = prepare_data(args.data_dir, plan, folder.manifest.input.size[0], workers=args.workers, mask_text=folder.manifest.input.mask_burned_in)
     manifest = fit_gate(folder.path, data)
     ood = dict(manifest.ood)
     print(f"fitted the OOD gate of {manifest.key}: warn above {ood['warn']}, reject above {ood['reject']}; test split: {ood.get('test_rates')}")
@@ -387,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID threshold chosen on validation for this sensitivity")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--hflip", action="store_true", help="allow horizontal flips (off: they swap laterality)")
+    p.add_argument("--mask-text", action="store_true",
+                   help="inpaint burned-in text and markers on every film; the model then does so before every prediction")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation on train+val first (by patient), then the final model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads decoding images")

@@ -70,6 +70,7 @@ class JobSpec:
     eval_dir: str | None = None
     eval_split: str | None = "test"
     device: str | None = None
+    mask_burned_in: bool = False
     job_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -221,6 +222,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     from cxr_core.training.config import TrainConfig
 
     init = "random"
+    mask = spec.mask_burned_in
     if spec.base_model:
         from cxr_core.versions import list_versions
 
@@ -229,13 +231,14 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
         if base is None:
             raise JobError(f"Base model {spec.base_model} is not in the registry.")
         init = str(base.path / base.manifest.weights_file)
+        mask = mask or base.manifest.input.mask_burned_in  # a masked model never saw text: keep it so
     return TrainConfig(
         data_dir=spec.dataset, arch=spec.arch, out=str(out), model_id=spec.model_id, version=spec.version,
         name=f"{spec.model_id} (trained {spec.created[:10]} by {spec.user})", classes=spec.classes,
         binary_positive=spec.binary_positive, schedule=spec.schedule, batch_size=spec.batch_size, lr=spec.lr,
         balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
-        target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2,
+        target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,
     )
 
 
@@ -257,7 +260,7 @@ def _run_job_follower(job_dir: Path) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     config_ = _train_config(spec, registry_dir() / spec.model_id / spec.version)
-    data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2)
+    data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in)
     if spec.eval_dir:
         data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
     try:
@@ -309,7 +312,7 @@ def run_job(job_dir: Path) -> int:
     write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=_group(), started=started, device=device)))
     try:
         config_ = _train_config(spec, out)
-        data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2)
+        data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in)
         if spec.eval_dir:
             data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
         result, data = train(config_, job_dir / "run", data=data, stop=stop)

@@ -36,6 +36,9 @@ class InputSpec:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # The training films were resized without keeping the aspect ratio, so inference does the same.
     resize: str = "stretch"
+    #: burned-in text and markers were inpainted in training, so they are before every
+    #: prediction too (cxr_core.annotations): the model has never seen them.
+    mask_burned_in: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest.json") -> Man
     resize = raw_input.get("resize", "stretch")
     if resize != "stretch":
         raise ManifestError(f"{where}: input.resize {resize!r} is not supported (only 'stretch').")
+    mask_burned_in = raw_input.get("mask_burned_in", False)
+    if not isinstance(mask_burned_in, bool):
+        raise ManifestError(f"{where}: input.mask_burned_in must be true or false.")
 
     thresholds = data.get("thresholds", {})
     if not isinstance(thresholds, Mapping) or not all(
@@ -194,7 +200,7 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest.json") -> Man
         classes=classes,
         head=head,
         weights_sha256=sha,
-        input=InputSpec(size=(size[0], size[1]), channels=channels, mean=mean, std=std, resize=resize),
+        input=InputSpec(size=(size[0], size[1]), channels=channels, mean=mean, std=std, resize=resize, mask_burned_in=mask_burned_in),
         class_labels=dict(labels),
         cam_target_layers=tuple(layers),
         thresholds={k: float(v) for k, v in thresholds.items()},

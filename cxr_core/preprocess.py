@@ -25,8 +25,18 @@ def resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.asarray(pixels, dtype=np.float32), (width, height), interpolation=interpolation)
 
 
+def mask_burned_in(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] with detected text and markers inpainted (same shape)."""
+    from cxr_core.annotations import detect_burned_in, mask_boxes
+
+    boxes = detect_burned_in(pixels)
+    return mask_boxes(pixels, boxes) if boxes else pixels
+
+
 def to_input(pixels: np.ndarray, spec: InputSpec) -> torch.Tensor:
     """(H, W) float in [0, 1] -> normalised (C, h, w) float32 tensor, C = ``spec.channels``."""
+    if spec.mask_burned_in:
+        pixels = mask_burned_in(pixels)
     small = resize_pixels(pixels, spec.size)
     # XrayImage pixels are read-only; torch wants a writable buffer even to read it.
     grey = torch.from_numpy(small if small.flags.writeable and small.flags.c_contiguous else np.array(small, order="C"))

@@ -197,7 +197,9 @@ elif key[1]:
     if fixes[0].button("Undo the correction", key=f"unfix_{file_id}"):
         options[file_id]["correct"] = False
         st.rerun()
-if view.boxes:
+if manifest.input.mask_burned_in:
+    fixes[1].caption(f"{manifest.name} masks burned-in text and markers itself before every prediction (it was trained that way).")
+elif view.boxes:
     masked = fixes[1].toggle(
         f"Mask {len(view.boxes)} burned-in text/marker region(s) before inference",
         value=key[2],
@@ -323,7 +325,7 @@ if prediction.thresholds:
 st.caption(" ".join(captions))
 
 # With and without masking, so the effect of burned-in text on the answer is visible.
-if view.boxes:
+if view.boxes and not manifest.input.mask_burned_in:
     other_key = (file_id, key[1], not key[2])
     other = predictions.get((*other_key, model.key))
     if other is None:

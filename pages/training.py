@@ -71,10 +71,14 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
         freeze = c[1].number_input("Frozen-backbone epochs", 0, 50, 1 if base_key else 0)
         decay = c[2].number_input("Per-stage LR factor", 0.1, 1.0, 0.7 if base_key else 1.0, step=0.05)
         patience = c[3].number_input("Early stopping (epochs, 0 = off)", 0, 50, 0)
-        c = st.columns(3)
+        c = st.columns(4)
         augment = c[0].toggle("Augmentation", value=True)
         hflip = c[1].toggle("Horizontal flips", value=False, help="Off by default: flips swap laterality.")
-        sensitivity = c[2].number_input("COVID sensitivity target", 0.5, 0.999, 0.95)
+        mask_text = c[2].toggle("Mask burned-in text", value=False,
+                                help="Inpaint detected text and markers on every training film; the model then does the same before "
+                                     "every prediction, so it cannot learn a hospital's labels instead of the lungs. "
+                                     "A model fine-tuned from a masked one stays masked.")
+        sensitivity = c[3].number_input("COVID sensitivity target", 0.5, 0.999, 0.95)
         eval_dir = st.text_input("Evaluation set (fixed; never trained on)", value=os.environ.get("CXR_EVAL_DIR", ""))
         version = st.text_input("New version name", value=datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M"))
         if st.button("Launch", type="primary"):
@@ -84,7 +88,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                     classes=classes, binary_positive=binary, base_model=base_key, schedule=((int(size), int(epochs)),),
                     batch_size=int(batch), lr=float(lr), balance=balance, freeze_epochs=int(freeze), layer_decay=float(decay),
                     patience=int(patience), target_sensitivity=float(sensitivity), augment=augment, hflip=hflip,
-                    eval_dir=eval_dir.strip() or None,
+                    eval_dir=eval_dir.strip() or None, mask_burned_in=mask_text,
                 )
                 job_dir = create_job(spec)
                 try:

@@ -158,3 +158,12 @@ def test_cross_validation_folds_by_patient(data_root: Path, tmp_path: Path) -> N
 
     same_patient = [Record(Path(f"f{i}.png"), "covid", None, "patient-7") for i in range(10)]
     assert len({fold_of(r, 5) for r in same_patient}) == 1
+
+
+def test_mask_text_option_reaches_the_model_folder(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "weights" / "masked"
+    assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(out), "--size", "32", "--epochs", "1", "--batch-size", "8",
+                 "--workers", "1", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--mask-text"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["input"]["mask_burned_in"] is True
+    assert load_model(out, device="cpu").manifest.input.mask_burned_in
+    assert any("masked" in n for n in json.loads((tmp_path / "run" / "validation.json").read_text())["notes"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -228,3 +229,62 @@ def test_png_roundtrip_keeps_pixels_for_metadata_free_checks(chest: XrayImage) -
     Image.fromarray(chest.to_uint8()).save(buffer, format="PNG")
     again = read_image(buffer.getvalue())
     assert again.metadata.modality is None and metadata_verdict(again.metadata)[0] == ACCEPTED
+
+
+def test_training_can_mask_text_and_the_model_then_always_masks(chest: XrayImage, tmp_path: Path) -> None:
+    import dataclasses
+
+    from PIL import Image
+
+    from cxr_core.manifest import InputSpec
+    from cxr_core.preprocess import mask_burned_in, to_input
+    from cxr_core.training.dataset import LabelPlan
+    from cxr_core.training.prepare import prepare_data
+
+    rng = random.Random(11)
+    truths: dict[str, list[Box]] = {}
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("covid", "normal"):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                film, truth = _with_text(chest.pixels, rng)
+                Image.fromarray((film * 255).astype(np.uint8)).save(folder / f"{i}.png")
+                truths[f"{split}/{cls}/{i}.png"] = truth
+    plan = LabelPlan.multiclass(("covid", "normal"))
+    plain = prepare_data(tmp_path / "data", plan, 256, near_duplicate_correlation=1.01)
+    masked = prepare_data(tmp_path / "data", plan, 256, near_duplicate_correlation=1.01, mask_text=True)
+    assert any("masked" in note for note in masked.report.notes) and not any("masked" in n for n in plain.report.notes)
+    whiter = 0
+    for a, b, record in zip(plain.train.pixels, masked.train.pixels, plain.train.records):
+        for t in truths[Path(record.path).relative_to(tmp_path / "data").as_posix()]:
+            s = 256 / 1024
+            y0, y1, x0, x1 = int(t.y * s), int((t.y + t.height) * s) + 1, int(t.x * s), int((t.x + t.width) * s) + 1
+            whiter += int(a[y0:y1, x0:x1].max()) > int(b[y0:y1, x0:x1].max()) + 20
+    assert whiter >= 6  # of 12 rendered words, most lost their white strokes
+
+    # Inference on a model trained so masks too: same tensor as masking by hand first.
+    film, _ = _with_text(chest.pixels, random.Random(5))
+    spec = InputSpec(size=(128, 128))
+    assert torch.equal(to_input(film, dataclasses.replace(spec, mask_burned_in=True)), to_input(mask_burned_in(film), spec))
+    assert not torch.equal(to_input(film, dataclasses.replace(spec, mask_burned_in=True)), to_input(film, spec))
+
+
+def test_manifest_mask_flag_round_trips_and_is_checked(tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    from cxr_core.errors import ManifestError
+    from cxr_core.manifest import read_manifest
+    from tests.conftest import make_model_folder
+
+    folder = make_model_folder(tmp_path, "densenet121", ("covid", "normal", "viral_pneumonia"), size=64)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["input"]["mask_burned_in"] = True
+    (folder / "manifest.json").write_text(json.dumps(data))
+    manifest = read_manifest(folder)
+    assert manifest.input.mask_burned_in and dataclasses.asdict(manifest.input)["mask_burned_in"] is True
+    data["input"]["mask_burned_in"] = "yes"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="mask_burned_in"):
+        read_manifest(folder)

@@ -45,6 +45,8 @@ class TrainConfig:
     device: str | None = None
     channels_last: bool = True
     amp: bool = True  # bf16 autocast on CUDA only
+    #: inpaint burned-in text and markers on every film (and so at inference: InputSpec)
+    mask_burned_in: bool = False
 
     @property
     def total_epochs(self) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from cxr_core.errors import CxrError
 from cxr_core.io import read_image
-from cxr_core.preprocess import resize_pixels
+from cxr_core.preprocess import mask_burned_in, resize_pixels
 from cxr_core.training.dataset import Record
 
 log = logging.getLogger(__name__)
@@ -87,15 +87,21 @@ def load_images(
     size: int,
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    mask_text: bool = False,
 ) -> ImageSet:
-    """Decode and resize every record (threads: decoding releases the GIL)."""
+    """Decode and resize every record (threads: decoding releases the GIL).
+
+    ``mask_text`` inpaints burned-in text and markers first, exactly as inference does for
+    a model trained so (:func:`cxr_core.preprocess.mask_burned_in`).
+    """
 
     def one(record: Record) -> tuple[np.ndarray, str, np.ndarray] | str:
         try:
             image = read_image(record.path)
         except CxrError as exc:
             return str(exc)
-        small = resize_pixels(image.pixels, (size, size))
+        pixels = mask_burned_in(image.pixels) if mask_text else image.pixels
+        small = resize_pixels(pixels, (size, size))
         return np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), image.sha256, thumbnail_signature(image.pixels)
 
     kept: list[Record] = []

@@ -124,6 +124,7 @@ def prepare_data(
     near_duplicate_correlation: float = 0.98,
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    mask_text: bool = False,
 ) -> PreparedData:
     """Scan, check and decode a labelled folder. Raises DatasetError when it cannot be trained on."""
     records = scan_folder(root)
@@ -141,7 +142,7 @@ def prepare_data(
     records = assign_splits(records, val_fraction=val_fraction)
     records, leaks = remove_patient_leaks(records)
 
-    images = load_images(records, size, workers=workers, progress=progress)
+    images = load_images(records, size, workers=workers, progress=progress, mask_text=mask_text)
     keep, exact_removed, near_removed, within = _dedupe_across_splits(images, near_duplicate_correlation)
     kept = images.subset(keep)
 
@@ -162,6 +163,8 @@ def prepare_data(
         notes.append(f"Classes are imbalanced (largest/smallest = {ratio:.1f}); class weighting is advised.")
     if images.unreadable:
         notes.append(f"{len(images.unreadable)} unreadable file(s) skipped.")
+    if mask_text:
+        notes.append("Burned-in text and markers were masked (inpainted) on every film before training.")
     if leaks:
         notes.append(f"Images of patients present in several splits removed: {leaks}.")
     if exact_removed or near_removed:

@@ -213,6 +213,7 @@ def train(
             val_fraction=config.val_fraction,
             workers=config.workers,
             progress=lambda i, n: run.event("preparing", done=i, total=n) if i % 2048 == 0 or i == n else None,
+            mask_text=config.mask_burned_in,
         )
     if world.main:
         write_json(run.validation, data.report.as_dict())
@@ -376,5 +377,6 @@ def manifest_for(config: TrainConfig, spec: InputSpec) -> Manifest:
 
 
 def final_spec(config: TrainConfig) -> InputSpec:
-    return InputSpec(size=(config.final_size, config.final_size), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return InputSpec(size=(config.final_size, config.final_size), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     mask_burned_in=config.mask_burned_in)
 
