@@ -62,3 +62,31 @@ def results_csv(results: Sequence[StudyResult], *, include_names: bool = False) 
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def worklist_order(results: Sequence[StudyResult]) -> list[int]:
+    """Indices of ``results`` with the studies that need a look first: unreadable, rejected,
+    warned, uncertain, then the rest; upload order within each group."""
+
+    def rank(result: StudyResult) -> float:
+        if result.error:
+            return 0.0
+        prediction = result.prediction
+        gate = prediction.gate.outcome if prediction and prediction.gate else ""
+        base = {"rejected": 1.0, "warning": 2.0}.get(gate, 3.0)
+        return base - (0.5 if prediction and prediction.uncertain and gate != "rejected" else 0.0)
+
+    return sorted(range(len(results)), key=lambda i: (rank(results[i]), i))
+
+
+def short_status(result: StudyResult) -> str:
+    """A few words for a thumbnail caption."""
+    if result.error:
+        return "unreadable"
+    prediction = result.prediction
+    if prediction is None:
+        return "…"
+    if prediction.gate is not None and prediction.gate.rejected:
+        return "REJECTED"
+    answer = "uncertain" if prediction.uncertain or not prediction.predicted else prediction.predicted.replace("_", " ")
+    return answer + (" ⚠" if prediction.gate is not None and prediction.gate.outcome == "warning" else "")

@@ -18,7 +18,7 @@ from cxr_core.inference import DISCLAIMER, Prediction, predict
 from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
 from cxr_core.overlay import COLORMAPS, fit_within, render_overlay
-from cxr_core.report import StudyResult, result_rows, results_csv
+from cxr_core.report import StudyResult, result_rows, results_csv, short_status, worklist_order
 from cxr_core.study import StudyView, draw_boxes, study_view
 from pages._common import cached_model, current_user, enter_page, guarded, model_folders, render_disclaimer
 
@@ -134,9 +134,7 @@ if len(uploads) > 1 or results[0].error:
     st.subheader(f"Worklist ({len(uploads)} file(s))")
     table = pd.DataFrame(result_rows(results, include_names=True))
     table["image_sha256"] = table["image_sha256"].str[:12]
-    order = {"": 3, "rejected": 0, "warning": 1, "accepted": 2}
-    table = table.assign(_flag=[0 if err else order.get(g, 3) - (0.5 if u else 0) for err, g, u in zip(table["error"], table["gate"], table["uncertain"])])
-    st.dataframe(table.sort_values(["_flag", "study"]).drop(columns="_flag"), hide_index=True, width="stretch")
+    st.dataframe(table.iloc[worklist_order(results)], hide_index=True, width="stretch")
     include_names = st.checkbox(
         "Include file names in the CSV",
         value=False,
@@ -157,6 +155,28 @@ readable = [(u, r) for u, r in zip(uploads, results) if r.prediction is not None
 if not readable:
     render_disclaimer()
     st.stop()
+
+# --- Thumbnail strip: flagged studies first; a click opens the study ---------------------------------
+
+if len(readable) > 1:
+    thumbs: dict[str, np.ndarray] = state.setdefault("diagnose_thumbs", {})
+    for stale in [k for k in thumbs if k not in current_ids]:
+        del thumbs[stale]
+    ordered = worklist_order([r for _, r in readable])
+    per_page, columns = 12, 6
+    pages = (len(ordered) + per_page - 1) // per_page
+    page_no = st.number_input("Thumbnail page", 1, pages, 1, key="diagnose_thumb_page") if pages > 1 else 1
+    cells = st.columns(columns)
+    for slot, i in enumerate(ordered[(page_no - 1) * per_page : page_no * per_page]):
+        thumb_upload, thumb_result = readable[i]
+        item = images[thumb_upload.file_id]
+        if thumb_upload.file_id not in thumbs and isinstance(item, XrayImage):
+            thumbs[thumb_upload.file_id] = fit_within(item.to_uint8(), 160)
+        with cells[slot % columns]:
+            st.image(thumbs[thumb_upload.file_id], caption=f"{i + 1}. {short_status(thumb_result)}", width="stretch")
+            if st.button("Open", key=f"open_{thumb_upload.file_id}", width="stretch"):
+                st.session_state["diagnose_study"] = i
+                st.rerun()
 
 # --- One study in detail -------------------------------------------------------------------------
 

@@ -56,6 +56,14 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     labels = [s.label for s in at.selectbox]
     assert labels == ["Model", "Study", "Heatmap for class", "Method", "Colormap"]
     assert any("Image metadata" in e.label for e in at.expander)
+    # The thumbnail strip: one per readable study, with its status; "Open" switches the study.
+    thumbs = [c for image in at.get("image") for c in image.captions if c[:2] in ("1.", "2.")]
+    assert len(thumbs) == 2 and all(c.endswith("⚠") for c in thumbs), thumbs
+    opens = [b for b in at.button if b.label == "Open"]
+    assert len(opens) == 2 and at.selectbox(key="diagnose_study").value == 0
+    opens[1].click()
+    at.run()
+    assert not at.exception and at.selectbox(key="diagnose_study").value == 1
 
     # Other class, other method, other study: still no exception.
     at.selectbox(key="diagnose_method").set_value("eigencam")
