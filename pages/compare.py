@@ -12,7 +12,7 @@ import streamlit as st
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from cxr_core import config
+from cxr_core import audit, config
 from cxr_core.cam import CAM_METHODS
 from cxr_core.compare import AXES, compute_grid, depth_layers, grid_png, grid_specs, overlays, panel_title, scale_panels
 from cxr_core.errors import CxrError
@@ -20,12 +20,13 @@ from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feed
 from cxr_core.io import XrayImage, read_image
 from cxr_core.lungs import atlas_info
 from cxr_core.overlay import COLORMAPS
-from pages._common import cached_model, enter_page, guarded, model_folders, render_disclaimer
+from pages._common import cached_model, current_user, enter_page, guarded, model_folders, render_disclaimer
 
 DISPLAY_SIDE = 512
 MAX_STUDIES = 2
 
 enter_page()
+who, who_role = current_user()
 st.title("Compare heatmaps")
 
 folders = [f for f in model_folders() if f.ok and f.manifest]
@@ -134,6 +135,14 @@ if panels is None:
                               progress=lambda f, msg: bar.progress(min(1.0, f), text=msg))
         grids.clear()  # one grid per session is plenty of memory
         grids[key] = panels
+        # One audit entry per study and model in the grid: what was computed and predicted.
+        for study_index, film in enumerate(studies):
+            for model_key_ in sorted({p.spec.model for p in panels if p.spec.study == study_index}):
+                shown = [p for p in panels if p.spec.study == study_index and p.spec.model == model_key_]
+                audit.record("compare", user=who, role=who_role, image_sha256=film.sha256, model=model_key_,
+                             details={"predicted": shown[0].predicted, "axis": axis,
+                                      "panels": [{"method": p.spec.method, "target": p.spec.target, "layer": p.spec.layer,
+                                                  "probability": round(p.probability, 4)} for p in shown]})
     bar.empty()
 if panels is None:
     st.stop()
@@ -203,7 +212,11 @@ def _png_bytes() -> bytes:
     return buffer.getvalue()
 
 
-st.download_button("Export grid (PNG)", _png_bytes, file_name=f"cxr-compare-{axis}.png", mime="image/png")
+st.download_button(
+    "Export grid (PNG)", _png_bytes, file_name=f"cxr-compare-{axis}.png", mime="image/png",
+    on_click=lambda: audit.record("export_grid", user=who, role=who_role, details={"axis": axis, "panels": len(panels),
+                                                                                  "images": [s.sha256 for s in studies]}),
+)
 
 render_disclaimer()
 

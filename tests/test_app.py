@@ -122,6 +122,10 @@ def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data:
     captions = " ".join(c.value for c in at.caption)
     assert "Shared scale: 0 to" in captions and "leave-one-out Dice" in captions
     assert [b.label for b in at.get("download_button")][0] == "Export grid (PNG)"
+    from cxr_core.audit import entries
+
+    computed = [e for e in entries() if e.action == "compare"]
+    assert len(computed) == 1 and computed[0].image_sha256 and len(computed[0].details["panels"]) == 3
 
     at.radio(key="compare_axis").set_value("depth")
     at.run()
