@@ -203,7 +203,10 @@ def app_rss_mb(model_keys: list[str]) -> float:
         "for key in sys.argv[2:]:\n"
         "    m = load_model(resolve_model(key).path)\n"
         "    predict(m, [image]); explain(m, image)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a big parent
+        # would report the parent's size.
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024"
+        " if sys.platform.startswith('linux') else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(_study()), *model_keys], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])

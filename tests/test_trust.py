@@ -10,8 +10,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from cxr_core.annotations import Box, detect_burned_in, mask_boxes

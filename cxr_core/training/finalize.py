@@ -11,7 +11,7 @@ import platform
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -163,6 +163,14 @@ def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
         f"- Calibration: temperature {m.temperature:g} fitted on validation NLL.",
         f"- Decision: {'; '.join(f'{c} is called when p >= {t:g} (chosen on validation for sensitivity)' for c, t in m.thresholds.items()) or 'most probable class'}.",
         f"- Weights: `model.safetensors` (fp16), sha256 `{m.weights_sha256}`.",
+    ]
+    if m.ood:
+        rates = m.ood.get("test_rates", {})
+        lines.append(
+            f"- Input gate: {m.ood.get('method')}; warning above {m.ood.get('warn')}, rejection above {m.ood.get('reject')}"
+            + (f"; on the test split {rates['warned_or_rejected']:.1%} of films warned or rejected, {rates['rejected']:.1%} rejected (n = {rates['n']})." if rates else ".")
+        )
+    lines += [
         "",
         "## Training data",
     ]
@@ -182,7 +190,7 @@ def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
         f"AdamW lr {cfg.get('lr')} one-cycle, weight decay {cfg.get('weight_decay')}; balance: {cfg.get('balance')}; "
         f"label smoothing {cfg.get('label_smoothing')}; augmentation {cfg.get('augment')}.",
         f"- Best epoch {int(tr.get('best_epoch', -1)) + 1} of {tr.get('epochs_run')} (selected on validation {cfg.get('select_on')}); "
-        f"{tr.get('seconds', 0) / 3600:.1f} h on {tr.get('device')} ({tr.get('platform')}).",
+        f"{_training_hours(tr):.1f} h of training on {tr.get('device')} ({tr.get('platform')}).",
         f"- Command: `{tr.get('command') or 'n/a'}`",
         "",
         "## Evaluation",
@@ -210,8 +218,36 @@ def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
         "- Trained on 224 px or smaller JPEG-derived images; full-resolution DICOM are resized the same way, but their look (processing, "
         "windowing) may differ from the training films.",
         "- Not trained on lateral views, CT, children with COVID-19, adults with non-COVID viral pneumonia, or devices/lines in "
-        "unusual numbers. It cannot say a film is outside what it knows.",
-        "- Decision support only: not a diagnosis.",
-        "",
+        "unusual numbers." + (" The input gate flags films far from the training data, but a film close to it can still be wrong." if m.ood else " It cannot say a film is outside what it knows."),
     ]
+    lines += _shift_notes(m.metrics)
+    lines += ["- Decision support only: not a diagnosis.", ""]
     return "\n".join(lines)
+
+
+def _training_hours(training: Mapping[str, Any]) -> float:
+    # The history's per-epoch seconds survive resumes; ``seconds`` is only the last process's share.
+    epochs = sum(float(h.get("seconds", 0.0)) for h in training.get("history", []))
+    return max(epochs, float(training.get("seconds", 0.0))) / 3600
+
+
+def _shift_notes(metrics: Mapping[str, Any], gap: float = 0.05) -> list[str]:
+    """A limit line for each source whose test accuracy falls well below its validation accuracy.
+
+    Validation is drawn from the same collection as training, so a gap this size means the
+    test films of that source differ (another collection or period) and validation overstates
+    how the model does on new films of that kind.
+    """
+    test, val = metrics.get("test", {}).get("by_source", {}), metrics.get("val", {}).get("by_source", {})
+    notes = []
+    for source, tm in test.items():
+        vm = val.get(source)
+        if vm and vm["accuracy"] - tm["accuracy"] >= gap:
+            worst = min((c for c, v in tm["per_class"].items() if v["n"]), key=lambda c: tm["per_class"][c]["recall"])
+            notes.append(
+                f"- On source `{source}` the test accuracy ({tm['accuracy']:.3f}) is well below validation ({vm['accuracy']:.3f}); "
+                f"the weakest class there is {worst} (recall {tm['per_class'][worst]['recall']:.3f} on test, "
+                f"{vm['per_class'][worst]['recall']:.3f} on validation). The test films of that source come from a different "
+                "collection than its training films, so expect results like the test figures, not the validation ones, on new films."
+            )
+    return notes

@@ -1,0 +1,79 @@
+"""The models shipped in weights/: they load, and the input gate works on real files.
+
+Skipped for a model folder that is not present (a checkout without weights). These run
+the real trained networks on CPU, so they stay few: one chest CR from pydicom-data must
+be accepted (or at most warned), its CT, MR, US and extremity radiographs must not be
+accepted, and on the shared test split (when present) a sample is classified about as
+well as the model card says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxr_core.inference import decide, predict
+from cxr_core.io import read_image
+from cxr_core.models import load_model
+from tests.conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = [p for p in sorted((ROOT / "weights").glob("*/manifest.json"))]
+NON_CHEST = ["CT_small.dcm", "MR_small.dcm", "US1_J2KR.dcm", "RG3_UNCR.dcm", "MR2_J2KR.dcm", "693_J2KR.dcm"]
+
+
+@pytest.fixture(scope="module", params=[p.parent.name for p in SHIPPED] or [pytest.param("none", marks=pytest.mark.skip(reason="no model in weights/"))])
+def shipped(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    return load_model(ROOT / "weights" / request.param, device="cpu")
+
+
+def test_shipped_model_is_complete(shipped) -> None:  # type: ignore[no-untyped-def]
+    manifest = shipped.manifest
+    assert manifest.ood, "no fitted input gate"
+    assert manifest.temperature > 0 and manifest.metrics.get("test")
+    assert (ROOT / "weights" / manifest.id / "README.md").exists()
+
+
+def test_gate_on_real_files(shipped, dicom_data: Path, dicom_tests: Path) -> None:  # type: ignore[no-untyped-def]
+    chest = predict(shipped, [read_image(dicom_data / "RG1_UNCR.dcm")])[0]
+    assert chest.gate is not None and chest.gate.outcome in ("accepted", "warning"), chest.gate
+    outcomes = {}
+    for name in NON_CHEST:
+        path = dicom_data / name if (dicom_data / name).exists() else dicom_tests / name
+        if not path.exists():
+            continue
+        result = predict(shipped, [read_image(path)])[0]
+        outcomes[name] = result.gate.outcome if result.gate else None
+    assert outcomes and all(o in ("rejected", "warning") for o in outcomes.values()), outcomes
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")
+def test_sample_of_the_test_split_matches_the_model_card(shipped) -> None:  # type: ignore[no-untyped-def]
+    """A spread sample per (source, label) of the test split, scored with the app's own
+    decision rule, gets about as many right as the card's per-source recalls predict."""
+    import csv
+    import math
+
+    manifest = shipped.manifest
+    by_source = manifest.metrics["test"]["by_source"]
+    rows = [r for r in csv.DictReader(open(SHARED_DATA / "metadata.csv")) if r["split"] == "test"]
+    groups: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault((row["source"], row["label"]), []).append(row)
+    correct = 0
+    expected = variance = 0.0
+    for (source, label), members in sorted(groups.items()):
+        if manifest.head == "softmax" and label not in manifest.classes:
+            continue
+        truth = label if manifest.head == "softmax" or label == manifest.positive_class else manifest.classes[1]
+        recall = by_source[source]["per_class"][truth]["recall"]
+        step = max(1, len(members) // 8)
+        for row in members[::step][:8]:
+            result = predict(shipped, [read_image(SHARED_DATA / row["file"])])[0]
+            correct += int(decide(result.probabilities, manifest) == truth)
+            expected += recall
+            variance += recall * (1 - recall)
+    assert expected >= 20, "sample too small"
+    # Three binomial standard deviations below what the card promises, and one image of slack.
+    assert correct >= expected - 3 * math.sqrt(variance) - 1, f"{correct} right, the card predicts {expected:.1f}"
