@@ -45,12 +45,19 @@ class Prediction:
     decision: str | None = None
     uncertain: bool = False
     gate: GateResult | None = None
+    #: the decision was made by a class's own threshold (e.g. COVID at a sensitivity-first
+    #: threshold), possibly while another class is more probable
+    by_threshold: bool = False
 
     def probability(self, cls: str) -> float:
         return self.probabilities[self.classes.index(cls)]
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.classes, self.probabilities))
+
+    @property
+    def most_probable(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
 
     @property
     def gate_outcome(self) -> str:
@@ -88,6 +95,13 @@ def decide(probabilities: Sequence[float], manifest: Manifest) -> str:
     return max(remaining, key=lambda c: probs[c])
 
 
+def called_by_threshold(probabilities: Sequence[float], manifest: Manifest) -> bool:
+    """Whether the decision comes from a class reaching its own manifest threshold."""
+    decision = decide(probabilities, manifest)
+    threshold = manifest.thresholds.get(decision)
+    return threshold is not None and probabilities[manifest.classes.index(decision)] >= threshold
+
+
 def is_uncertain(probabilities: Sequence[float], manifest: Manifest) -> bool:
     """Top probability below the floor, or the top two too close to call."""
     floor = manifest.abstention.get("min_probability", DEFAULT_MIN_PROBABILITY)
@@ -99,7 +113,11 @@ def is_uncertain(probabilities: Sequence[float], manifest: Manifest) -> bool:
 def make_prediction(manifest: Manifest, probabilities: Sequence[float], gate: GateResult | None = None) -> Prediction:
     values = tuple(float(p) for p in probabilities)
     decision = decide(values, manifest)
-    uncertain = is_uncertain(values, manifest)
+    # A call made at a sensitivity-first threshold (COVID at p >= 0.24, say) is never hidden
+    # as "uncertain": the threshold exists because a missed case costs more than a false
+    # alarm, and the model card's sensitivity counts these calls as made.
+    by_threshold = called_by_threshold(values, manifest)
+    uncertain = not by_threshold and is_uncertain(values, manifest)
     rejected = gate is not None and gate.rejected
     return Prediction(
         model=manifest.key,
@@ -111,6 +129,7 @@ def make_prediction(manifest: Manifest, probabilities: Sequence[float], gate: Ga
         decision=decision,
         uncertain=uncertain,
         gate=gate,
+        by_threshold=by_threshold,
     )
 
 

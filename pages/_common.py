@@ -10,6 +10,7 @@ from typing import Iterator
 import streamlit as st
 
 from cxr_core.errors import CxrError
+from cxr_core.gate import GateResult
 from cxr_core.inference import DISCLAIMER
 from cxr_core.models import LoadedModel, ModelFolder, discover_models, load_model
 
@@ -63,6 +64,33 @@ def current_user() -> tuple[str, str]:
 
 def model_folders() -> list[ModelFolder]:
     return discover_models()
+
+
+def gate_override(subject: str, gate: GateResult, image_sha256: str, model_key: str) -> bool:
+    """For a rejected image: the clinician's recorded override, asked for once per (``subject``
+    (an upload's id), model) in a session, on every page.
+
+    Returns True when this session has overridden the rejection (the caller shows the
+    result, marked as such); otherwise renders the form and returns False.
+    """
+    overridden: set[tuple[str, str]] = st.session_state.setdefault("gate_overrides", set())
+    if (subject, model_key) in overridden:
+        return True
+    with st.form(f"override_{subject}_{model_key}"):
+        st.markdown("A clinician may still look at the model's output, for example when the check is wrong. This is recorded.")
+        reason = st.text_input("Why show the result anyway?", max_chars=300)
+        if st.form_submit_button("Show the result anyway"):
+            if not reason.strip():
+                st.error("Give a reason to override the check.")
+            else:
+                from cxr_core import audit
+
+                user, role = current_user()
+                overridden.add((subject, model_key))
+                audit.record("override_gate", user=user, role=role, image_sha256=image_sha256, model=model_key,
+                             details={"reasons": list(gate.reasons), "justification": reason.strip()})
+                st.rerun()
+    return False
 
 
 def render_disclaimer() -> None:

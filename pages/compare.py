@@ -17,10 +17,20 @@ from cxr_core.cam import CAM_METHODS
 from cxr_core.compare import AXES, compute_grid, depth_layers, grid_png, grid_specs, overlays, panel_title, scale_panels
 from cxr_core.errors import CxrError
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
+from cxr_core.gate import GateResult
+from cxr_core.inference import predict
 from cxr_core.io import XrayImage, read_image
 from cxr_core.lungs import atlas_info
 from cxr_core.overlay import COLORMAPS
-from pages._common import cached_model, current_user, enter_page, guarded, model_folders, render_disclaimer
+from pages._common import (
+    cached_model,
+    current_user,
+    enter_page,
+    gate_override,
+    guarded,
+    model_folders,
+    render_disclaimer,
+)
 
 DISPLAY_SIDE = 512
 MAX_STUDIES = 2
@@ -64,6 +74,7 @@ for upload in uploads:
             cache[upload.file_id] = str(exc)
 studies: list[XrayImage] = []
 names: list[str] = []
+study_ids: list[str] = []
 for upload in uploads:
     item = cache[upload.file_id]
     if isinstance(item, str):
@@ -71,6 +82,7 @@ for upload in uploads:
     else:
         studies.append(item)
         names.append(upload.name)
+        study_ids.append(upload.file_id)
 if not studies:
     st.stop()
 
@@ -125,6 +137,31 @@ with guarded("setting up the grid"):
     specs = grid_specs(axis, values, models, studies=len(studies), model=model_key, method=method, target=target, row_axis=row_axis, row_values=row_values)
 if specs is None:
     st.stop()
+# The input gate, as on Diagnose: a CT slice or a lateral film gets no heatmaps (they would
+# explain a prediction the model was never made for) unless a clinician overrides, recorded.
+gates: dict[tuple[str, str], GateResult | None] = st.session_state.setdefault("compare_gates", {})
+blocked = False
+for study_index, model_key_ in sorted({(s.study, s.model) for s in specs}):
+    gate_key = (study_ids[study_index], model_key_)
+    if gate_key not in gates:
+        with guarded("checking the input"):
+            gates[gate_key] = predict(models[model_key_], [studies[study_index]])[0].gate
+    verdict = gates.get(gate_key)
+    if verdict is None or verdict.outcome == "accepted":
+        continue
+    where = f"{names[study_index]} ({model_key_})"
+    if verdict.rejected:
+        st.error(f"**{where}: not a frontal chest radiograph by the input check; no heatmaps.**  \n" + "  \n".join(f"- {r}" for r in verdict.reasons))
+        if not gate_override(study_ids[study_index], verdict, studies[study_index].sha256, model_key_):
+            blocked = True
+        else:
+            st.caption(f"{where}: shown after an override; the input check rejected it.")
+    else:
+        st.warning(f"**{where}: check before relying on these heatmaps.**  \n" + "  \n".join(f"- {r}" for r in verdict.reasons))
+if blocked:
+    render_disclaimer()
+    st.stop()
+
 key = (tuple(u.file_id for u in uploads), tuple(specs), with_faith)
 grids = st.session_state.setdefault("compare_grids", {})
 panels = grids.get(key)

@@ -20,7 +20,15 @@ from cxr_core.models import LoadedModel
 from cxr_core.overlay import COLORMAPS, fit_within, render_overlay
 from cxr_core.report import StudyResult, result_rows, results_csv, short_status, worklist_order
 from cxr_core.study import StudyView, draw_boxes, study_view
-from pages._common import cached_model, current_user, enter_page, guarded, model_folders, render_disclaimer
+from pages._common import (
+    cached_model,
+    current_user,
+    enter_page,
+    gate_override,
+    guarded,
+    model_folders,
+    render_disclaimer,
+)
 
 DISPLAY_SIDE = 1024  # px: films are shown at most this large; downloads are full resolution
 KEEP_EXPLANATIONS = 4  # full-resolution maps are large: keep only the most recent per session
@@ -71,7 +79,6 @@ images: dict[str, XrayImage | str] = state.setdefault("diagnose_images", {})
 options: dict[str, dict[str, bool]] = state.setdefault("diagnose_options", {})  # file -> {"correct", "mask"}
 views: dict[tuple[str, bool, bool], StudyView] = state.setdefault("diagnose_views", {})
 predictions: dict[tuple[str, bool, bool, str], Prediction] = state.setdefault("diagnose_predictions", {})
-overridden: set[tuple[str, str]] = state.setdefault("diagnose_overrides", set())
 current_ids = {u.file_id for u in uploads}
 for store in (images, options):
     for stale in [k for k in store if k not in current_ids]:
@@ -230,31 +237,27 @@ elif view.boxes:
         options[file_id]["mask"] = masked
         st.rerun()
 
-if gate is not None and gate.rejected and (file_id, model.key) not in overridden:
-    with st.form(f"override_{file_id}"):
-        st.markdown("A clinician may still look at the model's output, for example when the check is wrong. This is recorded.")
-        reason = st.text_input("Why show the result anyway?", max_chars=300)
-        if st.form_submit_button("Show the result anyway"):
-            if not reason.strip():
-                st.error("Give a reason to override the check.")
-            else:
-                overridden.add((file_id, model.key))
-                audit.record("override_gate", user=user, role=role, image_sha256=image.sha256, model=model.key,
-                             details={"reasons": list(gate.reasons), "justification": reason.strip()})
-                st.rerun()
+if gate is not None and gate.rejected and not gate_override(file_id, gate, image.sha256, model.key):
     render_disclaimer()
     st.stop()
 
 if gate is not None and gate.rejected:
     st.caption(f"Shown after an override by {user}: the input check rejected this image.")
 
+top = prediction.most_probable
 if prediction.predicted:
     label = manifest.label(prediction.predicted)
     headline = f"**Prediction: {label}** (p = {prediction.probability(prediction.predicted):.3f})"
+    if prediction.by_threshold and prediction.predicted != top:
+        headline += (
+            f" — called because its probability reaches the decision threshold "
+            f"{manifest.thresholds[prediction.predicted]:.3f} (chosen for sensitivity); "
+            f"the most probable class is {manifest.label(top)} (p = {prediction.probability(top):.3f})"
+        )
 elif prediction.uncertain:
     headline = (
         f"**Uncertain** — the model does not favour one class clearly "
-        f"(most likely {manifest.label(prediction.decision or '')}, p = {max(prediction.probabilities):.3f}). "
+        f"(most probable: {manifest.label(top)}, p = {prediction.probability(top):.3f}). "
         "Read the film without relying on this result."
     )
 else:

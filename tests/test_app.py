@@ -181,6 +181,27 @@ def test_rejected_input_needs_a_recorded_override(use_weights: Path, dicom_data:
     assert any(e.action == "prediction" for e in entries())
 
 
+def test_compare_gates_its_input_too(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CT gets no heatmap grid on Compare until a clinician overrides, recorded."""
+    from cxr_core.audit import entries
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    at = app().run()
+    at.switch_page("pages/compare.py").run()
+    at.file_uploader[0].set_value(("head.dcm", (dicom_data / "693_UNCR.dcm").read_bytes(), "application/dicom"))
+    at.run()
+    assert not at.exception
+    assert any("no heatmaps" in e.value and "CT image" in e.value for e in at.error)
+    assert not at.get("plotly_chart") and not [e for e in entries() if e.action == "compare"]
+    at.text_input[0].set_value("reviewing a scout image")
+    at.button[0].click()
+    at.run()
+    assert not at.exception and at.get("plotly_chart")
+    assert any("shown after an override" in c.value for c in at.caption)
+    assert [e.details["justification"] for e in entries(action="override_gate")] == ["reviewing a scout image"]
+    assert [e for e in entries() if e.action == "compare"]
+
+
 def test_rotated_film_can_be_corrected_and_text_masked(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cv2
     import numpy as np

@@ -114,6 +114,23 @@ def test_uncertain_or_rejected_names_no_class() -> None:
     assert make_prediction(binary, (0.52, 0.48)).uncertain and not make_prediction(binary, (0.9, 0.1)).uncertain
 
 
+def test_a_threshold_call_is_never_hidden_as_uncertain() -> None:
+    """COVID at its sensitivity-first threshold is shown even when another class is more
+    probable or the two are close; abstention still applies to the other classes."""
+    model = _manifest(thresholds={"covid": 0.24})
+    close = make_prediction(model, (0.45, 0.50, 0.05))
+    assert close.predicted == "covid" and close.by_threshold and not close.uncertain
+    assert close.most_probable == "normal"
+    below = make_prediction(model, (0.20, 0.42, 0.38))
+    assert below.predicted is None and below.uncertain and not below.by_threshold and below.decision == "normal"
+    binary = _manifest(classes=("covid", "other"), head="sigmoid", thresholds={"covid": 0.3})
+    assert make_prediction(binary, (0.35, 0.65)).predicted == "covid"
+    assert make_prediction(binary, (0.25, 0.75)).predicted == "other"
+    assert make_prediction(binary, (0.29, 0.71)).predicted == "other"
+    # No manifest threshold: the default 0.5 of a binary head is not a sensitivity choice.
+    assert make_prediction(_manifest(classes=("covid", "other"), head="sigmoid"), (0.52, 0.48)).uncertain
+
+
 # --- Image quality --------------------------------------------------------------------------------
 
 
