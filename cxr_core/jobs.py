@@ -145,6 +145,14 @@ def running_job() -> Path | None:
 
 
 def create_job(spec: JobSpec) -> Path:
+    """Record a new job. Refused when its version exists, or another job will write it:
+    a registered version is never overwritten (it may be the active model)."""
+    from cxr_core.versions import candidate_folder
+
+    candidate_folder(spec.model_id, spec.version)
+    for other_dir, other, _ in list_jobs():
+        if (other.model_id, other.version) == (spec.model_id, spec.version):
+            raise JobError(f"Job {other_dir.name} already trains {spec.model_id}@{spec.version}: resume it, or choose another version.")
     job_dir = jobs_dir() / spec.job_id
     job_dir.mkdir(parents=True, exist_ok=False)
     write_json(job_dir / "job.json", asdict(spec))
@@ -305,13 +313,17 @@ def run_job(job_dir: Path) -> int:
             time.sleep(0.5)
 
     threading.Thread(target=watch_cancel, daemon=True).start()
+    # The candidate is built in a hidden staging folder and renamed into the registry only
+    # when complete (weights, calibration, gate, card, evaluation): the Models page never
+    # lists a half-written version, and an existing version is never written over.
     out = registry_dir() / spec.model_id / spec.version
+    staging = registry_dir() / spec.model_id / f".staging-{spec.version}"
     from cxr_core.models import select_device
 
     device = str(select_device(spec.device))
     write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=_group(), started=started, device=device)))
     try:
-        config_ = _train_config(spec, out)
+        config_ = _train_config(spec, staging)
         data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in)
         if spec.eval_dir:
             data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
@@ -319,7 +331,12 @@ def run_job(job_dir: Path) -> int:
         distributed.stop()
         finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}")
         if spec.eval_dir:
-            evaluate_candidate(out, Path(spec.eval_dir), spec.eval_split)
+            evaluate_candidate(staging, Path(spec.eval_dir), spec.eval_split)
+        try:
+            os.rename(staging, out)  # atomic; refuses an existing non-empty folder
+        except OSError as exc:
+            raise JobError(f"Version {spec.model_id}@{spec.version} appeared in the registry during training; "
+                           f"the finished model is kept in {staging}.") from exc
         write_json(job_dir / "state.json", asdict(JobState(FINISHED, pid=_group(), started=started, device=device,
                                                             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                                             candidate=f"{spec.model_id}@{spec.version}")))

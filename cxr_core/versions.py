@@ -91,7 +91,8 @@ def _folders(model_id: str | None = None) -> list[tuple[Path, bool]]:
     reg = registry_dir()
     if reg.is_dir():
         for model_dir in sorted(p for p in reg.iterdir() if p.is_dir()):
-            out += [(p, False) for p in sorted(model_dir.iterdir()) if (p / "manifest.json").is_file()]
+            # Dot-folders are jobs' staging areas: not versions until renamed into place.
+            out += [(p, False) for p in sorted(model_dir.iterdir()) if not p.name.startswith(".") and (p / "manifest.json").is_file()]
     return out
 
 
@@ -122,8 +123,8 @@ def active_folders() -> list[Path]:
 
 def candidate_folder(model_id: str, version: str) -> Path:
     folder = registry_dir() / model_id / version
-    if folder.exists():
-        raise RegistryError(f"Version {model_id}@{version} already exists.")
+    if folder.exists() or any(v.version == version for v in list_versions(model_id)):
+        raise RegistryError(f"Version {model_id}@{version} already exists: choose another version.")
     return folder
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cxr_core.errors import CxrError
 from cxr_core.jobs import CANCELLED, FAILED, FINISHED, JobError, JobSpec, cancel, create_job, launch, read_state
 from cxr_core.training.run import RunDir
 from tests.synthetic import make_labelled_folder
@@ -59,6 +60,12 @@ def test_job_trains_a_candidate_and_one_job_runs_at_a_time(job_env: Path) -> Non
     assert status["event"] == "epoch" and _epochs(first) == 3
     version = next(v for v in list_versions("tiny") if v.version == "2.0.0")
     assert not version.active and version.evaluation is not None and version.evaluation["n"] == 18
+    # A version that exists, or that another job will write, is refused before anything runs.
+    with pytest.raises(CxrError, match="already exists"):
+        create_job(_spec(job_env, 1, "2.0.0"))
+    with pytest.raises(JobError, match="already trains tiny@2.0.1"):
+        create_job(_spec(job_env, 1, "2.0.1"))
+    assert not list((job_env / "var" / "registry" / "tiny").glob(".staging-*"))  # renamed into place
     launch(second)  # free again
     _wait(second, lambda: read_state(second).state in (FINISHED, FAILED))
     assert read_state(second).state == FINISHED
