@@ -56,8 +56,24 @@ def default_layer(model: LoadedModel) -> str:
 
 
 def _target_for(model: LoadedModel, wanted: str) -> str:
-    """``wanted`` if the model has it, else its first (positive) class: a binary model has no 'normal'."""
-    return wanted if wanted in model.manifest.classes else model.manifest.classes[0]
+    """``wanted`` if the model has it. A binary covid-vs-other model has no 'normal' or 'viral
+    pneumonia': both are part of its negative class, so that is the class explained."""
+    classes = model.manifest.classes
+    if wanted in classes:
+        return wanted
+    return classes[1] if model.manifest.head == "sigmoid" else classes[0]
+
+
+def _layer_for(model: LoadedModel, layer: str | None, reference: LoadedModel) -> str:
+    """``layer`` (a stage of ``reference``'s backbone, or any module path) for ``model``: the
+    same stage of the model's own backbone when the architectures differ, so "network
+    depth" compares like with like across models (every registered backbone has five)."""
+    if layer is None:
+        return default_layer(model)
+    mine, theirs = depth_layers(model), depth_layers(reference)
+    if layer in mine or layer not in theirs:
+        return layer
+    return mine[round(theirs.index(layer) * (len(mine) - 1) / max(len(theirs) - 1, 1))]
 
 
 def _apply(axis: str, value: str, setting: dict[str, str | None]) -> None:
@@ -99,17 +115,22 @@ def grid_specs(
             _apply(axis, value, setting)
             loaded = models[str(setting["model"])]
             cls = str(setting["target"])
+            target_ = _target_for(loaded, cls)
+            layer_ = _layer_for(loaded, setting["layer"], models[model])
             label = {
                 "method": CAM_METHODS[str(setting["method"])].label if setting["method"] in CAM_METHODS else value,
                 "model": str(setting["model"]),
-                "class": loaded.manifest.label(cls) if cls in loaded.manifest.classes else cls,
+                "class": loaded.manifest.label(cls),
                 "depth": value,
             }[axis]
             if row_value is not None and row_axis is not None:
                 label = f"{row_value if row_axis != 'method' else CAM_METHODS[row_value].label} / {label}"
-            specs.append(
-                PanelSpec(study, str(setting["model"]), str(setting["method"]), _target_for(loaded, cls), setting["layer"] or default_layer(loaded), label)
-            )
+            # Say so when a model shows another class or layer than the row or column names.
+            if target_ != cls:
+                label += f" → {loaded.manifest.label(target_)}"
+            if setting["layer"] is not None and layer_ != setting["layer"]:
+                label += f" → {layer_}"
+            specs.append(PanelSpec(study, str(setting["model"]), str(setting["method"]), target_, layer_, label))
     return specs
 
 

@@ -47,12 +47,26 @@ def test_grid_over_methods_classes_and_depth(densenet, resnet, chest) -> None:  
     assert len(specs) == 9 and {s.target for s in specs} == {"covid", "normal", "viral_pneumonia"}
     panels = compute_grid(specs, models, [chest], display_side=256)
     assert all(p.raw.shape == (256, 241) for p in panels)  # display size, aspect kept (1955 x 1841 film)
-    # Same class, same method: identical maps whichever way the grid was asked for.
+    # Same class, same method: the same raw (unscaled) map whichever way the grid was asked
+    # for; the 3x3 grid computes three classes per pass, this one panel alone.
     by_key = {(p.spec.method, p.spec.target): p for p in panels}
-    assert by_key[("gradcam", "covid")].probability == pytest.approx(panels[0].probability)
+    alone = compute_grid(grid_specs("class", ["normal"], models, studies=1, model=densenet.key, method="hirescam", target="covid"),
+                         models, [chest], display_side=256)[0]
+    in_grid = by_key[("hirescam", "normal")]
+    assert in_grid.probability == pytest.approx(alone.probability, abs=1e-6)
+    np.testing.assert_allclose(in_grid.raw, alone.raw, rtol=1e-4, atol=1e-6 * float(alone.raw.max()))
+    assert float(alone.raw.max()) > 0 and not np.isclose(float(alone.raw.max()), 1.0)  # raw CAM units, not min-max scaled
 
     across_models = grid_specs("model", list(models), models, studies=2, model=densenet.key, method="gradcam", target="normal")
-    assert [s.target for s in across_models] == ["normal", "covid", "normal", "covid"]  # the binary model has no 'normal'
+    # The binary model has no 'normal': its negative class ('other') holds normals, and the label says so.
+    assert [s.target for s in across_models] == ["normal", "other", "normal", "other"]
+    assert across_models[1].label.endswith("→ " + resnet.manifest.label("other")) and "→" not in across_models[0].label
+    # Models x depth: each model at the same stage of its own backbone.
+    mixed = grid_specs("model", list(models), models, studies=1, model=densenet.key, method="gradcam", target="covid",
+                       row_axis="depth", row_values=depth_layers(densenet))
+    assert [s.layer for s in mixed if s.model == resnet.key] == [f"backbone.{n}" for n in ("relu", "layer1", "layer2", "layer3", "layer4")]
+    assert [s.layer for s in mixed if s.model == densenet.key] == depth_layers(densenet)
+    assert all(p.raw.size for p in compute_grid(mixed[-2:], models, [chest], display_side=64))
     depth = grid_specs("depth", depth_layers(densenet), models, studies=1, model=densenet.key, method="gradcam", target="covid")
     assert [s.layer for s in depth][-1] == "backbone.norm5"
     with pytest.raises(ExplanationError):
