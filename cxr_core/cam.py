@@ -127,7 +127,7 @@ CAM_METHODS: dict[str, CamMethod] = {
         CamMethod("hirescam", "HiResCAM", _raw(HiResCAM)),
         CamMethod("xgradcam", "XGrad-CAM", _raw(XGradCAM)),
         CamMethod("layercam", "LayerCAM", _raw(LayerCAM)),
-        CamMethod("eigencam", "Eigen-CAM", _raw(EigenCAM), class_agnostic=True),
+        CamMethod("eigencam", "Eigen-CAM (class-agnostic)", _raw(EigenCAM), class_agnostic=True),
         CamMethod("scorecam", "Score-CAM", _raw(_SharedMaskScoreCAM), perturbation=True),
     )
 }

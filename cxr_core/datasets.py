@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from cxr_core import config
 from cxr_core.archive import extract_zip, save_files
 from cxr_core.errors import CxrError
+from cxr_core.fileio import write_json
 
 
 def datasets_dir() -> Path:
@@ -48,6 +49,32 @@ class Dataset:
     def report(self) -> dict[str, Any] | None:
         path = self.folder / "report.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def confirmation(self) -> dict[str, Any] | None:
+        """Who confirmed the checked dataset for training, and when; None until then."""
+        path = self.folder / "confirmed.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    @property
+    def trainable(self) -> bool:
+        """Checked without problems and confirmed by an admin after reading the check."""
+        report = self.report()
+        return bool(report and report.get("ok")) and self.confirmation() is not None
+
+
+class DatasetNotReady(CxrError):
+    """The dataset has not passed its check, or nobody has confirmed it."""
+
+
+def confirm_dataset(dataset: Dataset, user: str) -> None:
+    """Record that ``user`` read the validation report and accepts the dataset for training."""
+    report = dataset.report()
+    if not report:
+        raise DatasetNotReady("Check the dataset before confirming it.")
+    if not report.get("ok"):
+        raise DatasetNotReady("This dataset failed its check: " + "; ".join(report.get("problems", [])))
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json(dataset.folder / "confirmed.json", {"user": user, "time": when, "report_validated": report.get("validated")})
 
 
 def store_upload(name: str, user: str, *, files: Sequence[tuple[str, bytes]] | None = None, archive: bytes | None = None) -> Dataset:
@@ -106,6 +133,7 @@ def validate_dataset(dataset: Dataset, eval_dir: Path | None = None, eval_split:
         report["thumbnails"] = by_class
     report["validated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     (dataset.folder / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    (dataset.folder / "confirmed.json").unlink(missing_ok=True)  # a new report needs a new confirmation
     return report
 
 

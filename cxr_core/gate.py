@@ -5,11 +5,14 @@ Three sources, combined into accepted / warning / rejected:
 1. DICOM metadata when present (PS3.3 C.7.3.1 Modality, C.7.3.1 Body Part Examined,
    C.8.11.5 View Position): a CT/MR/US/... modality, a body part other than the chest,
    or a lateral view is rejected.
-2. The classifier's own feature space: the class-conditional Mahalanobis distance
+2. The image's appearance, for every model: its distance from chest-film space
+   (:mod:`cxr_core.chest_space`, principal components of real chest films), which
+   catches CT slices, photographs, documents and other body parts without a network.
+3. The classifier's own feature space: the class-conditional Mahalanobis distance
    (Lee et al. 2018) of the pooled features, in the top principal components of the
    training features, to the nearest class mean. Thresholds come from the validation
    films' distances. No external weights, nothing downloaded.
-3. Image quality (rotation, inversion, resolution, cropping: :mod:`cxr_core.quality`),
+4. Image quality (rotation, inversion, resolution, cropping: :mod:`cxr_core.quality`),
    which warns.
 """
 
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cxr_core.chest_space import chest_space
 from cxr_core.errors import ModelError
 from cxr_core.io import ImageMetadata
 from cxr_core.quality import QualityReport
@@ -45,6 +49,8 @@ MODALITY_NAMES = {
     "ES": "an endoscopy image", "XC": "an external camera photograph", "SM": "a microscopy slide",
 }
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "THORACIC")
+#: pixel standard deviation (on [0, 1]) below which a frame is blank; chest films are far above
+BLANK_CONTRAST = 0.02
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 
 
@@ -157,6 +163,27 @@ def fit_feature_gate(
 
 def judge(meta: ImageMetadata, distance: float | None, gate: FeatureGate | None, quality: QualityReport | None) -> GateResult:
     outcome, reasons = metadata_verdict(meta)
+    space = chest_space()
+    film = quality.film_distance if quality is not None else None
+    if quality is not None and quality.contrast < BLANK_CONTRAST:
+        outcome = REJECTED
+        reasons.append("The image is almost uniform (blank): there is no film to read.")
+    elif space is not None and film is not None and quality is not None:
+        if film > space.reject:
+            outcome = REJECTED
+            reasons.append(
+                f"The image does not look like a chest radiograph (appearance distance {film:.2f} from real chest films; "
+                f"rejected above {space.reject:.2f})."
+            )
+            corrected = quality.corrected_film_distance
+            if quality.fixable and corrected is not None and corrected <= space.warn:
+                reasons.append("Turned upright and with bones bright it would look like a chest film: correct the film and check again.")
+        elif film > space.warn:
+            outcome = max(outcome, WARNING, key=_RANK.get)
+            reasons.append(
+                f"The image looks unlike most chest radiographs (appearance distance {film:.2f}; typical films stay below "
+                f"{space.warn:.2f}). Check that it is a whole frontal chest film."
+            )
     if gate is not None and distance is not None:
         if distance > gate.reject:
             outcome = REJECTED
@@ -172,7 +199,8 @@ def judge(meta: ImageMetadata, distance: float | None, gate: FeatureGate | None,
             )
     elif gate is None:
         outcome = max(outcome, WARNING, key=_RANK.get)
-        reasons.append("This model has no image-based check fitted: nothing confirms this is a frontal chest radiograph.")
+        reasons.append("This model has no feature-space check fitted: only the image's general appearance was checked, "
+                       "not whether it resembles the films this model was trained on.")
     if quality is not None and quality.warnings:
         outcome = max(outcome, WARNING, key=_RANK.get)
         reasons.extend(quality.warnings)

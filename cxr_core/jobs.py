@@ -282,7 +282,11 @@ def _run_job_follower(job_dir: Path) -> int:
 
 def run_job(job_dir: Path) -> int:
     """Body of ``python -m cxr_core.jobs JOB_DIR``: train, write the candidate, evaluate it."""
-    from cxr_core.training.evaluation_set import evaluate_candidate, exclude_evaluation_overlap
+    from cxr_core.training.evaluation_set import (
+        evaluate_active_alongside,
+        evaluate_candidate,
+        exclude_evaluation_overlap,
+    )
     from cxr_core.training.finalize import finalize
     from cxr_core.training.prepare import prepare_data
     from cxr_core.training.trainer import TrainingCancelled, label_plan, train
@@ -332,6 +336,7 @@ def run_job(job_dir: Path) -> int:
         finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}")
         if spec.eval_dir:
             evaluate_candidate(staging, Path(spec.eval_dir), spec.eval_split)
+            evaluate_active_alongside(spec.model_id, Path(spec.eval_dir), spec.eval_split)
         try:
             os.rename(staging, out)  # atomic; refuses an existing non-empty folder
         except OSError as exc:

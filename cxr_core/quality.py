@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cxr_core.chest_space import chest_space
 from cxr_core.io import XrayImage
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -47,6 +48,13 @@ class QualityReport:
     low_resolution: bool
     cropped: bool
     warnings: tuple[str, ...]
+    #: distance from chest-film space (cxr_core.chest_space) as the film is, and once
+    #: corrected as suggested above (equal when no correction is suggested); None when the
+    #: basis is not installed
+    film_distance: float | None = None
+    corrected_film_distance: float | None = None
+    #: pixel standard deviation on [0, 1]: near 0 is a blank frame
+    contrast: float = 1.0
 
     @property
     def fixable(self) -> bool:
@@ -73,7 +81,17 @@ def assess_quality(image: XrayImage) -> QualityReport:
         warnings.append(f"Very low resolution ({width} x {height} px): fine findings cannot be seen at this size.")
     if cropped:
         warnings.append(f"Unusual shape ({width} x {height} px): the film may be heavily cropped and miss part of the chest.")
-    return QualityReport(rotation, inverted, margin, scores[best], low, cropped, tuple(warnings))
+    space = chest_space()
+    distance = corrected = None
+    if space is not None:
+        # As presented: a rotated film is not what the model reads, so it is judged as it is
+        # (chest-likeness under the best of eight orientations would let documents and
+        # photos through); the corrected distance tells whether a correction would help.
+        distance = corrected = space.distance(pixels)
+        if rotation or inverted:
+            upright = np.rot90(pixels, -rotation) if rotation else pixels
+            corrected = space.distance(1.0 - upright if inverted else upright)
+    return QualityReport(rotation, inverted, margin, scores[best], low, cropped, tuple(warnings), distance, corrected, float(pixels.std()))
 
 
 def fix_orientation(image: XrayImage, report: QualityReport) -> XrayImage:

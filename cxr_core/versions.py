@@ -3,6 +3,8 @@
     weights/<id>/                      shipped versions (in git)
     var/registry/<id>/<version>/       versions trained here (model folder + evaluation.json)
     var/registry/active.json           {"active": {id: version}, "history": [...]}
+    var/registry/evaluations/<id>@<version>.json
+                                       evaluations of shipped versions (weights/ stays as in git)
 
 Which version the app uses is a pointer in ``active.json``; without an entry, the shipped
 folder. Promotion and rollback only rewrite that small file (temporary file, fsync,
@@ -73,8 +75,13 @@ def _write_pointer(data: dict[str, Any]) -> None:
     write_json(_pointer_path(), data)  # atomic: readers see the old pointer or the new one
 
 
-def _evaluation(folder: Path) -> dict[str, Any] | None:
-    path = folder / EVALUATION_NAME
+def evaluation_path(folder: Path, manifest: Manifest, shipped: bool) -> Path:
+    """Where a version's evaluation lives: in its registry folder, or under var/ for a
+    shipped folder (weights/ is part of the checkout and stays untouched)."""
+    return registry_dir() / "evaluations" / f"{manifest.key}.json" if shipped else folder / EVALUATION_NAME
+
+
+def _evaluation(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
@@ -107,7 +114,8 @@ def list_versions(model_id: str | None = None) -> list[Version]:
             continue
         if model_id and manifest.id != model_id:
             continue
-        versions.append(Version(manifest.id, manifest.version, folder, manifest, shipped, False, _evaluation(folder)))
+        versions.append(Version(manifest.id, manifest.version, folder, manifest, shipped, False,
+                                _evaluation(evaluation_path(folder, manifest, shipped))))
     out = []
     for v in versions:
         wanted = pointer.get(v.model_id)
@@ -137,10 +145,16 @@ def _find(model_id: str, version: str) -> Version:
 
 def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
     """Why the candidate is worse than the active model on the fixed evaluation set (empty: it is not)."""
-    if active is None or candidate.evaluation is None:
-        return [] if candidate.evaluation is not None else ["The candidate has no evaluation on the fixed evaluation set."]
+    if candidate.evaluation is None:
+        return ["The candidate has no evaluation on the fixed evaluation set"]
+    if active is None:
+        return []  # a new model id: nothing it would replace
     if active.evaluation is None:
-        return []
+        return [f"The active version {active.key} has no evaluation to compare with"]
+    where = lambda e: (e.get("evaluation_set"), e.get("split"))  # noqa: E731
+    if where(candidate.evaluation) != where(active.evaluation):
+        return [f"The candidate and the active version were evaluated on different sets ({where(candidate.evaluation)} vs "
+                f"{where(active.evaluation)}): their figures are not comparable"]
     problems = []
     ca, aa = candidate.evaluation.get("accuracy"), active.evaluation.get("accuracy")
     if ca is not None and aa is not None and ca < aa:

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from cxr_core import audit
-from cxr_core.datasets import Dataset, delete_dataset, list_datasets, store_upload, validate_dataset
+from cxr_core.datasets import Dataset, confirm_dataset, delete_dataset, list_datasets, store_upload, validate_dataset
 from cxr_core.io import read_image
 from cxr_core.overlay import fit_within
 from pages._common import current_user, enter_page, guarded
@@ -97,11 +97,16 @@ for label, paths in report.get("thumbnails", {}).items():
         except Exception:  # noqa: BLE001 - a thumbnail must not break the page
             column.caption(f"{relative}: cannot be shown")
 
+confirmed = dataset.confirmation()
+if confirmed:
+    st.caption(f"Confirmed for training by {confirmed['user']} at {confirmed['time']}.")
 left, right = st.columns(2)
-if left.button("Use this dataset for training", type="primary"):
-    st.session_state["training_dataset"] = dataset.id
-    audit.record("confirm_dataset", user=user, role=role, details={"dataset": dataset.id})
-    st.switch_page("pages/training.py")
+if left.button("Use this dataset for training", type="primary", disabled=not report.get("ok")):
+    with guarded("confirming the dataset"):
+        confirm_dataset(dataset, user)
+        st.session_state["training_dataset"] = dataset.id
+        audit.record("confirm_dataset", user=user, role=role, details={"dataset": dataset.id})
+        st.switch_page("pages/training.py")
 if right.button("Delete this dataset"):
     with guarded("deleting the dataset"):
         delete_dataset(dataset)

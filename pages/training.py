@@ -34,12 +34,12 @@ enter_page(role="admin")
 st.title("Training")
 user, role = current_user()
 
-datasets = list_datasets()
+datasets = [d for d in list_datasets() if d.trainable]  # checked, and confirmed by an admin
 versions = list_versions()
 
 with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) for _, _, s in list_jobs())):
     if not datasets:
-        st.info("Upload and check a dataset on the Training data page first.")
+        st.info("Upload, check and confirm a dataset on the Training data page first (\"Use this dataset for training\").")
     else:
         by_id = {d.id: d for d in datasets}
         ids = list(by_id)

@@ -14,6 +14,7 @@ import pytest
 from cxr_core.archive import ArchiveError, Limits, extract_zip, save_files
 from cxr_core.users import AuthError, add_user, authenticate, list_users, remove_user
 from tests.conftest import make_model_folder
+from tests.synthetic import make_labelled_folder
 
 
 def _zip(entries: list[tuple[str, bytes]], *, symlink: str | None = None, method: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -121,25 +122,52 @@ def registry_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _candidate(version: str, accuracy: float, covid_recall: float, seed: int = 1) -> Path:
+EVAL_SET = {"evaluation_set": "/data/eval", "split": "test"}
+
+
+def _candidate(version: str, accuracy: float, covid_recall: float, seed: int = 1, where: dict | None = None) -> Path:
     from cxr_core.versions import registry_dir
 
     folder = make_model_folder(registry_dir() / "dn", "densenet121", ("covid", "normal", "viral_pneumonia"), id="dn", version=version, size=64, seed=seed)
     target = registry_dir() / "dn" / version
     folder.rename(target)
-    (target / "evaluation.json").write_text(json.dumps({"accuracy": accuracy, "per_class": {"covid": {"recall": covid_recall}}}))
+    evaluation = {"accuracy": accuracy, "per_class": {"covid": {"recall": covid_recall}}, **(where or EVAL_SET)}
+    (target / "evaluation.json").write_text(json.dumps(evaluation))
     return target
+
+
+def test_the_shipped_active_model_is_measured_on_the_candidates_set(registry_env: Path) -> None:
+    """A shipped model has no evaluation on a set chosen here: the job measures it on the
+    candidate's set, stored under var/ (weights/ stays as checked out), once per set."""
+    from cxr_core.training.evaluation_set import evaluate_active_alongside
+    from cxr_core.versions import list_versions, registry_dir
+
+    eval_dir = make_labelled_folder(registry_env / "eval", per_class={"test": 3}, seed=4, size=64)
+    result = evaluate_active_alongside("dn", eval_dir, "test")
+    assert result is not None and result["n"] == 9 and (result["evaluation_set"], result["split"]) == (str(eval_dir), "test")
+    assert (registry_dir() / "evaluations" / "dn@1.0.0.json").exists()
+    assert not (registry_env / "weights" / "dn" / "evaluation.json").exists()
+    shipped = next(v for v in list_versions("dn") if v.version == "1.0.0")
+    assert shipped.evaluation == result
+    stamp = (registry_dir() / "evaluations" / "dn@1.0.0.json").stat().st_mtime_ns
+    assert evaluate_active_alongside("dn", eval_dir, "test") == result  # already measured on this set
+    assert (registry_dir() / "evaluations" / "dn@1.0.0.json").stat().st_mtime_ns == stamp
 
 
 def test_promotion_gate_rollback_and_delete(registry_env: Path) -> None:
     from cxr_core.models import installed_models
-    from cxr_core.versions import RegistryError, delete_version, list_versions, promote, rollback
+    from cxr_core.versions import RegistryError, delete_version, list_versions, promote, registry_dir, rollback
 
-    shipped = registry_env / "weights" / "dn"
-    (shipped / "evaluation.json").write_text(json.dumps({"accuracy": 0.90, "per_class": {"covid": {"recall": 0.95}}}))
     _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     _candidate("2.1.0", accuracy=0.95, covid_recall=0.90, seed=2)
+    _candidate("2.2.0", accuracy=0.99, covid_recall=0.99, seed=3, where={"evaluation_set": "/data/other", "split": "test"})
     assert [v.version for v in list_versions("dn") if v.active] == ["1.0.0"]
+    with pytest.raises(RegistryError, match="active version dn@1.0.0 has no evaluation"):
+        promote("dn", "2.0.0", user="alice")
+    (registry_dir() / "evaluations").mkdir(parents=True)
+    (registry_dir() / "evaluations" / "dn@1.0.0.json").write_text(json.dumps({"accuracy": 0.90, "per_class": {"covid": {"recall": 0.95}}, **EVAL_SET}))
+    with pytest.raises(RegistryError, match="different sets"):
+        promote("dn", "2.2.0", user="alice")
 
     promote("dn", "2.0.0", user="alice")
     assert [m.manifest.version for m in installed_models()] == ["2.0.0"]  # the app now loads 2.0.0
@@ -154,7 +182,7 @@ def test_promotion_gate_rollback_and_delete(registry_env: Path) -> None:
     with pytest.raises(RegistryError, match="Shipped versions"):
         delete_version("dn", "1.0.0")
     delete_version("dn", "2.1.0")
-    assert [v.version for v in list_versions("dn")] == ["1.0.0", "2.0.0"]
+    assert [v.version for v in list_versions("dn")] == ["1.0.0", "2.0.0", "2.2.0"]
 
 
 def test_a_crash_during_promotion_leaves_a_working_model(registry_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +209,28 @@ def test_a_broken_pointer_falls_back_to_the_shipped_model(registry_env: Path) ->
     from cxr_core.versions import promote, registry_dir
 
     target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
-    promote("dn", "2.0.0", user="alice")
+    promote("dn", "2.0.0", user="alice", gate=False)
     (target / "manifest.json").unlink()  # the active version's folder is damaged by hand
     assert [m.manifest.version for m in installed_models()] == ["1.0.0"]
     assert (registry_dir() / "active.json").exists()
+
+
+def test_only_a_checked_and_confirmed_dataset_is_trainable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.datasets import DatasetNotReady, confirm_dataset, list_datasets, store_upload, validate_dataset
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    source = make_labelled_folder(tmp_path / "src", per_class={"train": 4, "val": 2}, size=64)
+    files = [(str(p.relative_to(source)), p.read_bytes()) for p in sorted(source.rglob("*.png"))]
+    good = store_upload("good", "alice", files=files)
+    single = store_upload("one class", "alice", files=[f for f in files if "/covid/" in f[0]])
+    with pytest.raises(DatasetNotReady, match="Check the dataset"):
+        confirm_dataset(good, "alice")
+    assert validate_dataset(good)["ok"] and not good.trainable
+    confirm_dataset(good, "alice")
+    assert good.trainable and good.confirmation()["user"] == "alice"
+    assert not validate_dataset(single)["ok"]
+    with pytest.raises(DatasetNotReady, match="failed its check"):
+        confirm_dataset(single, "alice")
+    assert [d.name for d in list_datasets() if d.trainable] == ["good"]
+    validate_dataset(good)  # checked again: the old confirmation no longer holds
+    assert not good.trainable

@@ -70,7 +70,7 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     at.selectbox(key="diagnose_study").set_value(1)
     at.run()
     assert not at.exception
-    assert any(c.startswith("Eigen-CAM for") for image in at.get("image") for c in image.captions)
+    assert any(c.startswith("Eigen-CAM (class-agnostic) for") and c.endswith("the same map for every class") for image in at.get("image") for c in image.captions)
 
 
 def test_switching_model(use_weights: Path, dicom_data: Path) -> None:

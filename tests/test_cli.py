@@ -51,12 +51,15 @@ def test_predict_json_one_object_per_file_and_bad_files_do_not_stop_the_rest(
 
 
 def test_predict_walks_folders_and_picks_models(
-    use_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    use_weights: Path, dicom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from cxr_core.io import read_image
+
     folder = tmp_path / "worklist"
     (folder / "sub").mkdir(parents=True)
-    for i, where in enumerate([folder / "a.png", folder / "sub" / "b.png", folder / ".hidden.png"]):
-        Image.fromarray(np.full((64, 64), 40 * i, np.uint8)).save(where)
+    film = Image.fromarray(read_image(dicom_data / "RG1_UNCR.dcm").to_uint8()).resize((256, 256))
+    for where in [folder / "a.png", folder / "sub" / "b.png", folder / ".hidden.png"]:
+        film.save(where)
     code, out, _ = run_main(capsys, "predict", str(folder), "--json", "--model", "resnet50-test")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [Path(r["file"]).name for r in rows] == ["a.png", "b.png"]

@@ -39,7 +39,8 @@ def test_probabilities_are_a_distribution(densenet) -> None:  # type: ignore[no-
         assert result.classes == ("covid", "normal", "viral_pneumonia")
         assert abs(sum(result.probabilities) - 1.0) < 1e-6
         assert all(0.0 <= p <= 1.0 for p in result.probabilities)
-        assert result.model == "densenet121-test@0.0.1" and result.predicted in result.classes
+        assert result.model == "densenet121-test@0.0.1" and result.decision in result.classes
+        assert result.predicted in (*result.classes, None)  # None: rejected (these are noise images) or uncertain
 
 
 def test_batched_equals_one_by_one(densenet) -> None:  # type: ignore[no-untyped-def]

@@ -45,7 +45,29 @@ def test_gate_on_real_files(shipped, dicom_data: Path, dicom_tests: Path) -> Non
             continue
         result = predict(shipped, [read_image(path)])[0]
         outcomes[name] = result.gate.outcome if result.gate else None
-    assert outcomes and all(o in ("rejected", "warning") for o in outcomes.values()), outcomes
+    assert len(outcomes) == len(NON_CHEST) and all(o in ("rejected", "warning") for o in outcomes.values()), outcomes
+
+
+def test_gate_without_headers(shipped, dicom_data: Path, dicom_tests: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same files exported to PNG (no DICOM header): the image-based checks alone must
+    still turn the non-chest ones away, and keep the chest film."""
+    import io
+
+    from PIL import Image
+
+    def as_png(path: Path):  # type: ignore[no-untyped-def]
+        buffer = io.BytesIO()
+        Image.fromarray(read_image(path).to_uint8()).save(buffer, format="PNG")
+        return read_image(buffer.getvalue())
+
+    chest = predict(shipped, [as_png(dicom_data / "RG1_UNCR.dcm")])[0]
+    assert chest.gate is not None and chest.gate.outcome in ("accepted", "warning"), chest.gate
+    outcomes = {}
+    for name in NON_CHEST:
+        path = dicom_data / name if (dicom_data / name).exists() else dicom_tests / name
+        outcomes[name] = predict(shipped, [as_png(path)])[0].gate_outcome
+    assert all(o in ("rejected", "warning") for o in outcomes.values()), outcomes
+    assert sum(o == "rejected" for o in outcomes.values()) >= len(NON_CHEST) - 1, outcomes
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cxr_core.fileio import write_json
 from cxr_core.models import load_model
 from cxr_core.training.dataset import scan_folder
 from cxr_core.training.evaluate import evaluate_folder
@@ -47,13 +47,30 @@ def exclude_evaluation_overlap(data: PreparedData, eval_dir: Path, split: str | 
     return replace(data, train=train, val=val, report=replace(data.report, notes=notes, evaluation_overlap_removed=removed))
 
 
-def evaluate_candidate(folder: Path, eval_dir: Path, split: str | None = "test") -> dict[str, object]:
-    """Metrics of the model in ``folder`` on the evaluation set, written to its evaluation.json."""
+def evaluate_candidate(folder: Path, eval_dir: Path, split: str | None = "test", out: Path | None = None) -> dict[str, object]:
+    """Metrics of the model in ``folder`` on the evaluation set, written to ``out`` (default:
+    its evaluation.json)."""
     model = load_model(folder)
     records = scan_folder(eval_dir)
     use_split = split if split and any(r.split == split for r in records) else None
     metrics = evaluate_folder(model, eval_dir, split=use_split).as_dict()
     result = {**metrics, "evaluation_set": str(eval_dir), "split": use_split, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (Path(folder) / EVALUATION_NAME).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(out or Path(folder) / EVALUATION_NAME, result)
     return result
+
+
+def evaluate_active_alongside(model_id: str, eval_dir: Path, split: str | None = "test") -> dict[str, object] | None:
+    """Measure the active version of ``model_id`` on the same set as a new candidate, unless
+    it already was: the promotion check compares like with like (a shipped model has no
+    evaluation of its own on a set chosen here)."""
+    from cxr_core.versions import evaluation_path, list_versions
+
+    active = next((v for v in list_versions(model_id) if v.active), None)
+    if active is None:
+        return None
+    records = scan_folder(eval_dir)
+    use_split = split if split and any(r.split == split for r in records) else None
+    if active.evaluation and (active.evaluation.get("evaluation_set"), active.evaluation.get("split")) == (str(eval_dir), use_split):
+        return active.evaluation
+    return evaluate_candidate(active.path, eval_dir, split, out=evaluation_path(active.path, active.manifest, active.shipped))
 
