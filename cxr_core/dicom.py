@@ -108,11 +108,13 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, Window, lis
         try:
             lut_input = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values
             out = apply_voi(lut_input, ds, index=0).astype(np.float32)
-            descriptor = ds.VOILUTSequence[0].LUTDescriptor
-            top = float(2 ** int(descriptor[2]) - 1)
-            lut = np.asarray(out)
-            # Some writers declare 16 bits and use 12: scale by what the LUT really spans.
-            top = min(top, float(lut.max())) if lut.max() > 0 else top
+            # PS3.3 C.11.2.1.1: LUT Descriptor = (entries, first input value mapped, bits per
+            # entry); 0 entries means 65536. Some writers declare 16 bits and fill 12, so the
+            # output is scaled by the table's own largest entry (never by this image's
+            # brightest pixel, which would stretch every film to full white).
+            entries, first, bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+            table = apply_voi(np.arange(first, first + (entries or 65536), dtype=np.int64), ds, index=0)
+            top = float(np.max(table)) if np.max(table) > 0 else float(2**bits - 1)
             return np.clip(out / top, 0, 1), Window(top / 2, top, "dicom-voi-lut"), notes
         except (NotImplementedError, ValueError, AttributeError, IndexError, KeyError) as exc:
             log.info("VOI LUT sequence unusable (%s); falling back", exc)

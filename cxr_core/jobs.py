@@ -250,6 +250,14 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     )
 
 
+def _staging_folder(spec: JobSpec) -> Path:
+    """Where every rank's config points the candidate: built here, renamed into the registry
+    when complete (the configs must match across ranks and across resumes)."""
+    from cxr_core.versions import registry_dir
+
+    return registry_dir() / spec.model_id / f".staging-{spec.version}"
+
+
 def _group() -> int:
     """The job's process group: the job process itself, or torchrun leading the ranks.
     Recorded as the job's pid so that cancel and kill reach every process."""
@@ -262,12 +270,11 @@ def _run_job_follower(job_dir: Path) -> int:
     from cxr_core.training.evaluation_set import exclude_evaluation_overlap
     from cxr_core.training.prepare import prepare_data
     from cxr_core.training.trainer import TrainingCancelled, label_plan, train
-    from cxr_core.versions import registry_dir
 
     spec = read_spec(job_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    config_ = _train_config(spec, registry_dir() / spec.model_id / spec.version)
+    config_ = _train_config(spec, _staging_folder(spec))
     data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in)
     if spec.eval_dir:
         data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
@@ -321,7 +328,7 @@ def run_job(job_dir: Path) -> int:
     # when complete (weights, calibration, gate, card, evaluation): the Models page never
     # lists a half-written version, and an existing version is never written over.
     out = registry_dir() / spec.model_id / spec.version
-    staging = registry_dir() / spec.model_id / f".staging-{spec.version}"
+    staging = _staging_folder(spec)
     from cxr_core.models import select_device
 
     device = str(select_device(spec.device))

@@ -159,6 +159,27 @@ def test_voi_lut_sequence_is_applied(dicom_data: Path) -> None:
     assert image.metadata.window is not None and image.metadata.window.source == "dicom-voi-lut"
 
 
+def test_voi_lut_output_is_scaled_by_the_table_not_the_image(dicom_data: Path) -> None:
+    """A dim film stays dim: its brightest pixel maps to LUT(value) / LUT's largest entry."""
+    import io
+
+    import pydicom
+    from pydicom.pixels import apply_voi
+
+    ds = pydicom.dcmread(dicom_data / "vlut_04.dcm")
+    pixels = ds.pixel_array
+    dim = np.minimum(pixels, np.quantile(pixels, 0.3)).astype(pixels.dtype)
+    ds.PixelData = dim.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    image = read_image(buffer.getvalue())
+    entries, first, _ = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+    table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
+    expected = float(apply_voi(np.array([dim.max()], dtype=np.int64), ds, index=0)[0]) / float(table.max())
+    assert expected < 0.95
+    assert float(image.pixels.max()) == pytest.approx(expected, abs=1e-3)
+
+
 # --- The pipeline order: modality LUT, then VOI window, then MONOCHROME1 inversion ---------
 
 
