@@ -6,6 +6,8 @@ import logging
 
 import streamlit as st
 
+from pages._common import restore_oidc_user
+
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 st.set_page_config(page_title="cxr — chest X-ray decision support", page_icon="🩻", layout="wide")
@@ -13,6 +15,7 @@ st.set_page_config(page_title="cxr — chest X-ray decision support", page_icon=
 # Pages check this flag (pages._common.enter_page): they only run behind this script.
 first_run = not st.session_state.get("cxr_entry")
 st.session_state["cxr_entry"] = True
+restore_oidc_user()
 
 navigation = st.navigation(
     {

@@ -93,7 +93,10 @@ class JobState:
     device: str | None = None
 
 
-def _alive(pid: int | None) -> bool:
+def _alive(pid: int | None, job_dir: Path | None = None) -> bool:
+    """Whether ``pid`` runs; with ``job_dir``, whether it runs *that job*. A recorded pid can
+    be reused by an unrelated process after a reboot or a long time: cancel must never
+    signal someone else's process group, and a job must not look alive because of one."""
     if not pid:
         return False
     try:
@@ -101,13 +104,19 @@ def _alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not running.
+        return job_dir is None  # another user's process is never a job this app started
     try:
+        # A zombie (exited, not yet reaped by its parent) is not running.
         with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().split(") ", 1)[1][0] != "Z"
+            if handle.read().split(") ", 1)[1][0] == "Z":
+                return False
+        if job_dir is not None:
+            # Both the job process and torchrun carry the job folder in their arguments.
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                return job_dir.name.encode() in handle.read()
     except OSError:
-        return True
+        pass
+    return True
 
 
 def read_spec(job_dir: Path) -> JobSpec:
@@ -119,7 +128,7 @@ def read_state(job_dir: Path) -> JobState:
     if not path.exists():
         return JobState(QUEUED)
     state = JobState(**json.loads(path.read_text(encoding="utf-8")))
-    if state.state in (RUNNING, QUEUED) and state.pid and not _alive(state.pid):
+    if state.state in (RUNNING, QUEUED) and state.pid and not _alive(state.pid, job_dir):
         return replace(state, state=FAILED, error=state.error or "The job's process ended without finishing (killed or crashed). It can be resumed.")
     return state
 
@@ -139,7 +148,7 @@ def list_jobs() -> list[tuple[Path, JobSpec, JobState]]:
 
 def running_job() -> Path | None:
     for job_dir, _, state in list_jobs():
-        if state.state in (RUNNING, QUEUED) and _alive(state.pid):
+        if state.state in (RUNNING, QUEUED) and _alive(state.pid, job_dir):
             return job_dir
     return None
 
@@ -203,7 +212,7 @@ def launch(job_dir: Path) -> int:
 def cancel(job_dir: Path) -> None:
     (job_dir / "CANCEL").touch()
     state = read_state(job_dir)
-    if state.pid and _alive(state.pid):
+    if state.pid and _alive(state.pid, job_dir):
         try:
             os.killpg(state.pid, signal.SIGTERM)
         except ProcessLookupError:

@@ -20,6 +20,33 @@ log = logging.getLogger("cxr.pages")
 ENTRY_FLAG = "cxr_entry"
 
 
+def oidc_configured() -> bool:
+    """Whether Streamlit's built-in OIDC login is set up (an ``[auth]`` secrets section)."""
+    try:
+        return "auth" in st.secrets
+    except Exception:  # noqa: BLE001 - no secrets file at all
+        return False
+
+
+def restore_oidc_user(action: str = "session_resumed") -> None:
+    """A page reload starts a new Streamlit session; an OIDC sign-in lives in Streamlit's
+    identity cookie, so the user carries over without signing in again. (Password sign-ins
+    last for the tab's session: nothing in the browser holds them.)"""
+    if st.session_state.get("user", "anonymous") != "anonymous" or not oidc_configured():
+        return
+    if not getattr(st.user, "is_logged_in", False):
+        return
+    from cxr_core import audit
+    from cxr_core.users import list_users
+
+    email = str(st.user.get("email") or st.user.get("sub") or "")
+    if not email:
+        return
+    known = {u.name: u.role for u in list_users()}
+    st.session_state["user"], st.session_state["role"] = email, known.get(email, "radiologist")
+    audit.record(action, user=email, role=st.session_state["role"], details={"method": "oidc"})
+
+
 def enter_page(role: str | None = None) -> None:
     """Run a page only behind app.py, and only for a user allowed to see it.
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from cxr_core import audit
-from cxr_core.users import AuthError, authenticate, list_users, users_file
-from pages._common import ENTRY_FLAG, current_user, guarded
+from cxr_core.users import AuthError, authenticate, users_file
+from pages._common import ENTRY_FLAG, current_user, guarded, oidc_configured, restore_oidc_user
 
 if not st.session_state.get(ENTRY_FLAG):
     st.switch_page("app.py")
@@ -15,30 +15,20 @@ st.title("Account")
 user, role = current_user()
 
 
-def _oidc_configured() -> bool:
-    try:
-        return "auth" in st.secrets
-    except Exception:  # noqa: BLE001 - no secrets file at all
-        return False
-
-
 if user != "anonymous":
     st.success(f"Signed in as **{user}** ({role}).")
     if st.button("Sign out"):
         audit.record("sign_out", user=user, role=role)
         for key in ("user", "role"):
             st.session_state.pop(key, None)
-        if _oidc_configured() and getattr(st.user, "is_logged_in", False):
+        if oidc_configured() and getattr(st.user, "is_logged_in", False):
             st.logout()
         st.rerun()
     st.stop()
 
-if _oidc_configured():
+if oidc_configured():
     if getattr(st.user, "is_logged_in", False):
-        email = str(st.user.get("email") or st.user.get("sub") or "")
-        known = {u.name: u.role for u in list_users()}
-        st.session_state["user"], st.session_state["role"] = email, known.get(email, "radiologist")
-        audit.record("sign_in", user=email, role=st.session_state["role"], details={"method": "oidc"})
+        restore_oidc_user("sign_in")
         st.rerun()
     st.button("Sign in with your organisation's account", on_click=st.login, type="primary")
     st.divider()

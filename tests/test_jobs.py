@@ -96,3 +96,26 @@ def test_cancel_kill_and_resume(job_env: Path) -> None:
     assert events.count("resumed") == 2
     epochs = [e["epoch"] for e in RunDir(job / "run").events() if e["event"] == "epoch"]
     assert sorted(set(epochs)) == list(range(25)) and before < len(epochs)
+
+
+def test_a_reused_pid_is_not_the_job_and_cancel_leaves_it_alone(job_env: Path) -> None:
+    """After a reboot a recorded pid can belong to anything: the job reads as failed
+    (resumable), no launch is blocked by it, and cancel never signals that process group."""
+    import subprocess
+    from dataclasses import asdict
+
+    from cxr_core.fileio import write_json
+    from cxr_core.jobs import RUNNING, JobState, running_job
+
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        job = create_job(_spec(job_env, 1, "5.0.0"))
+        write_json(job / "state.json", asdict(JobState(RUNNING, pid=stranger.pid, started="2026-01-01T00:00:00+00:00")))
+        assert read_state(job).state == FAILED
+        assert running_job() is None
+        cancel(job)
+        time.sleep(0.3)
+        assert stranger.poll() is None, "cancel signalled a process that is not the job"
+    finally:
+        stranger.kill()
+        stranger.wait()
