@@ -253,7 +253,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_folder(model, Path(args.data_dir), split=args.split, metadata=Path(args.metadata) if args.metadata else None, batch_size=args.batch_size)
     data = metrics.as_dict()
     summary = {"model": model.key, "n": data["n"], "classes": data["classes"], "accuracy": data["accuracy"], "per_class": data["per_class"],
-               "confusion_matrix": data["confusion_matrix"], "auroc_macro": data["auroc_macro"], "ece": data["ece"]}
+               "confusion_matrix": data["confusion_matrix"], "auroc_macro": data["auroc_macro"], "ece": data["ece"],
+               "abstention": data.get("abstention")}
     if "by_source" in data:
         summary["by_source"] = {s: {k: v for k, v in m.items() if k in ("n", "accuracy", "per_class", "confusion_matrix", "auroc_macro", "ece")} for s, m in data["by_source"].items()}  # type: ignore[union-attr]
     if args.json:
@@ -263,6 +264,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for cls, m in summary["per_class"].items():  # type: ignore[union-attr]
         print(f"  {cls}: precision={m['precision']} recall={m['recall']} specificity={m['specificity']} f1={m['f1']} n={m['n']}")
     print("  confusion (rows true, columns predicted): " + json.dumps(summary["confusion_matrix"]))
+    if summary["abstention"]:
+        a = summary["abstention"]
+        print(f"  uncertain: {a['n_abstained']} films (answered {a['answered']}); accuracy answered={a['accuracy_answered']} abstained={a['accuracy_abstained']}")  # type: ignore[index]
     for source, m in summary.get("by_source", {}).items():  # type: ignore[union-attr]
         print(f"  source {source}: n={m['n']} accuracy={m['accuracy']}")
     return EXIT_OK

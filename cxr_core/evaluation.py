@@ -24,6 +24,36 @@ class ClassMetrics:
 
 
 @dataclass(frozen=True)
+class Abstention:
+    """How the app's "uncertain" rule behaves on a labelled set: the share of films it
+    names a class for, and accuracy on those against the films it abstains on."""
+
+    answered: float  # share of films given a class, 0..1
+    accuracy_answered: float | None  # None when nothing was answered
+    accuracy_abstained: float | None  # of the decision it withheld; None when it never abstained
+    n_abstained: int
+
+    def as_dict(self) -> dict[str, object]:
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(v, 4)
+
+        return {"answered": r(self.answered), "accuracy_answered": r(self.accuracy_answered),
+                "accuracy_abstained": r(self.accuracy_abstained), "n_abstained": self.n_abstained}
+
+
+def abstention_summary(labels: np.ndarray, predicted: np.ndarray, answered: np.ndarray) -> Abstention:
+    """``answered`` (N,) bool: the films the app named a class for (not "uncertain")."""
+    correct = np.asarray(labels) == np.asarray(predicted)
+    answered = np.asarray(answered, dtype=bool)
+    return Abstention(
+        answered=float(answered.mean()) if answered.size else 0.0,
+        accuracy_answered=float(correct[answered].mean()) if answered.any() else None,
+        accuracy_abstained=float(correct[~answered].mean()) if (~answered).any() else None,
+        n_abstained=int((~answered).sum()),
+    )
+
+
+@dataclass(frozen=True)
 class Metrics:
     classes: tuple[str, ...]
     n: int
@@ -33,6 +63,7 @@ class Metrics:
     auroc_macro: float | None
     ece: float
     by_source: Mapping[str, "Metrics"] = field(default_factory=dict)
+    abstention: Abstention | None = None
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -47,6 +78,8 @@ class Metrics:
             "auroc_macro": None if self.auroc_macro is None else round(self.auroc_macro, 4),
             "ece": round(self.ece, 4),
         }
+        if self.abstention is not None:
+            out["abstention"] = self.abstention.as_dict()
         if self.by_source:
             out["by_source"] = {s: m.as_dict() for s, m in self.by_source.items()}
         return out
@@ -88,8 +121,14 @@ def compute_metrics(
     probabilities: np.ndarray,
     classes: Sequence[str],
     sources: Sequence[str | None] | None = None,
+    answered: Sequence[bool] | np.ndarray | None = None,
 ) -> Metrics:
-    """Metrics of integer ``labels`` vs ``predicted`` (indices into ``classes``); ``probabilities`` (N, K)."""
+    """Metrics of integer ``labels`` vs ``predicted`` (indices into ``classes``); ``probabilities`` (N, K).
+
+    ``answered`` (N,) marks the films the app would name a class for (not "uncertain"):
+    given, the metrics also say how the abstention rule behaves. Every other figure
+    scores the decision on every film, abstained or not.
+    """
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(predicted, dtype=np.int64)
     probs = np.asarray(probabilities, dtype=np.float64)
@@ -122,7 +161,8 @@ def compute_metrics(
         for source in sorted(set(names)):
             mask = names == source
             if mask.sum() and len(set(names)) > 1:
-                by_source[source] = compute_metrics(y[mask], p[mask], probs[mask], classes)
+                by_source[source] = compute_metrics(y[mask], p[mask], probs[mask], classes,
+                                                    answered=None if answered is None else np.asarray(answered, dtype=bool)[mask])
     return Metrics(
         classes=tuple(classes),
         n=total,
@@ -132,4 +172,5 @@ def compute_metrics(
         auroc_macro=auroc,
         ece=expected_calibration_error(probs, y) if total else 0.0,
         by_source=by_source,
+        abstention=None if answered is None or not total else abstention_summary(y, p, np.asarray(answered, dtype=bool)),
     )

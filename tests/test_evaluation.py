@@ -83,3 +83,17 @@ def test_threshold_reaches_the_target_sensitivity() -> None:
     assert choose_threshold(p, positive, target_sensitivity=0.5) == 0.5  # capped: never stricter than 0.5
     with pytest.raises(ValueError):
         choose_threshold(p, np.zeros(12, dtype=bool), 0.9)
+
+
+def test_abstention_by_hand() -> None:
+    # The app abstains on cases 2, 3, 6 and 9 (0-based).
+    answered = np.array([1, 1, 0, 0, 1, 1, 0, 1, 1, 0], dtype=bool)
+    m = compute_metrics(LABELS, PREDICTED, PROBS, CLASSES, sources=["a"] * 5 + ["b"] * 5, answered=answered)
+    assert m.accuracy == pytest.approx(7 / 10)  # every film still scored
+    # answered: 0,1,4,5,7,8 all right; abstained: 2 right, 3, 6, 9 wrong.
+    assert m.abstention is not None
+    assert (m.abstention.answered, m.abstention.accuracy_answered, m.abstention.accuracy_abstained) == pytest.approx((0.6, 1.0, 0.25))
+    assert m.abstention.n_abstained == 4
+    assert m.by_source["b"].abstention.n_abstained == 2  # type: ignore[union-attr]
+    assert m.as_dict()["abstention"] == {"answered": 0.6, "accuracy_answered": 1.0, "accuracy_abstained": 0.25, "n_abstained": 4}
+    assert compute_metrics(LABELS, PREDICTED, PROBS, CLASSES).abstention is None

@@ -119,6 +119,9 @@ def test_train_and_evaluate_commands(data_root: Path, tmp_path: Path, monkeypatc
     assert report["n"] == 18 and report["model"] == "cli-model@1.0.0"
     # Same films through the app's own reading path as through training's evaluation.
     assert report["accuracy"] == pytest.approx(manifest["metrics"]["test"]["accuracy"], abs=1e-6)
+    # ...and the "uncertain" rule abstains on the same films in both.
+    assert report["abstention"] == manifest["metrics"]["test"]["abstention"]
+    assert report["abstention"]["n_abstained"] == round((1 - report["abstention"]["answered"]) * 18)
     assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "x"), "--schedule", "32-2"]) == 2
 
 

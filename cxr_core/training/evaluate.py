@@ -67,7 +67,7 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
             return None
 
     classes = model.manifest.classes
-    labels, predicted, probs, sources = [], [], [], []
+    labels, predicted, probs, sources, answered = [], [], [], [], []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
@@ -77,9 +77,10 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
                 continue
             for (record, _), result in zip(kept, predict(model, [im for _, im in kept], batch_size=batch_size)):
                 labels.append(classes.index(record.label))
-                # Metrics judge the decision rule itself; abstention and the input gate are reported by the app, not scored here.
+                # Metrics judge the decision on every film; abstention is reported beside them. The input gate is not scored here.
                 predicted.append(classes.index(result.decision or classes[0]))
                 probs.append(result.probabilities)
+                answered.append(not result.uncertain)
                 sources.append(record.source or source_of.get(record.path.resolve()))
     has_sources = any(s for s in sources)
-    return compute_metrics(np.array(labels), np.array(predicted), np.array(probs), classes, sources if has_sources else None)
+    return compute_metrics(np.array(labels), np.array(predicted), np.array(probs), classes, sources if has_sources else None, answered=answered)

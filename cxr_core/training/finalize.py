@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cxr_core.evaluation import Metrics, compute_metrics, reliability_bins
-from cxr_core.inference import decide
+from cxr_core.inference import decide, make_prediction
 from cxr_core.manifest import Manifest
 from cxr_core.models import load_model, save_model_folder, select_device, update_manifest
 from cxr_core.registry import build_network
@@ -54,7 +54,8 @@ def _labels(records: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
 
 def evaluate_arrays(model_manifest: Manifest, logits: np.ndarray, labels: np.ndarray, sources: Sequence[str | None] | None) -> tuple[Metrics, np.ndarray]:
     probs = probabilities(logits, model_manifest.head, model_manifest.temperature)
-    return compute_metrics(labels, decisions(probs, model_manifest), probs, model_manifest.classes, sources), probs
+    answered = [not make_prediction(model_manifest, row).uncertain for row in probs]  # the app's own rule
+    return compute_metrics(labels, decisions(probs, model_manifest), probs, model_manifest.classes, sources, answered=answered), probs
 
 
 def finalize(
@@ -201,6 +202,7 @@ def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
             lines += [
                 f"### {split} split",
                 f"Accuracy {metrics['accuracy']:.4f}, macro AUROC {metrics['auroc_macro']}, ECE {metrics['ece']:.4f} (n = {metrics['n']}).",
+                *_abstention_line(metrics.get("abstention"), m),
                 "",
                 _table(metrics, m.classes),
                 "",
@@ -223,6 +225,23 @@ def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
     lines += _shift_notes(m.metrics)
     lines += ["- Decision support only: not a diagnosis.", ""]
     return "\n".join(lines)
+
+
+def _abstention_line(abstention: Mapping[str, Any] | None, manifest: Manifest) -> list[str]:
+    if not abstention:
+        return []
+    from cxr_core.inference import DEFAULT_MIN_MARGIN, DEFAULT_MIN_PROBABILITY
+
+    rule = (f"top probability below {manifest.abstention.get('min_probability', DEFAULT_MIN_PROBABILITY):g}"
+            + (f" or top two within {manifest.abstention.get('min_margin', DEFAULT_MIN_MARGIN):g}" if len(manifest.classes) > 2 else "")
+            + (", unless a class is called at its threshold" if manifest.thresholds else ""))
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    return ["", f"Abstention ({rule}): the app names a class for {pct(abstention['answered'])} of these films and says "
+                f"\"uncertain\" for {abstention['n_abstained']}; accuracy on the answered films {pct(abstention['accuracy_answered'])}, "
+                f"on the abstained ones {pct(abstention['accuracy_abstained'])} (their withheld decision)."]
 
 
 def _training_hours(training: Mapping[str, Any]) -> float:
