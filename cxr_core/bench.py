@@ -213,6 +213,28 @@ def app_rss_mb(model_keys: list[str]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def bench_grid(model: LoadedModel, study: Path, repeats: int, warmup: int) -> float:
+    """The Compare page's 3x3 grid (Grad-CAM, Grad-CAM++, HiResCAM x every class) on one
+    read study, maps and overlays at the page's panel size: seconds until it can be drawn."""
+    from cxr_core.compare import compute_grid, grid_specs, overlays, scale_panels
+    from cxr_core.io import read_image
+
+    image = read_image(study.read_bytes())  # read once on upload, as the page does
+    key = model.manifest.key
+    models = {key: model}
+    classes = list(model.manifest.classes)
+    specs = grid_specs("method", ["gradcam", "gradcam++", "hirescam"], models, studies=1, model=key, method="gradcam",
+                       target=classes[0], row_axis="class", row_values=classes)
+
+    def once() -> None:
+        panels = compute_grid(specs, models, [image], display_side=512)
+        scaled, _ = scale_panels(panels, shared=True)
+        overlays(panels, [image], scaled, colormap="jet", opacity=0.4, threshold=0.0)
+        _sync(model.device)
+
+    return median_seconds(once, model.device, repeats, warmup)
+
+
 def _study() -> Path:
     import data_store
 
@@ -227,7 +249,7 @@ def run(model_keys: list[str] | None, smoke: bool, folder: Path | None) -> dict[
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({os.cpu_count()} CPU threads, torch {torch.get_num_threads()})"),
         "smoke": smoke, "forward_s": {}, "forward_batch_images_per_s": {}, "best_batch": {}, "all_class_cam_over_forward": {},
         "naive_cam_over_forward": {}, "e2e_single_study_s": {}, "e2e_stages_s": {}, "batch_images_per_s": {},
-        "batch_over_forward_rate": {}, "train_images_per_s": {}, "train_data_fraction": {},
+        "batch_over_forward_rate": {}, "train_images_per_s": {}, "train_data_fraction": {}, "compare_grid_s": {},
     }
     bench_folder, folder_note = _folder(folder, 16 if smoke else 256)
     result["batch_folder"] = folder_note
@@ -247,6 +269,7 @@ def run(model_keys: list[str] | None, smoke: bool, folder: Path | None) -> dict[
         e2e = bench_e2e(model, _study(), repeats if not smoke else 1, warmup)
         result["e2e_single_study_s"][key] = e2e["e2e_single_study_s"]
         result["e2e_stages_s"][key] = e2e["stages_s"]
+        result["compare_grid_s"][key] = bench_grid(model, _study(), repeats if not smoke else 1, warmup)
         rate = bench_batch(model, bench_folder, fwd["best_batch"])
         result["batch_images_per_s"][key] = rate
         result["batch_over_forward_rate"][key] = rate / fwd["forward_batch_images_per_s"]
@@ -270,6 +293,7 @@ def table(result: dict[str, Any]) -> str:
             f"{100 * result['train_data_fraction'][key]:6.1f}%"
         )
     lines += ["", "end-to-end stages (s): " + json.dumps({k: {s: round(v, 3) for s, v in st.items()} for k, st in result["e2e_stages_s"].items()}),
+              "Compare page 3x3 grid on the 2k study (3 gradient methods x classes), s: " + json.dumps({k: round(v, 3) for k, v in result["compare_grid_s"].items()}),
               f"app process peak RSS with all models: {result['app_rss_mb']:.0f} MB"]
     return "\n".join(lines)
 

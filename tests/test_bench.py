@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"forward_s", "all_class_cam_over_forward", "naive_cam_over_forward", "e2e_single_study_s", "batch_images_per_s",
-        "forward_batch_images_per_s", "train_images_per_s", "app_rss_mb", "device"}
+        "forward_batch_images_per_s", "train_images_per_s", "app_rss_mb", "device", "compare_grid_s"}
 
 
 def test_bench_smoke(use_weights: Path, tmp_path: Path) -> None:
