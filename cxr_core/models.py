@@ -218,6 +218,9 @@ def load_model(folder: Path | str, device: torch.device | str | None = None) -> 
     target = select_device(str(device)) if device is not None else select_device()
     network.requires_grad_(False)  # inference only: CAM gradients flow to activations, never to weights
     network.eval().to(target)
+    if target.type == "cuda":
+        # Tensor-core convolutions want NHWC; inference runs these under bf16 autocast.
+        network.to(memory_format=torch.channels_last)
     log.info("loaded %s (%s) on %s", manifest.key, arch.name, target)
     return LoadedModel(manifest=manifest, network=network, device=target, path=folder, feature_gate=feature_gate)
 

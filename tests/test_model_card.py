@@ -25,3 +25,27 @@ def test_shift_note_names_the_source_and_its_weakest_class() -> None:
     assert len(notes) == 1  # source a dropped 0.02: within noise, no note
     assert "`b`" in notes[0] and "0.760" in notes[0] and "0.950" in notes[0] and "weakest class there is x" in notes[0]
     assert _shift_notes({"test": metrics["test"]}) == []  # nothing to compare against
+
+
+def test_refresh_keeps_checks_and_reviewer_note_and_adds_the_gate_measurement(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from cxr_core.training.finalize import REVIEWER_HEADING, refresh_model_card
+    from tests.conftest import make_model_folder
+
+    folder = make_model_folder(tmp_path, "cnn5", ("covid", "normal", "viral_pneumonia"), size=32,
+                               metrics={"test": {"n": 10, "accuracy": 0.8, "auroc_macro": 0.9, "ece": 0.03, "confusion_matrix": [[4, 0, 0], [1, 2, 0], [0, 1, 2]],
+                                                 "per_class": {c: {"n": 3, "precision": 0.8, "recall": 0.8, "specificity": 0.9, "f1": 0.8} for c in ("covid", "normal", "viral_pneumonia")},
+                                                 "abstention": {"answered": 0.9, "accuracy_answered": 0.8889, "accuracy_abstained": 0.0, "n_abstained": 1}}})
+    (folder / "README.md").write_text(f"# old\n- Data check: 3 duplicates removed.\n\n{REVIEWER_HEADING}\nLooked at by eye: fine.\n")
+    gate = {"chest": {"n": 1293, "wrongly_rejected_rate": 0.0008, "warned_rate": 0.041},
+            "non_chest": {"n": 214, "rejected_or_warned_rate": 1.0, "rejected_rate": 0.9766},
+            "non_chest_without_dicom_headers": {"rejected_or_warned_rate": 1.0, "rejected_rate": 0.9393}}
+    (folder / "gate_measurement.json").write_text(json.dumps(gate))
+    card = refresh_model_card(folder)
+    assert card == (folder / "README.md").read_text()
+    assert "- Data check: 3 duplicates removed." in card
+    assert card.rstrip().endswith("Looked at by eye: fine.") and card.count(REVIEWER_HEADING) == 1
+    assert "n = 1293: 0.08% rejected, 4.1% warned" in card and "(97.7% rejected)" in card and "(93.9% rejected) with their DICOM headers removed" in card
+    assert "names a class for 90.0% of these films" in card and '"uncertain" for 1;' in card
+    assert refresh_model_card(folder) == card  # idempotent

@@ -6,6 +6,7 @@ verified), not on the in-memory training copy.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from dataclasses import replace
@@ -18,7 +19,7 @@ import torch
 
 from cxr_core.evaluation import Metrics, compute_metrics, reliability_bins
 from cxr_core.inference import decide, make_prediction
-from cxr_core.manifest import Manifest
+from cxr_core.manifest import Manifest, read_manifest
 from cxr_core.models import load_model, save_model_folder, select_device, update_manifest
 from cxr_core.registry import build_network
 from cxr_core.training import figures
@@ -152,8 +153,9 @@ def _table(metrics: dict[str, Any], classes: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
-def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
-    """A model card (Mitchell et al. 2019 in spirit) from the manifest's own facts."""
+def model_card(manifest: Manifest, notes: Sequence[str] = (), gate_measurement: Mapping[str, Any] | None = None, reviewer_note: str = "") -> str:
+    """A model card (Mitchell et al. 2019 in spirit) from the manifest's own facts; with the
+    report of ``scripts/measure_gate.py`` and a hand-written reviewer's note when given."""
     m = manifest
     lines = [f"# {m.name} ({m.key})", "", f"**Intended use.** {m.intended_use}", ""]
     lines += [
@@ -170,6 +172,15 @@ def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
         lines.append(
             f"- Input gate: {m.ood.get('method')}; warning above {m.ood.get('warn')}, rejection above {m.ood.get('reject')}"
             + (f"; on the test split {rates['warned_or_rejected']:.1%} of films warned or rejected, {rates['rejected']:.1%} rejected (n = {rates['n']})." if rates else ".")
+        )
+    if gate_measurement:
+        chest, other, bare = gate_measurement["chest"], gate_measurement["non_chest"], gate_measurement["non_chest_without_dicom_headers"]
+        lines.append(
+            "- The whole input check as the app runs it (DICOM metadata, image appearance, this feature-space gate, quality), measured by "
+            f"`scripts/measure_gate.py` (`gate_measurement.json` here): shared test split, all four labels, n = {chest['n']}: "
+            f"{chest['wrongly_rejected_rate']:.2%} rejected, {chest['warned_rate']:.1%} warned; {other['n']} non-chest images (pydicom's CT, MR, US, NM, "
+            f"extremity CR and others, scikit-image samples, synthetic documents and photos): {other['rejected_or_warned_rate']:.0%} rejected or warned "
+            f"({other['rejected_rate']:.1%} rejected), and {bare['rejected_or_warned_rate']:.0%} ({bare['rejected_rate']:.1%} rejected) with their DICOM headers removed."
         )
     lines += [
         "",
@@ -224,7 +235,26 @@ def model_card(manifest: Manifest, notes: Sequence[str] = ()) -> str:
     ]
     lines += _shift_notes(m.metrics)
     lines += ["- Decision support only: not a diagnosis.", ""]
+    if reviewer_note.strip():
+        lines += [REVIEWER_HEADING, reviewer_note.strip(), ""]
     return "\n".join(lines)
+
+
+REVIEWER_HEADING = "## Reviewer's note (added by hand after training)"
+
+
+def refresh_model_card(folder: Path) -> str:
+    """Rewrite ``folder/README.md`` from the manifest as it is now, keeping the card's data
+    checks and reviewer's note, and adding ``gate_measurement.json`` when present."""
+    card_path = folder / "README.md"
+    old = card_path.read_text(encoding="utf-8") if card_path.exists() else ""
+    notes = [line[len("- Data check: "):] for line in old.splitlines() if line.startswith("- Data check: ")]
+    reviewer = old.split(REVIEWER_HEADING, 1)[1] if REVIEWER_HEADING in old else ""
+    gate_path = folder / "gate_measurement.json"
+    gate = json.loads(gate_path.read_text(encoding="utf-8")) if gate_path.exists() else None
+    card = model_card(read_manifest(folder), notes, gate, reviewer)
+    card_path.write_text(card, encoding="utf-8")
+    return card
 
 
 def _abstention_line(abstention: Mapping[str, Any] | None, manifest: Manifest) -> list[str]:
