@@ -1,7 +1,7 @@
 """Burned-in text, laterality markers and annotations: find them, and mask them.
 
-Markers and text are small, bright, high-contrast shapes on a smoother background, so:
-white top-hat (bright detail smaller than the kernel), a threshold on both the top-hat
+Markers and text are small, high-contrast shapes on a smoother background, white on dark
+or black on bright, so, for each polarity: white top-hat (bright detail smaller than the kernel), a threshold on both the top-hat
 response and absolute brightness, a horizontal closing that joins letters into words,
 then connected components filtered by size, fill and shape. Boxes are in the film's own
 pixel coordinates. Masking fills each box by inpainting from its surroundings
@@ -39,11 +39,34 @@ class Box:
 
 
 def detect_burned_in(pixels: np.ndarray) -> tuple[Box, ...]:
-    """Boxes around burned-in text and markers in an (H, W) film with values in [0, 1]."""
+    """Boxes around burned-in text and markers in an (H, W) film with values in [0, 1].
+
+    Overlays are drawn to be seen: white on the dark field outside the body, and black on a
+    bright one (the unexposed border of a CR plate shows white): both polarities are searched.
+    """
     height, width = pixels.shape
     scale = WORK_SIDE / max(height, width)
     small = cv2.resize(pixels.astype(np.float32), (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
     img = np.clip(small * 255, 0, 255).astype(np.uint8)
+    found = _bright_marks(img)
+    # Dark marks only on a flat bright field (a label, the plate's border): inside the body,
+    # dark detail between bright ribs and vessels is anatomy.
+    found += [b for b in _bright_marks(255 - img, flat_field_only=True) if all(b.iou(other) < 0.3 for other in found)]
+    pad = 2
+    return tuple(
+        Box(
+            max(0, int((b.x - pad) / scale)),
+            max(0, int((b.y - pad) / scale)),
+            min(width, int(np.ceil((b.width + 2 * pad) / scale))),
+            min(height, int(np.ceil((b.height + 2 * pad) / scale))),
+        )
+        for b in found
+    )
+
+
+def _bright_marks(img: np.ndarray, flat_field_only: bool = False) -> list[Box]:
+    """Bright marks in a uint8 image at the working size, in its coordinates; with
+    ``flat_field_only``, only those on a flat, dark surround (in ``img``'s polarity)."""
     # Bright detail thinner than the kernel: letters' strokes, not the spine or the heart.
     tophat = cv2.morphologyEx(img, cv2.MORPH_TOPHAT, cv2.getStructuringElement(cv2.MORPH_RECT, (15, 15)))
     mask = (tophat >= 45).astype(np.uint8)
@@ -66,21 +89,16 @@ def detect_burned_in(pixels: np.ndarray) -> tuple[Box, ...]:
             continue
         contrast = float(region[inner].max() - np.median(ring))
         strokes = img[y : y + h, x : x + w][labels[y : y + h, x : x + w] == label]
-        # Overlays are drawn at the top of the grey scale; anatomy is graded.
+        # Overlays are drawn at the end of the grey scale; anatomy is graded.
         saturated = float(np.mean(strokes >= 250)) >= 0.3
         # Text sits on a flat field (air outside the body, a label) or is saturated; ribs are neither.
-        if not ((contrast >= 60 and float(ring.std()) <= 35) or (saturated and contrast >= 50)):
+        if flat_field_only:
+            if not (contrast >= 60 and float(ring.std()) <= 20 and float(np.median(ring)) <= 60):
+                continue
+        elif not ((contrast >= 60 and float(ring.std()) <= 35) or (saturated and contrast >= 50)):
             continue
-        pad = 2
-        boxes.append(
-            Box(
-                max(0, int((x - pad) / scale)),
-                max(0, int((y - pad) / scale)),
-                min(width, int(np.ceil((w + 2 * pad) / scale))),
-                min(height, int(np.ceil((h + 2 * pad) / scale))),
-            )
-        )
-    return tuple(boxes)
+        boxes.append(Box(int(x), int(y), int(w), int(h)))
+    return boxes
 
 
 def mask_boxes(pixels: np.ndarray, boxes: tuple[Box, ...]) -> np.ndarray:

@@ -225,18 +225,35 @@ def test_orientation_on_shared_test_films() -> None:
 
 
 def _with_text(base: np.ndarray, rng: random.Random, n: int = 2) -> tuple[np.ndarray, list[Box]]:
+    """White words where white is visible (the field under them is dark), as scanners
+    burn them in; a CR plate's bright unexposed border gets none (see the dark-text test)."""
     img = (np.clip(cv2.resize(base, (1024, 1024)), 0, 1) * 255).astype(np.uint8)
-    truth = []
-    for _ in range(n):
+    truth: list[Box] = []
+    while len(truth) < n:
         word = rng.choice(["L", "R", "AP", "PORTABLE", "SUPINE", "ERECT", "D"])
         scale = rng.uniform(1.0, 2.5)
         thick = max(2, int(scale * 2))
         (tw, th), base_line = cv2.getTextSize(word, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
         x = rng.choice([rng.randint(10, 200), rng.randint(1024 - 200 - tw, 1024 - tw - 10)])
         y = rng.choice([rng.randint(th + 10, 200), rng.randint(800, 1000)])
+        if img[y - th : y + base_line, x : x + tw].mean() > 150:
+            continue
         cv2.putText(img, word, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
         truth.append(Box(x, y - th, tw, th + base_line))
     return img.astype(np.float32) / 255.0, truth
+
+
+def test_dark_text_on_a_bright_label_is_found(chest: XrayImage) -> None:
+    """Black words on a white label or on the bright border of a CR plate (RG1's is)."""
+    img = (np.clip(cv2.resize(chest.pixels, (1024, 1024)), 0, 1) * 255).astype(np.uint8)
+    truth = []
+    for word, (x, y) in (("SUPINE", (620, 90)), ("PA", (60, 980))):
+        (tw, th), base_line = cv2.getTextSize(word, cv2.FONT_HERSHEY_SIMPLEX, 1.6, 4)
+        cv2.rectangle(img, (x - 12, y - th - 12), (x + tw + 12, y + base_line + 12), 245, -1)  # the label
+        cv2.putText(img, word, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.6, 0, 4, cv2.LINE_AA)
+        truth.append(Box(x, y - th, tw, th + base_line))
+    boxes = detect_burned_in(img.astype(np.float32) / 255.0)
+    assert all(_found(t, boxes) for t in truth), boxes
 
 
 def _found(truth: Box, boxes: tuple[Box, ...]) -> bool:
