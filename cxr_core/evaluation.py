@@ -132,6 +132,7 @@ def compute_metrics(
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(predicted, dtype=np.int64)
     probs = np.asarray(probabilities, dtype=np.float64)
+    shown = None if answered is None else np.asarray(answered, dtype=bool)
     k = len(classes)
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (y, p), 1)
@@ -161,8 +162,7 @@ def compute_metrics(
         for source in sorted(set(names)):
             mask = names == source
             if mask.sum() and len(set(names)) > 1:
-                by_source[source] = compute_metrics(y[mask], p[mask], probs[mask], classes,
-                                                    answered=None if answered is None else np.asarray(answered, dtype=bool)[mask])
+                by_source[source] = compute_metrics(y[mask], p[mask], probs[mask], classes, answered=None if shown is None else shown[mask])
     return Metrics(
         classes=tuple(classes),
         n=total,
@@ -172,5 +172,5 @@ def compute_metrics(
         auroc_macro=auroc,
         ece=expected_calibration_error(probs, y) if total else 0.0,
         by_source=by_source,
-        abstention=None if answered is None or not total else abstention_summary(y, p, np.asarray(answered, dtype=bool)),
+        abstention=None if shown is None or not total else abstention_summary(y, p, shown),
     )

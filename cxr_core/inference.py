@@ -102,10 +102,15 @@ def called_by_threshold(probabilities: Sequence[float], manifest: Manifest) -> b
     return threshold is not None and probabilities[manifest.classes.index(decision)] >= threshold
 
 
+def abstention_rule(manifest: Manifest) -> tuple[float, float]:
+    """(min_probability, min_margin) of the model's "uncertain" rule: its manifest's, else the defaults."""
+    return (manifest.abstention.get("min_probability", DEFAULT_MIN_PROBABILITY),
+            manifest.abstention.get("min_margin", DEFAULT_MIN_MARGIN))
+
+
 def is_uncertain(probabilities: Sequence[float], manifest: Manifest) -> bool:
     """Top probability below the floor, or the top two too close to call."""
-    floor = manifest.abstention.get("min_probability", DEFAULT_MIN_PROBABILITY)
-    margin = manifest.abstention.get("min_margin", DEFAULT_MIN_MARGIN)
+    floor, margin = abstention_rule(manifest)
     ranked = sorted(probabilities, reverse=True)
     return ranked[0] < floor or (len(ranked) > 2 and ranked[0] - ranked[1] < margin)
 

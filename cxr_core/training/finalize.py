@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cxr_core.evaluation import Metrics, compute_metrics, reliability_bins
-from cxr_core.inference import decide, make_prediction
+from cxr_core.inference import abstention_rule, make_prediction
 from cxr_core.manifest import Manifest, read_manifest
 from cxr_core.models import load_model, save_model_folder, select_device, update_manifest
 from cxr_core.registry import build_network
@@ -42,12 +42,6 @@ KNOWN_SOURCES = {
 }
 
 
-def decisions(probs: np.ndarray, manifest: Manifest) -> np.ndarray:
-    """Class indices under the deployed rule (thresholds included)."""
-    index = {c: i for i, c in enumerate(manifest.classes)}
-    return np.array([index[decide(row, manifest)] for row in probs], dtype=np.int64)
-
-
 def _labels(records: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[r.label] for r in records], dtype=np.int64)
@@ -55,8 +49,11 @@ def _labels(records: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
 
 def evaluate_arrays(model_manifest: Manifest, logits: np.ndarray, labels: np.ndarray, sources: Sequence[str | None] | None) -> tuple[Metrics, np.ndarray]:
     probs = probabilities(logits, model_manifest.head, model_manifest.temperature)
-    answered = [not make_prediction(model_manifest, row).uncertain for row in probs]  # the app's own rule
-    return compute_metrics(labels, decisions(probs, model_manifest), probs, model_manifest.classes, sources, answered=answered), probs
+    # The app's own rule, thresholds and "uncertain" included: one decision per film.
+    results = [make_prediction(model_manifest, row) for row in probs]
+    predicted = np.array([model_manifest.classes.index(r.decision) for r in results], dtype=np.int64)
+    answered = [not r.uncertain for r in results]
+    return compute_metrics(labels, predicted, probs, model_manifest.classes, sources, answered=answered), probs
 
 
 def finalize(
@@ -260,10 +257,9 @@ def refresh_model_card(folder: Path) -> str:
 def _abstention_line(abstention: Mapping[str, Any] | None, manifest: Manifest) -> list[str]:
     if not abstention:
         return []
-    from cxr_core.inference import DEFAULT_MIN_MARGIN, DEFAULT_MIN_PROBABILITY
-
-    rule = (f"top probability below {manifest.abstention.get('min_probability', DEFAULT_MIN_PROBABILITY):g}"
-            + (f" or top two within {manifest.abstention.get('min_margin', DEFAULT_MIN_MARGIN):g}" if len(manifest.classes) > 2 else "")
+    floor, margin = abstention_rule(manifest)
+    rule = (f"top probability below {floor:g}"
+            + (f" or top two within {margin:g}" if len(manifest.classes) > 2 else "")
             + (", unless a class is called at its threshold" if manifest.thresholds else ""))
 
     def pct(v: float | None) -> str:
