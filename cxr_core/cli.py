@@ -180,7 +180,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model_id = args.id or out.name
-    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip)
+    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip, sharpness=args.sharpness)
     config = TrainConfig(
         data_dir=str(args.data_dir),
         arch=args.arch,
@@ -393,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID threshold chosen on validation for this sensitivity")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--hflip", action="store_true", help="allow horizontal flips (off: they swap laterality)")
+    p.add_argument("--sharpness", type=float, default=1.0, help="sharpness augmentation range, 0 to turn off (default: %(default)s)")
     p.add_argument("--mask-text", action="store_true",
                    help="inpaint burned-in text and markers on every film; the model then does so before every prediction")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation on train+val first (by patient), then the final model")

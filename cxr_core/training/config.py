@@ -90,6 +90,9 @@ class TrainConfig:
         aug = dict(values.get("augment") or {})
         if "scale" in aug:
             aug["scale"] = tuple(aug["scale"])
+        if aug and "sharpness" not in aug:
+            # A run recorded before the sharpness augmentation existed resumes as it was trained.
+            aug["sharpness"] = 0.0
         values["augment"] = AugmentConfig(**aug)
         return cls(**values)
 
