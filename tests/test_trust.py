@@ -371,3 +371,27 @@ def test_manifest_mask_flag_round_trips_and_is_checked(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="mask_burned_in"):
         read_manifest(folder)
+
+
+def test_rib_like_bars_on_the_lungs_are_not_text_but_a_saturated_marker_there_is(chest: XrayImage) -> None:
+    """A graded bright bar on the lung field is a rib seen end-on (the old detector boxed
+    them on most paediatric films); a marker drawn at full white on the lung still counts."""
+    from cxr_core.lungs import lung_field
+
+    img = np.clip(cv2.resize(chest.pixels, (1024, 1024)), 0, 1).astype(np.float32)
+    lungs = lung_field(img.shape)
+    ys, xs = np.nonzero(cv2.erode(lungs.astype(np.uint8), np.ones((61, 61), np.uint8)))  # well inside
+    bars = np.zeros_like(img)
+    spots = [(int(xs[i]), int(ys[i])) for i in np.linspace(0, len(xs) - 1, 8).astype(int)]
+    for x, y in spots:
+        cv2.ellipse(bars, (x, y), (28, 9), 20, 0, 360, 0.3, -1)
+    bars = cv2.GaussianBlur(bars, (0, 0), 2)
+    ribbed = np.clip(img + bars, 0, 0.9)  # graded, never at the end of the grey scale
+    assert not [b for b in detect_burned_in(ribbed) if lungs[b.y + b.height // 2, b.x + b.width // 2]]
+
+    marked = (ribbed * 255).astype(np.uint8)
+    x, y = spots[3]
+    (tw, th), base_line = cv2.getTextSize("R", cv2.FONT_HERSHEY_SIMPLEX, 2.0, 5)
+    cv2.putText(marked, "R", (x - tw // 2, y + th // 2), cv2.FONT_HERSHEY_SIMPLEX, 2.0, 255, 5, cv2.LINE_AA)
+    truth = Box(x - tw // 2, y - th // 2, tw, th + base_line)
+    assert _found(truth, detect_burned_in(marked.astype(np.float32) / 255.0))
