@@ -49,3 +49,19 @@ def test_refresh_keeps_checks_and_reviewer_note_and_adds_the_gate_measurement(tm
     assert "n = 1293: 0.08% rejected, 4.1% warned" in card and "(97.7% rejected)" in card and "(93.9% rejected) with their DICOM headers removed" in card
     assert "names a class for 90.0% of these films" in card and '"uncertain" for 1;' in card
     assert refresh_model_card(folder) == card  # idempotent
+
+
+def test_the_sharpness_probe_of_this_version_goes_in_the_card_and_a_stale_one_does_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from cxr_core.manifest import read_manifest
+    from cxr_core.training.finalize import refresh_model_card
+    from tests.conftest import make_model_folder
+
+    folder = make_model_folder(tmp_path, "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    probe = {"model": read_manifest(folder).key, "split": "test", "blur_sigma_px_at_224": 1.2,
+             "groups": {"kermany/normal": {"n": 120, "flipped_by_blur": 58, "flipped_by_sharpening": 17}}}
+    (folder / "sharpness_probe.json").write_text(json.dumps(probe))
+    assert "kermany/normal 58/120 by blur, 17/120 by sharpening" in refresh_model_card(folder)
+    (folder / "sharpness_probe.json").write_text(json.dumps({**probe, "model": "someone-else@0.0.1"}))
+    assert "Sharpness probe" not in refresh_model_card(folder)

@@ -150,9 +150,16 @@ def _table(metrics: dict[str, Any], classes: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
-def model_card(manifest: Manifest, notes: Sequence[str] = (), gate_measurement: Mapping[str, Any] | None = None, reviewer_note: str = "") -> str:
+def model_card(
+    manifest: Manifest,
+    notes: Sequence[str] = (),
+    gate_measurement: Mapping[str, Any] | None = None,
+    reviewer_note: str = "",
+    sharpness_probe: Mapping[str, Any] | None = None,
+) -> str:
     """A model card (Mitchell et al. 2019 in spirit) from the manifest's own facts; with the
-    report of ``scripts/measure_gate.py`` and a hand-written reviewer's note when given."""
+    reports of ``scripts/measure_gate.py`` and ``scripts/probe_sharpness.py`` and a
+    hand-written reviewer's note when given."""
     m = manifest
     lines = [f"# {m.name} ({m.key})", "", f"**Intended use.** {m.intended_use}", ""]
     lines += [
@@ -231,6 +238,7 @@ def model_card(manifest: Manifest, notes: Sequence[str] = (), gate_measurement: 
         "unusual numbers." + (" The input gate flags films far from the training data, but a film close to it can still be wrong." if m.ood else " It cannot say a film is outside what it knows."),
     ]
     lines += _shift_notes(m.metrics)
+    lines += _probe_lines(sharpness_probe)
     lines += ["- Decision support only: not a diagnosis.", ""]
     if reviewer_note.strip():
         lines += [REVIEWER_HEADING, reviewer_note.strip(), ""]
@@ -242,14 +250,20 @@ REVIEWER_HEADING = "## Reviewer's note (added by hand after training)"
 
 def refresh_model_card(folder: Path) -> str:
     """Rewrite ``folder/README.md`` from the manifest as it is now, keeping the card's data
-    checks and reviewer's note, and adding ``gate_measurement.json`` when present."""
+    checks and reviewer's note, and adding ``gate_measurement.json`` and this version's
+    ``sharpness_probe.json`` when present."""
     card_path = folder / "README.md"
     old = card_path.read_text(encoding="utf-8") if card_path.exists() else ""
     notes = [line[len("- Data check: "):] for line in old.splitlines() if line.startswith("- Data check: ")]
     reviewer = old.split(REVIEWER_HEADING, 1)[1] if REVIEWER_HEADING in old else ""
     gate_path = folder / "gate_measurement.json"
     gate = json.loads(gate_path.read_text(encoding="utf-8")) if gate_path.exists() else None
-    card = model_card(read_manifest(folder), notes, gate, reviewer)
+    probe_path = folder / "sharpness_probe.json"
+    probe = json.loads(probe_path.read_text(encoding="utf-8")) if probe_path.exists() else None
+    manifest = read_manifest(folder)
+    if probe and probe.get("model") != manifest.key:
+        probe = None  # measured on another version: stale
+    card = model_card(manifest, notes, gate, reviewer, probe)
     card_path.write_text(card, encoding="utf-8")
     return card
 
@@ -268,6 +282,20 @@ def _abstention_line(abstention: Mapping[str, Any] | None, manifest: Manifest) -
     return ["", f"Abstention ({rule}): the app names a class for {pct(abstention['answered'])} of these films and says "
                 f"\"uncertain\" for {abstention['n_abstained']}; accuracy on the answered films {pct(abstention['accuracy_answered'])}, "
                 f"on the abstained ones {pct(abstention['accuracy_abstained'])} (their withheld decision)."]
+
+
+def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
+    """A limit line from ``scripts/probe_sharpness.py``: how many decisions blur and sharpening flip."""
+    if not probe:
+        return []
+    parts = []
+    for group, g in sorted(probe["groups"].items()):
+        parts.append(f"{group} {g['flipped_by_blur']}/{g['n']} by blur, {g['flipped_by_sharpening']}/{g['n']} by sharpening")
+    return [
+        f"- Sharpness probe (`scripts/probe_sharpness.py`, `sharpness_probe.json`, {probe['split']} split): decisions changed when the "
+        f"films were blurred (Gaussian, {probe['blur_sigma_px_at_224']} px at 224 px) or sharpened (unsharp mask): " + "; ".join(parts) + ". "
+        "A film from a softer or crisper detector than the training films can change the answer by this much."
+    ]
 
 
 def _training_hours(training: Mapping[str, Any]) -> float:
