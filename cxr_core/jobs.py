@@ -25,10 +25,11 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cxr_core import config
 from cxr_core.errors import CxrError
@@ -184,8 +185,28 @@ def gpus_for(spec: JobSpec) -> int:
     return max(1, min(count, int(cap))) if cap and cap.isdigit() else count
 
 
+@contextmanager
+def _launch_lock() -> Iterator[None]:
+    """Held from "is a job running?" until the new job's state says queued, so two admins
+    pressing Launch at the same moment get one job and one clear refusal (not two
+    processes racing for the training lock, the second failing after it started)."""
+    path = jobs_dir() / ".launch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:  # one open file description per call: flock excludes threads too
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def launch(job_dir: Path) -> int:
     """Start (or resume) the job in a new process; refuse while another job runs."""
+    with _launch_lock():
+        return _launch_unlocked(job_dir)
+
+
+def _launch_unlocked(job_dir: Path) -> int:
     busy = running_job()
     if busy is not None and busy != job_dir:
         raise JobError(f"Job {busy.name} is still running: one training job at a time. Cancel it or wait for it to finish.")

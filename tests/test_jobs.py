@@ -119,3 +119,53 @@ def test_a_reused_pid_is_not_the_job_and_cancel_leaves_it_alone(job_env: Path) -
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_two_launches_at_the_same_moment_start_one_job(job_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two admins press Launch together: one job starts, the other launch is refused before
+    any process starts (it used to start, then fail on the training lock)."""
+    import subprocess
+    import sys
+    import threading
+
+    import cxr_core.jobs as jobs
+
+    started: list[subprocess.Popen] = []
+    real_popen, real_running_job = subprocess.Popen, jobs.running_job
+
+    def fake_popen(command, **kwargs):  # type: ignore[no-untyped-def]
+        # A stand-in process whose command line names the job (what _alive checks).
+        process = real_popen([sys.executable, "-c", "import time; time.sleep(30)", command[-1]], start_new_session=True)
+        started.append(process)
+        return process
+
+    def slow_running_job():  # type: ignore[no-untyped-def]
+        found = real_running_job()
+        time.sleep(0.5)  # widen the window between the check and the start
+        return found
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(jobs, "running_job", slow_running_job)
+    first, second = create_job(_spec(job_env, 1, "6.0.0")), create_job(_spec(job_env, 1, "6.0.1"))
+    outcomes: list[str] = []
+
+    def press(job_dir: Path) -> None:
+        try:
+            launch(job_dir)
+            outcomes.append("started")
+        except JobError as exc:
+            outcomes.append(f"refused: {exc}")
+
+    try:
+        threads = [threading.Thread(target=press, args=(j,)) for j in (first, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(o.split(":")[0] for o in outcomes) == ["refused", "started"], outcomes
+        assert len(started) == 1
+        assert "one training job at a time" in [o for o in outcomes if o.startswith("refused")][0]
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
