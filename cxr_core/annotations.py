@@ -87,8 +87,8 @@ def _bright_marks(img: np.ndarray, flat_field_only: bool = False) -> list[tuple[
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     boxes: list[tuple[Box, bool]] = []
     for label, (x, y, w, h, area) in enumerate(stats[1:], start=1):
-        if not (5 <= h <= 60 and 3 <= w <= 220) or h > 4 * w or w > 12 * h:
-            continue  # too small, too big, or a bone edge / line
+        if not (5 <= h <= 100 and 3 <= w <= 220) or h > 4 * w or w > 12 * h:
+            continue  # too small, too big (a fifth of the side), or a bone edge / line
         if not 0.12 <= area / float(w * h) <= 0.97:
             continue
         ring_pad = 5
@@ -104,11 +104,13 @@ def _bright_marks(img: np.ndarray, flat_field_only: bool = False) -> list[tuple[
         strokes = img[y : y + h, x : x + w][labels[y : y + h, x : x + w] == label]
         # Overlays are drawn at the end of the grey scale; anatomy is graded.
         saturated = float(np.mean(strokes >= 250)) >= 0.3
-        # Text sits on a flat field (air outside the body, a label) or is saturated; ribs are neither.
+        # Text sits on a flat field (air outside the body, a label), or is saturated, or is
+        # near white and far brighter than its surround (a big marker straddling the body's
+        # edge, softened by JPEG); ribs are none of these.
         if flat_field_only:
             if not (contrast >= 60 and float(ring.std()) <= 20 and float(np.median(ring)) <= 60):
                 continue
-        elif not ((contrast >= 60 and float(ring.std()) <= 35) or (saturated and contrast >= 50)):
+        elif not ((contrast >= 60 and float(ring.std()) <= 35) or (saturated and contrast >= 50) or (float(strokes.max()) >= 245 and contrast >= 100)):
             continue
         boxes.append((Box(int(x), int(y), int(w), int(h)), saturated))
     return boxes

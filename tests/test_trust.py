@@ -395,3 +395,18 @@ def test_rib_like_bars_on_the_lungs_are_not_text_but_a_saturated_marker_there_is
     cv2.putText(marked, "R", (x - tw // 2, y + th // 2), cv2.FONT_HERSHEY_SIMPLEX, 2.0, 255, 5, cv2.LINE_AA)
     truth = Box(x - tw // 2, y - th // 2, tw, th + base_line)
     assert _found(truth, detect_burned_in(marked.astype(np.float32) / 255.0))
+
+
+def test_a_large_near_white_marker_on_the_body_edge_is_found(chest: XrayImage) -> None:
+    """A big "R" burned in near white (248 of 255: not saturated) across the edge between
+    air and the shoulder, so its surround is not flat: the kind the detector missed on
+    Kermany films (too tall for the old size limit, and neither flat-field nor saturated)."""
+    img = (np.clip(cv2.resize(chest.pixels, (1024, 1024)), 0, 1) * 255).astype(np.float32)
+    edge = np.where(np.arange(340) < 170, 60.0, 170.0).astype(np.float32)
+    img[20:360, 20:360] = cv2.GaussianBlur(np.tile(edge, (340, 1)), (0, 0), 6)
+    marked = img.astype(np.uint8)
+    (tw, th), base_line = cv2.getTextSize("R", cv2.FONT_HERSHEY_SIMPLEX, 6.0, 14)
+    cv2.putText(marked, "R", (110, 60 + th), cv2.FONT_HERSHEY_SIMPLEX, 6.0, 248, 14, cv2.LINE_AA)
+    truth = Box(110, 60, tw, th + base_line)
+    assert th > 120  # taller than the old size limit (60 px at the 512 px working size)
+    assert _found(truth, detect_burned_in(marked.astype(np.float32) / 255.0))
