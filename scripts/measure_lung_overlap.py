@@ -16,7 +16,6 @@ corner, to show whether the model's map moves onto it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections import defaultdict
@@ -32,6 +31,7 @@ from cxr_core.cam import explain  # noqa: E402
 from cxr_core.io import XrayImage, read_image  # noqa: E402
 from cxr_core.lungs import WARN_BELOW, lung_field, lung_overlap  # noqa: E402
 from cxr_core.models import load_model, resolve_model  # noqa: E402
+from cxr_core.training.dataset import by_source_and_label, scan_folder  # noqa: E402
 
 
 def stamp_label(image: XrayImage) -> XrayImage:
@@ -67,19 +67,13 @@ def main() -> int:
     data = Path(args.data)
     model = load_model(resolve_model(args.model).path)
     size = tuple(model.manifest.input.size)
-    rows = [r for r in csv.DictReader(open(data / "metadata.csv", encoding="utf-8")) if r["split"] == "test"]
-    groups: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in rows:
-        groups[f"{row['source']}/{row['label']}"].append(row)
     rng = np.random.default_rng(0)
     shares: dict[str, list[float]] = defaultdict(list)
     stamped: dict[str, list[float]] = defaultdict(list)
-    for group, members in sorted(groups.items()):
+    for group, members in by_source_and_label(scan_folder(data), "test").items():
         chosen = rng.choice(len(members), size=min(args.per_group, len(members)), replace=False)
         for index in chosen:
-            row = members[int(index)]
-            path = data / row["file"]
-            image = read_image(path)
+            image = read_image(members[int(index)].path)
             explanation = explain(model, image, size=size)
             target = explanation.prediction.most_probable
             shares[group].append(lung_overlap(explanation.heatmap(target).raw).share)

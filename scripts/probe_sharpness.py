@@ -14,10 +14,9 @@ collection, not of lungs).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxr_core.inference import decide  # noqa: E402
 from cxr_core.io import read_image  # noqa: E402
 from cxr_core.models import load_model, resolve_model  # noqa: E402
+from cxr_core.training.dataset import by_source_and_label, scan_folder  # noqa: E402
 from cxr_core.training.trainer import predict_arrays, probabilities  # noqa: E402
 
 BLUR_SIGMA = 1.2
@@ -56,14 +56,10 @@ def main() -> int:
     model = load_model(resolve_model(args.model).path)
     manifest = model.manifest
     width, height = manifest.input.size
-    groups: dict[str, list[str]] = defaultdict(list)
-    for row in csv.DictReader(open(data / "metadata.csv", encoding="utf-8")):
-        if row["split"] == args.split:
-            groups[f"{row['source']}/{row['label']}"].append(row["file"])
-    report: dict[str, object] = {"model": f"{manifest.id}@{manifest.version}", "split": args.split,
+    report: dict[str, object] = {"model": manifest.key, "split": args.split,
                                  "blur_sigma_px_at_224": BLUR_SIGMA, "sharpen": {"sigma_px_at_224": SHARPEN_SIGMA, "amount": SHARPEN_AMOUNT}, "groups": {}}
-    for group, files in sorted(groups.items()):
-        films = [read_image(data / f).to_uint8() for f in files[: args.per_group]]
+    for group, records in by_source_and_label(scan_folder(data), args.split).items():
+        films = [read_image(r.path).to_uint8() for r in records[: args.per_group]]
         films = [cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in films]
         result: dict[str, object] = {"n": len(films)}
         calls = {}
@@ -71,9 +67,8 @@ def main() -> int:
             pixels = np.stack([change(f) if change else f for f in films])
             logits = predict_arrays(model.network, pixels, manifest.input, model.device)
             # The app's decision: calibrated probabilities and the COVID threshold.
-            decisions = [decide(p, manifest) for p in probabilities(logits, manifest.head, manifest.temperature)]
-            calls[variant] = np.array([manifest.classes.index(d) for d in decisions])
-            result[variant] = dict(Counter(decisions))
+            calls[variant] = np.array([decide(p, manifest) for p in probabilities(logits, manifest.head, manifest.temperature)])
+            result[variant] = dict(Counter(calls[variant].tolist()))
         result["flipped_by_blur"] = int((calls["blurred"] != calls["as_is"]).sum())
         result["flipped_by_sharpening"] = int((calls["sharpened"] != calls["as_is"]).sum())
         report["groups"][group] = result  # type: ignore[index]

@@ -15,7 +15,6 @@ nobody has drawn ground-truth boxes on the shared films.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_core.annotations import detect_burned_in  # noqa: E402
 from cxr_core.io import read_image  # noqa: E402
+from cxr_core.training.dataset import scan_folder  # noqa: E402
 
 CROP = 96
 
@@ -47,16 +47,15 @@ def _crop(film: np.ndarray, box: dict[str, int], index: int) -> np.ndarray:
 
 
 def sheet(data: Path, films: int, seed: int, out: Path) -> None:
-    rows = [r for r in csv.DictReader(open(data / "metadata.csv", encoding="utf-8")) if r["split"] == "test"]
-    sample = random.Random(seed).sample(rows, films)
+    test = [r for r in scan_folder(data) if r.split == "test"]
     records, tiles = [], []
-    for row in sample:
-        film = read_image(data / row["file"])
+    for record in random.Random(seed).sample(test, films):
+        film = read_image(record.path)
         pixels = (np.clip(film.pixels, 0, 1) * 255).astype(np.uint8)
         for box in detect_burned_in(film.pixels):
             b = {"x": box.x, "y": box.y, "width": box.width, "height": box.height}
             tiles.append(_crop(pixels, b, len(records)))
-            records.append({"file": row["file"], "source": row["source"], "box": b, "verdict": ""})
+            records.append({"file": record.path.relative_to(data).as_posix(), "source": record.source, "box": b, "verdict": ""})
     while len(tiles) % 10:
         tiles.append(np.zeros((CROP, CROP, 3), np.uint8))
     out.parent.mkdir(parents=True, exist_ok=True)

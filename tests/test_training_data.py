@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core.training.dataset import DatasetError, LabelPlan, Record, assign_splits, remove_patient_leaks, scan_folder
+from cxr_core.training.dataset import (
+    DatasetError,
+    LabelPlan,
+    Record,
+    assign_splits,
+    by_source_and_label,
+    remove_patient_leaks,
+    scan_folder,
+)
 from cxr_core.training.prepare import prepare_data
 from tests.conftest import SHARED_DATA
 from tests.synthetic import make_labelled_folder, synthetic_film
@@ -148,3 +156,11 @@ def test_signature_tolerates_reencoding_but_separates_films() -> None:
     same = float(thumbnail_signature(a / 255) @ thumbnail_signature(noisy / 255))
     different = float(thumbnail_signature(a / 255) @ thumbnail_signature(b / 255))
     assert same > 0.98 > different
+
+
+def test_records_of_one_split_group_by_source_and_label_in_file_order() -> None:
+    records = [Record(Path("b1"), "normal", "test", source="kermany"), Record(Path("a1"), "covid", "test", source="c19rdb"),
+               Record(Path("x"), "covid", "train", source="c19rdb"), Record(Path("b2"), "normal", "test", source="kermany")]
+    groups = by_source_and_label(records, "test")
+    assert list(groups) == ["c19rdb/covid", "kermany/normal"]
+    assert [r.path.name for r in groups["kermany/normal"]] == ["b1", "b2"]

@@ -119,6 +119,16 @@ def scan_folder(root: Path | str) -> list[Record]:
     return records
 
 
+def by_source_and_label(records: Sequence[Record], split: str) -> dict[str, list[Record]]:
+    """The records of one split grouped as ``"source/label"``, groups sorted, files in order
+    (how the measurement scripts report per-source results)."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        if record.split == split:
+            groups.setdefault(f"{record.source}/{record.label}", []).append(record)
+    return dict(sorted(groups.items()))
+
+
 def _bucket(key: str, salt: str) -> float:
     """Deterministic pseudo-random number in [0, 1) from a key: splits stable across runs and machines."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
