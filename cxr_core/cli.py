@@ -170,6 +170,17 @@ def _schedule(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
     return ((args.size, args.epochs),)
 
 
+def _zoom_range(text: str) -> tuple[float, float]:
+    """``"0.9,1.3"`` -> (0.9, 1.3); a clear error for anything else."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--zoom is MIN,MAX, e.g. 0.9,1.1 (got {text!r})") from None
+    if not 0.25 <= lo <= hi <= 4.0:
+        raise UsageError(f"--zoom {text}: need 0.25 <= MIN <= MAX <= 4")
+    return (lo, hi)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
@@ -180,7 +191,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model_id = args.id or out.name
-    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip, sharpness=args.sharpness)
+    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom))
     config = TrainConfig(
         data_dir=str(args.data_dir),
         arch=args.arch,
@@ -394,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--hflip", action="store_true", help="allow horizontal flips (off: they swap laterality)")
     p.add_argument("--sharpness", type=float, default=1.0, help="sharpness augmentation range, 0 to turn off (default: %(default)s)")
+    p.add_argument("--zoom", default="0.9,1.1", metavar="MIN,MAX",
+                   help="zoom augmentation range; above 1 frames the chest more tightly (default: %(default)s)")
     p.add_argument("--mask-text", action="store_true",
                    help="inpaint burned-in text and markers on every film; the model then does so before every prediction")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation on train+val first (by patient), then the final model")

@@ -51,7 +51,25 @@ def test_refresh_keeps_checks_and_reviewer_note_and_adds_the_gate_measurement(tm
     assert refresh_model_card(folder) == card  # idempotent
 
 
-def test_the_sharpness_probe_of_this_version_goes_in_the_card_and_a_stale_one_does_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_shortcut_probe_of_this_version_goes_in_the_card_and_a_stale_one_does_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from cxr_core.manifest import read_manifest
+    from cxr_core.training.finalize import refresh_model_card
+    from tests.conftest import make_model_folder
+
+    folder = make_model_folder(tmp_path, "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    probe = {"model": read_manifest(folder).key, "split": "test", "blur_sigma_px_at_224": 1.2, "zoom": 1.3,
+             "groups": {"kermany/normal": {"n": 120, "flipped_by_blur": 58, "flipped_by_sharpening": 17, "flipped_by_zoom": 97}}}
+    (folder / "shortcut_probe.json").write_text(json.dumps(probe))
+    card = refresh_model_card(folder)
+    assert "kermany/normal 58/120 by blur, 17/120 by sharpening, 97/120 by zoom" in card
+    assert "zoomed in (the central 1/1.3 of each side" in card
+    (folder / "shortcut_probe.json").write_text(json.dumps({**probe, "model": "someone-else@0.0.1"}))
+    assert "Shortcut probe" not in refresh_model_card(folder)
+
+
+def test_a_probe_report_under_its_old_name_and_without_zoom_still_reaches_the_card(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
     from cxr_core.manifest import read_manifest
@@ -62,6 +80,5 @@ def test_the_sharpness_probe_of_this_version_goes_in_the_card_and_a_stale_one_do
     probe = {"model": read_manifest(folder).key, "split": "test", "blur_sigma_px_at_224": 1.2,
              "groups": {"kermany/normal": {"n": 120, "flipped_by_blur": 58, "flipped_by_sharpening": 17}}}
     (folder / "sharpness_probe.json").write_text(json.dumps(probe))
-    assert "kermany/normal 58/120 by blur, 17/120 by sharpening" in refresh_model_card(folder)
-    (folder / "sharpness_probe.json").write_text(json.dumps({**probe, "model": "someone-else@0.0.1"}))
-    assert "Sharpness probe" not in refresh_model_card(folder)
+    card = refresh_model_card(folder)
+    assert "kermany/normal 58/120 by blur, 17/120 by sharpening." in card and "zoom" not in card.split("Shortcut probe")[1].split("\n")[0]

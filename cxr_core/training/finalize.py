@@ -155,10 +155,10 @@ def model_card(
     notes: Sequence[str] = (),
     gate_measurement: Mapping[str, Any] | None = None,
     reviewer_note: str = "",
-    sharpness_probe: Mapping[str, Any] | None = None,
+    shortcut_probe: Mapping[str, Any] | None = None,
 ) -> str:
     """A model card (Mitchell et al. 2019 in spirit) from the manifest's own facts; with the
-    reports of ``scripts/measure_gate.py`` and ``scripts/probe_sharpness.py`` and a
+    reports of ``scripts/measure_gate.py`` and ``scripts/probe_shortcuts.py`` and a
     hand-written reviewer's note when given."""
     m = manifest
     lines = [f"# {m.name} ({m.key})", "", f"**Intended use.** {m.intended_use}", ""]
@@ -238,7 +238,7 @@ def model_card(
         "unusual numbers." + (" The input gate flags films far from the training data, but a film close to it can still be wrong." if m.ood else " It cannot say a film is outside what it knows."),
     ]
     lines += _shift_notes(m.metrics)
-    lines += _probe_lines(sharpness_probe)
+    lines += _probe_lines(shortcut_probe)
     lines += ["- Decision support only: not a diagnosis.", ""]
     if reviewer_note.strip():
         lines += [REVIEWER_HEADING, reviewer_note.strip(), ""]
@@ -251,15 +251,19 @@ REVIEWER_HEADING = "## Reviewer's note (added by hand after training)"
 def refresh_model_card(folder: Path) -> str:
     """Rewrite ``folder/README.md`` from the manifest as it is now, keeping the card's data
     checks and reviewer's note, and adding ``gate_measurement.json`` and this version's
-    ``sharpness_probe.json`` when present."""
+    ``shortcut_probe.json`` when present."""
     card_path = folder / "README.md"
     old = card_path.read_text(encoding="utf-8") if card_path.exists() else ""
     notes = [line[len("- Data check: "):] for line in old.splitlines() if line.startswith("- Data check: ")]
     reviewer = old.split(REVIEWER_HEADING, 1)[1] if REVIEWER_HEADING in old else ""
     gate_path = folder / "gate_measurement.json"
     gate = json.loads(gate_path.read_text(encoding="utf-8")) if gate_path.exists() else None
-    probe_path = folder / "sharpness_probe.json"
-    probe = json.loads(probe_path.read_text(encoding="utf-8")) if probe_path.exists() else None
+    probe = None
+    # sharpness_probe.json: the name the probe's report had before it also tried framing
+    for name in ("shortcut_probe.json", "sharpness_probe.json"):
+        if (folder / name).exists():
+            probe = json.loads((folder / name).read_text(encoding="utf-8"))
+            break
     manifest = read_manifest(folder)
     if probe and probe.get("model") != manifest.key:
         probe = None  # measured on another version: stale
@@ -285,16 +289,21 @@ def _abstention_line(abstention: Mapping[str, Any] | None, manifest: Manifest) -
 
 
 def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
-    """A limit line from ``scripts/probe_sharpness.py``: how many decisions blur and sharpening flip."""
+    """Limit lines from ``scripts/probe_shortcuts.py``: how many decisions blur, sharpening and tighter framing flip."""
     if not probe:
         return []
     parts = []
     for group, g in sorted(probe["groups"].items()):
-        parts.append(f"{group} {g['flipped_by_blur']}/{g['n']} by blur, {g['flipped_by_sharpening']}/{g['n']} by sharpening")
+        parts.append(f"{group} {g['flipped_by_blur']}/{g['n']} by blur, {g['flipped_by_sharpening']}/{g['n']} by sharpening"
+                     + (f", {g['flipped_by_zoom']}/{g['n']} by zoom" if "flipped_by_zoom" in g else ""))
+    zoom = probe.get("zoom")
     return [
-        f"- Sharpness probe (`scripts/probe_sharpness.py`, `sharpness_probe.json`, {probe['split']} split): decisions changed when the "
-        f"films were blurred (Gaussian, {probe['blur_sigma_px_at_224']} px at 224 px) or sharpened (unsharp mask): " + "; ".join(parts) + ". "
-        "A film from a softer or crisper detector than the training films can change the answer by this much."
+        f"- Shortcut probe (`scripts/probe_shortcuts.py`, {probe['split']} split): decisions changed when the "
+        f"films were blurred (Gaussian, {probe['blur_sigma_px_at_224']} px at 224 px)"
+        + (f", sharpened (unsharp mask) or zoomed in (the central 1/{zoom:g} of each side, as a tighter collimation shows)"
+           if zoom else " or sharpened (unsharp mask)")
+        + ": " + "; ".join(parts) + ". "
+        "A film from a softer or crisper detector, or framed differently from the training films, can change the answer by this much."
     ]
 
 
