@@ -54,6 +54,10 @@ def zoom_in(film: np.ndarray) -> np.ndarray:
     return cv2.resize(film[y : y + ch, x : x + cw], (w, h), interpolation=cv2.INTER_AREA)
 
 
+#: variant name, the change, the report key counting the decisions it flips
+VARIANTS = (("blurred", blur, "flipped_by_blur"), ("sharpened", sharpen, "flipped_by_sharpening"), ("zoomed_in", zoom_in, "flipped_by_zoom"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -74,15 +78,14 @@ def main() -> int:
         films = [cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in films]
         result: dict[str, object] = {"n": len(films)}
         calls = {}
-        for variant, change in (("as_is", None), ("blurred", blur), ("sharpened", sharpen), ("zoomed_in", zoom_in)):
+        for variant, change in (("as_is", None), *((name, change) for name, change, _ in VARIANTS)):
             pixels = np.stack([change(f) if change else f for f in films])
             logits = predict_arrays(model.network, pixels, manifest.input, model.device)
             # The app's decision: calibrated probabilities and the COVID threshold.
             calls[variant] = np.array([decide(p, manifest) for p in probabilities(logits, manifest.head, manifest.temperature)])
             result[variant] = dict(Counter(calls[variant].tolist()))
-        result["flipped_by_blur"] = int((calls["blurred"] != calls["as_is"]).sum())
-        result["flipped_by_sharpening"] = int((calls["sharpened"] != calls["as_is"]).sum())
-        result["flipped_by_zoom"] = int((calls["zoomed_in"] != calls["as_is"]).sum())
+        for variant, _, key in VARIANTS:
+            result[key] = int((calls[variant] != calls["as_is"]).sum())
         report["groups"][group] = result  # type: ignore[index]
     text = json.dumps(report, indent=1)
     print(text)
