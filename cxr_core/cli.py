@@ -181,6 +181,12 @@ def _zoom_range(text: str) -> tuple[float, float]:
     return (lo, hi)
 
 
+def _aspect(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"--aspect {value}: need 0 <= A <= 1 (0.15 stretches by up to 15%)")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
@@ -191,7 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model_id = args.id or out.name
-    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom))
+    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom), aspect=_aspect(args.aspect))
     config = TrainConfig(
         data_dir=str(args.data_dir),
         arch=args.arch,
@@ -219,6 +225,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         mask_burned_in=args.mask_text,
+        amp_cpu=not args.no_cpu_bf16,
     )
     try:
         config.validate()
@@ -395,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--balance", default="weights", choices=["weights", "sampler", "none"])
+    p.add_argument("--balance", default="weights", choices=["weights", "sampler", "source", "none"],
+                   help="class weights, a balanced sampler, weights balancing every (source, label) group of metadata.csv, or none")
     p.add_argument("--freeze-epochs", type=int, default=0, help="epochs training the head only (fine-tuning)")
     p.add_argument("--layer-decay", type=float, default=1.0, help="per-stage learning-rate multiplier (discriminative LRs)")
     p.add_argument("--patience", type=int, default=0, help="early stopping (epochs without improvement; 0 = off)")
@@ -407,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharpness", type=float, default=1.0, help="sharpness augmentation range, 0 to turn off (default: %(default)s)")
     p.add_argument("--zoom", default="0.9,1.1", metavar="MIN,MAX",
                    help="zoom augmentation range; above 1 frames the chest more tightly (default: %(default)s)")
+    p.add_argument("--aspect", type=float, default=0.0, metavar="A",
+                   help="aspect-ratio augmentation: width/height stretched by up to 1+A either way (default: off)")
+    p.add_argument("--no-cpu-bf16", action="store_true",
+                   help="train in fp32 on a CPU with native bf16 (AMX / AVX512-BF16), where bf16 autocast is the default")
     p.add_argument("--mask-text", action="store_true",
                    help="inpaint burned-in text and markers on every film; the model then does so before every prediction")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation on train+val first (by patient), then the final model")

@@ -67,7 +67,8 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
         batch = c[2].number_input("Batch size", 2, 256, 32)
         lr = c[3].number_input("Peak learning rate", 1e-6, 1e-1, 3e-4 if base_key else 2e-3, format="%.6f")
         c = st.columns(4)
-        balance = c[0].selectbox("Class balance", ["weights", "sampler", "none"])
+        balance = c[0].selectbox("Class balance", ["weights", "sampler", "source", "none"],
+                               help="source: weights that balance every (source, label) group of metadata.csv")
         freeze = c[1].number_input("Frozen-backbone epochs", 0, 50, 1 if base_key else 0)
         decay = c[2].number_input("Per-stage LR factor", 0.1, 1.0, 0.7 if base_key else 1.0, step=0.05)
         patience = c[3].number_input("Early stopping (epochs, 0 = off)", 0, 50, 0)

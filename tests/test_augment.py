@@ -51,3 +51,66 @@ def test_a_run_recorded_before_the_sharpness_augmentation_resumes_without_it() -
     del old["augment"]["sharpness"]
     assert TrainConfig.from_dict(old).augment.sharpness == 0.0
     assert TrainConfig.from_dict(config.as_dict()).augment.sharpness == 1.0
+
+
+def _box(size: int = 224, half: int = 40) -> torch.Tensor:
+    """(1, 1, S, S): a bright centred square of side 2 * ``half``."""
+    img = torch.zeros(1, 1, size, size)
+    c = size // 2
+    img[..., c - half : c + half, c - half : c + half] = 1.0
+    return img
+
+
+def _extent(batch: torch.Tensor) -> tuple[int, int]:
+    """Width and height, in pixels, of the bright region of a (1, 1, H, W) image."""
+    mask = batch[0, 0] > 0.5
+    return int(mask.any(0).sum()), int(mask.any(1).sum())
+
+
+def test_aspect_augmentation_stretches_width_against_height_within_its_range() -> None:
+    config = replace(AugmentConfig.none(), aspect=0.25)
+    ratios = []
+    for seed in range(60):
+        w, h = _extent(augment(_box(), config, torch.Generator().manual_seed(seed)))
+        ratios.append(w / h)
+        # area roughly kept: one side grows as the other shrinks
+        assert abs(w * h / 80**2 - 1) < 0.1
+    assert 1 / 1.25 - 0.03 <= min(ratios) < 0.9
+    assert 1.1 < max(ratios) <= 1.25 + 0.03
+
+
+def test_without_aspect_the_geometry_and_random_stream_are_as_before() -> None:
+    # The affine step as it was before the aspect option, written out: a run recorded
+    # then (aspect 0) must replay the same augmentation when resumed.
+    import math
+
+    import torch.nn.functional as F
+
+    film = _film()
+    config = replace(AugmentConfig.none(), rotate_deg=10.0, translate=0.08, scale=(0.85, 1.35))
+    g = torch.Generator().manual_seed(5)
+    n = film.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=g) * (hi - lo) + lo
+
+    angle = uniform(-10.0, 10.0) * math.pi / 180
+    zoom = uniform(0.85, 1.35)
+    tx, ty = uniform(-0.08, 0.08) * 2, uniform(-0.08, 0.08) * 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(film.shape), align_corners=False)
+    expected = F.grid_sample(film, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
+    out = augment(film, config, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    # and a square zoom keeps a square square
+    w, h = _extent(augment(_box(), replace(AugmentConfig.none(), scale=(1.3, 1.3)), torch.Generator().manual_seed(0)))
+    assert w == h and abs(w - 80 * 1.3) <= 2
+
+
+def test_a_run_recorded_before_cpu_bf16_resumes_in_fp32() -> None:
+    config = TrainConfig(data_dir="d", arch="cnn5", out="o", model_id="m", classes=("a", "b"))
+    old = config.as_dict()
+    del old["amp_cpu"]
+    assert TrainConfig.from_dict(old).amp_cpu is False
+    assert TrainConfig.from_dict(config.as_dict()).amp_cpu is True

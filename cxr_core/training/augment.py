@@ -31,10 +31,14 @@ class AugmentConfig:
     #: x + s (x - blur(x)), s uniform in +/- this: -1 is a Gaussian blur of sigma
     #: SHARPNESS_SIGMA (at 224 px), positive values unsharp-mask
     sharpness: float = 1.0
+    #: width/height stretch, log-uniform in [1/(1+a), 1+a]: the shared films were squeezed
+    #: to a square from their own aspect ratios, which differ between sources and ages, so
+    #: a body's proportions say something about where a film came from, not about the lungs
+    aspect: float = 0.0
 
     @classmethod
     def none(cls) -> "AugmentConfig":
-        return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, False, 0.0)
+        return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, False, 0.0, 0.0)
 
 
 #: blur sigma, in pixels of a 224 px image, behind the sharpness augmentation: a blur of
@@ -61,13 +65,19 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
         return torch.rand(n, generator=generator) * (hi - lo) + lo
 
     out = batch
-    if config.rotate_deg or config.translate or config.scale != (1.0, 1.0) or config.hflip:
+    if config.rotate_deg or config.translate or config.scale != (1.0, 1.0) or config.hflip or config.aspect:
         angle = uniform(-config.rotate_deg, config.rotate_deg) * math.pi / 180
         zoom = uniform(*config.scale)
         tx, ty = uniform(-config.translate, config.translate) * 2, uniform(-config.translate, config.translate) * 2
         flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if config.hflip else torch.ones(n)
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+        zoom_x, zoom_y = zoom, zoom
+        if config.aspect:
+            # Drawn only when asked, so runs recorded without it replay the same stream.
+            half = uniform(-1.0, 1.0) * math.log1p(config.aspect) / 2
+            zoom_x, zoom_y = zoom * torch.exp(half), zoom * torch.exp(-half)
+        # Output -> input coordinates: rotation after a per-axis scale by 1/zoom.
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos / zoom_x * flip, -sin / zoom_y, tx], 1), torch.stack([sin / zoom_x * flip, cos / zoom_y, ty], 1)], 1)
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)
         # Areas brought in from outside the film are black, as a collimated border is.
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
