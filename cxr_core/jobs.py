@@ -68,6 +68,8 @@ class JobSpec:
     target_sensitivity: float = 0.95
     augment: bool = True
     hflip: bool = False
+    zoom: tuple[float, float] = (0.9, 1.1)  # zoom augmentation range (above 1: framed tighter)
+    aspect: float = 0.0  # aspect-ratio augmentation: stretched by up to 1 + aspect
     eval_dir: str | None = None
     eval_split: str | None = "test"
     device: str | None = None
@@ -80,6 +82,8 @@ class JobSpec:
         data = dict(data)
         data["classes"] = tuple(data.get("classes", ()))
         data["schedule"] = tuple(tuple(p) for p in data.get("schedule", ()))
+        if "zoom" in data:
+            data["zoom"] = tuple(data["zoom"])
         return cls(**data)
 
 
@@ -274,7 +278,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
         data_dir=spec.dataset, arch=spec.arch, out=str(out), model_id=spec.model_id, version=spec.version,
         name=f"{spec.model_id} (trained {spec.created[:10]} by {spec.user})", classes=spec.classes,
         binary_positive=spec.binary_positive, schedule=spec.schedule, batch_size=spec.batch_size, lr=spec.lr,
-        balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip) if spec.augment else AugmentConfig.none(),
+        balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
         target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,
     )

@@ -80,6 +80,14 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                                      "every prediction, so it cannot learn a hospital's labels instead of the lungs. "
                                      "A model fine-tuned from a masked one stays masked.")
         sensitivity = c[3].number_input("COVID sensitivity target", 0.5, 0.999, 0.95)
+        c = st.columns(4)
+        zoom_min = c[0].number_input("Zoom from", 0.5, 1.0, 0.9, step=0.05, disabled=not augment,
+                                     help="Zoom augmentation range; above 1 frames the chest more tightly. Models trained on one "
+                                          "collection's framing learn it: a wider range (e.g. 0.85 to 1.35) breaks that shortcut.")
+        zoom_max = c[1].number_input("Zoom to", 1.0, 2.0, 1.1, step=0.05, disabled=not augment)
+        aspect = c[2].number_input("Aspect stretch", 0.0, 0.5, 0.0, step=0.05, disabled=not augment,
+                                   help="Width/height stretched by up to 1 + this either way (films squeezed to a square from "
+                                        "different shapes).")
         eval_dir = st.text_input("Evaluation set (fixed; never trained on)", value=os.environ.get("CXR_EVAL_DIR", ""))
         version = st.text_input("New version name", value=datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M"))
         if st.button("Launch", type="primary"):
@@ -89,6 +97,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                     classes=classes, binary_positive=binary, base_model=base_key, schedule=((int(size), int(epochs)),),
                     batch_size=int(batch), lr=float(lr), balance=balance, freeze_epochs=int(freeze), layer_decay=float(decay),
                     patience=int(patience), target_sensitivity=float(sensitivity), augment=augment, hflip=hflip,
+                    zoom=(float(zoom_min), float(zoom_max)), aspect=float(aspect),
                     eval_dir=eval_dir.strip() or None, mask_burned_in=mask_text,
                 )
                 job_dir = create_job(spec)

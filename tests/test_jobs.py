@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,17 @@ def test_two_launches_at_the_same_moment_start_one_job(job_env: Path, monkeypatc
         for process in started:
             process.kill()
             process.wait()
+
+
+def test_zoom_and_aspect_reach_the_training_config_and_survive_a_reload(job_env: Path) -> None:
+    from cxr_core.jobs import _train_config
+
+    spec = JobSpec(dataset=str(job_env / "data"), arch="cnn5", model_id="tiny", version="9.0.0", user="alice",
+                   zoom=(0.85, 1.35), aspect=0.2)
+    again = JobSpec.from_dict(json.loads(json.dumps(asdict(spec))))
+    assert again == spec
+    config = _train_config(again, job_env / "out")
+    assert config.augment.scale == (0.85, 1.35) and config.augment.aspect == 0.2
+    # A job recorded before these options existed gets the library's defaults.
+    old = {k: v for k, v in json.loads(json.dumps(asdict(spec))).items() if k not in ("zoom", "aspect")}
+    assert _train_config(JobSpec.from_dict(old), job_env / "out").augment.scale == (0.9, 1.1)
