@@ -226,6 +226,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         mask_burned_in=args.mask_text,
         amp_cpu=not args.no_cpu_bf16,
+        average_every=args.average_every,
     )
     try:
         config.validate()
@@ -421,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in fp32 on a CPU with native bf16 (AMX / AVX512-BF16), where bf16 autocast is the default")
     p.add_argument("--mask-text", action="store_true",
                    help="inpaint burned-in text and markers on every film; the model then does so before every prediction")
+    p.add_argument("--average-every", type=int, default=0, metavar="STEPS",
+                   help="export the average of the weights taken every STEPS steps of the final phase (SWA), "
+                        "batch-norm statistics recomputed, instead of the best epoch (default: off)")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation on train+val first (by patient), then the final model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads decoding images")

@@ -70,6 +70,7 @@ class JobSpec:
     hflip: bool = False
     zoom: tuple[float, float] = (0.9, 1.1)  # zoom augmentation range (above 1: framed tighter)
     aspect: float = 0.0  # aspect-ratio augmentation: stretched by up to 1 + aspect
+    average_every: int = 0  # export the average of the weights every N steps of the run (SWA); 0: best epoch
     eval_dir: str | None = None
     eval_split: str | None = "test"
     device: str | None = None
@@ -281,6 +282,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
         balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
         target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,
+        average_every=spec.average_every,
     )
 
 

@@ -88,6 +88,10 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
         aspect = c[2].number_input("Aspect stretch", 0.0, 0.5, 0.0, step=0.05, disabled=not augment,
                                    help="Width/height stretched by up to 1 + this either way (films squeezed to a square from "
                                         "different shapes).")
+        average_every = c[3].number_input("Weight averaging (every N steps, 0 = off)", 0, 10_000, 0,
+                                          help="Export the average of the weights taken every N steps of the run (SWA), with "
+                                               "batch-norm statistics recomputed, instead of the best epoch (SWA). Compare the "
+                                               "candidate's evaluation before promoting it: on the shared data it did not help.")
         eval_dir = st.text_input("Evaluation set (fixed; never trained on)", value=os.environ.get("CXR_EVAL_DIR", ""))
         version = st.text_input("New version name", value=datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M"))
         if st.button("Launch", type="primary"):
@@ -97,7 +101,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                     classes=classes, binary_positive=binary, base_model=base_key, schedule=((int(size), int(epochs)),),
                     batch_size=int(batch), lr=float(lr), balance=balance, freeze_epochs=int(freeze), layer_decay=float(decay),
                     patience=int(patience), target_sensitivity=float(sensitivity), augment=augment, hflip=hflip,
-                    zoom=(float(zoom_min), float(zoom_max)), aspect=float(aspect),
+                    zoom=(float(zoom_min), float(zoom_max)), aspect=float(aspect), average_every=int(average_every),
                     eval_dir=eval_dir.strip() or None, mask_burned_in=mask_text,
                 )
                 job_dir = create_job(spec)

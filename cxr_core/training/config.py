@@ -53,6 +53,10 @@ class TrainConfig:
     amp_cpu: bool = True
     #: inpaint burned-in text and markers on every film (and so at inference: InputSpec)
     mask_burned_in: bool = False
+    #: every N optimiser steps of the final phase, add the weights to a running average;
+    #: the average (batch-norm statistics recomputed) is the model exported (0: off, the
+    #: best final-phase epoch on validation is)
+    average_every: int = 0
 
     @property
     def total_epochs(self) -> int:
@@ -115,3 +119,5 @@ class TrainConfig:
             raise ValueError("a multi-class model needs at least two classes")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2")
+        if self.average_every < 0:
+            raise ValueError("average_every must be 0 (off) or a number of steps")

@@ -115,6 +115,7 @@ def finalize(
         "command": command,
         "config": config.as_dict(),
         "best_epoch": result.best_epoch,
+        "averaged": result.averaged,
         "epochs_run": result.epochs_run,
         "seconds": round(result.seconds, 1),
         "device": str(model.device),
@@ -205,8 +206,7 @@ def model_card(
         f"- Initialisation: {cfg.get('init')}; schedule (size, epochs): {cfg.get('schedule')}; batch {cfg.get('batch_size')}; "
         f"AdamW lr {cfg.get('lr')} one-cycle, weight decay {cfg.get('weight_decay')}; balance: {cfg.get('balance')}; "
         f"label smoothing {cfg.get('label_smoothing')}; augmentation {cfg.get('augment')}.",
-        f"- Best epoch {int(tr.get('best_epoch', -1)) + 1} of {tr.get('epochs_run')} (selected on validation {cfg.get('select_on')}); "
-        f"{_training_hours(tr):.1f} h of training on {tr.get('device')} ({tr.get('platform')}).",
+        _selection_line(tr, cfg) + f"{_training_hours(tr):.1f} h of training on {tr.get('device')} ({tr.get('platform')}).",
         f"- Command: `{tr.get('command') or 'n/a'}`",
         "",
         "## Evaluation",
@@ -305,6 +305,16 @@ def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
         + ": " + "; ".join(parts) + ". "
         "A film from a softer or crisper detector, or framed differently from the training films, can change the answer by this much."
     ]
+
+
+def _selection_line(training: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    averaged = training.get("averaged")
+    if not averaged:
+        return f"- Best epoch {int(training.get('best_epoch', -1)) + 1} of {training.get('epochs_run')} (selected on validation {config.get('select_on')}); "
+    final = (config.get("schedule") or [[0, 0]])[-1][1]
+    return (f"- Weights: the average of {averaged['snapshots']} snapshots, one every {averaged['every_steps']} steps of the last "
+            f"{final} epochs (of {training.get('epochs_run')}), batch-norm statistics recomputed on {averaged['batchnorm_images']} "
+            f"training images; validation loss {averaged['val_loss']}, accuracy {averaged['val_accuracy']} before calibration; ")
 
 
 def _training_hours(training: Mapping[str, Any]) -> float:

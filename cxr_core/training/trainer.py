@@ -28,6 +28,7 @@ from cxr_core.manifest import InputSpec, Manifest
 from cxr_core.models import select_device
 from cxr_core.registry import CxrNet, build_network, get_architecture
 from cxr_core.training.augment import augment
+from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.dataset import LabelPlan, scan_folder
 from cxr_core.training.prepare import PreparedData, prepare_data
@@ -50,6 +51,8 @@ class TrainResult:
     epochs_run: int
     history: tuple[dict[str, Any], ...]
     seconds: float
+    #: with ``average_every``: snapshots averaged, batch-norm images and the average's validation
+    averaged: dict[str, Any] | None = None
 
 
 def label_plan(config: TrainConfig) -> LabelPlan:
@@ -296,6 +299,7 @@ def train(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": -1, "value": None}
     start_epoch = 0
+    average = WeightAverage()
     checkpoint = run.load_checkpoint()
     if checkpoint is not None:
         network.load_state_dict(checkpoint["model"])
@@ -304,6 +308,7 @@ def train(
         history = list(checkpoint["history"])
         best = dict(checkpoint["best"])
         start_epoch = int(checkpoint["epoch"]) + 1
+        average = WeightAverage.from_state(checkpoint.get("average"))
         run.event("resumed", epoch=start_epoch)
         log.info("resuming %s at epoch %d", run.root, start_epoch)
 
@@ -354,6 +359,8 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if config.average_every and config.in_final_phase(epoch) and (step + 1) % config.average_every == 0:
+                average.update(network)
             running += loss.item() * len(idx)
             seen += len(idx) * world.size
             if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
@@ -390,6 +397,7 @@ def train(
                     "epoch": epoch,
                     "history": history,
                     "best": best,
+                    "average": average.state() if config.average_every else None,
                 }
             )
         distributed.barrier()  # nobody runs ahead of a checkpoint that a resume would need
@@ -402,8 +410,27 @@ def train(
     if world.distributed:
         digests = distributed.gather(distributed.parameter_digest(network))
         run.event("ranks", world_size=world.size, parameter_digests=digests, in_sync=len(set(digests)) == 1)
-    result = TrainResult(run.root, int(best["epoch"]), len(history), tuple(history), time.time() - started)
+    averaged = None
+    if config.average_every and average.count and world.main:
+        averaged = _export_average(network, average, data, config, spec, device, run, train_cache, val_cache)
+    result = TrainResult(run.root, int(best["epoch"]), len(history), tuple(history), time.time() - started, averaged)
     return result, data
+
+
+def _export_average(network: CxrNet, average: WeightAverage, data: PreparedData, config: TrainConfig, spec: InputSpec, device: torch.device,
+                    run: RunDir, train_cache: dict[int, np.ndarray], val_cache: dict[int, np.ndarray]) -> dict[str, Any]:
+    """Replace the run's best weights by the final phase's weight average."""
+    size = config.final_size
+    average.apply_to(network)
+    pixels = train_cache[size] if size in train_cache else data.train.resized(size)
+    used = recompute_batchnorm(network, pixels, spec, device, seed=config.seed)
+    record: dict[str, Any] = {"snapshots": average.count, "every_steps": config.average_every, "batchnorm_images": used}
+    record.update(_validate(network, data, config, size, spec, device, val_cache))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+    atomic_write(run.best, lambda p: save_file(state, str(p)))
+    run.event("averaged", **record)
+    log.info("weight average of %d snapshots: %s", average.count, record)
+    return record
 
 
 def load_best(network: CxrNet, run_dir: Path | str) -> CxrNet:
