@@ -90,7 +90,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                                         "different shapes).")
         average_every = c[3].number_input("Weight averaging (every N steps, 0 = off)", 0, 10_000, 0,
                                           help="Export the average of the weights taken every N steps of the run (SWA), with "
-                                               "batch-norm statistics recomputed, instead of the best epoch (SWA). Compare the "
+                                               "batch-norm statistics recomputed, instead of the best epoch. Compare the "
                                                "candidate's evaluation before promoting it: on the shared data it did not help.")
         eval_dir = st.text_input("Evaluation set (fixed; never trained on)", value=os.environ.get("CXR_EVAL_DIR", ""))
         version = st.text_input("New version name", value=datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M"))

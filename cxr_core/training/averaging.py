@@ -74,7 +74,8 @@ def recompute_batchnorm(
     average (momentum None), without augmentation: the statistics then describe the films
     the model will see. Runs in fp32 even where training used bf16 autocast: on the shared
     data, statistics gathered under bf16 from 4,096 images gave a validation loss of 0.204
-    against 0.170 from 512 (same weights), so precision, not sample size, looked limiting.
+    against 0.170 from 512 (same weights); bf16 precision is the suspect, not yet confirmed
+    by an fp32 run.
     Returns the number of images used (0 when there is no batch norm).
     """
     from cxr_core.training.trainer import normalise, to_network_input

@@ -382,8 +382,7 @@ def train(
         if improved:
             best = {"epoch": epoch, "value": value}
             if world.main:
-                state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
-                atomic_write(run.best, lambda p, weights=state: save_file(weights, str(p)))
+                _save_best(network, run)
             stale = 0
         elif config.in_final_phase(epoch):
             stale += 1
@@ -426,11 +425,15 @@ def _export_average(network: CxrNet, average: WeightAverage, data: PreparedData,
     used = recompute_batchnorm(network, pixels, spec, device, seed=config.seed)
     record: dict[str, Any] = {"snapshots": average.count, "every_steps": config.average_every, "batchnorm_images": used}
     record.update(_validate(network, data, config, size, spec, device, val_cache))
-    state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
-    atomic_write(run.best, lambda p: save_file(state, str(p)))
+    _save_best(network, run)
     run.event("averaged", **record)
     log.info("weight average of %d snapshots: %s", average.count, record)
     return record
+
+
+def _save_best(network: CxrNet, run: RunDir) -> None:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+    atomic_write(run.best, lambda p: save_file(state, str(p)))
 
 
 def load_best(network: CxrNet, run_dir: Path | str) -> CxrNet:
