@@ -207,6 +207,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         name=args.name or "",
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
         binary_positive=args.binary,
+        aux_classes=tuple(c.strip() for c in (args.aux_classes or "").split(",") if c.strip()),
         schedule=_schedule(args),
         batch_size=args.batch_size,
         lr=args.lr,
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--name", help="display name")
     p.add_argument("--classes", default="covid,normal,viral_pneumonia", help="multi-class: folder labels used, in output order")
+    p.add_argument("--aux-classes", metavar="LABELS",
+                   help="multi-class: more folder labels trained as extra outputs and dropped from the exported model, "
+                        "e.g. bacterial_pneumonia (default: none)")
     p.add_argument("--binary", metavar="POSITIVE", help="binary POSITIVE-vs-other model (every other folder is 'other')")
     p.add_argument("--init", default="random", help="random, imagenet (downloads torchvision weights), or a checkpoint file")
     p.add_argument("--epochs", type=int, default=10)

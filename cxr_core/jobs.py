@@ -57,6 +57,7 @@ class JobSpec:
     user: str
     classes: tuple[str, ...] = ("covid", "normal", "viral_pneumonia")
     binary_positive: str | None = None
+    aux_classes: tuple[str, ...] = ()  # multi-class: more labels trained as extra outputs, dropped at export
     base_model: str | None = None  # "id@version" to fine-tune from; None: from scratch
     schedule: tuple[tuple[int, int], ...] = ((224, 5),)
     batch_size: int = 32
@@ -82,6 +83,7 @@ class JobSpec:
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
         data = dict(data)
         data["classes"] = tuple(data.get("classes", ()))
+        data["aux_classes"] = tuple(data.get("aux_classes", ()))
         data["schedule"] = tuple(tuple(p) for p in data.get("schedule", ()))
         if "zoom" in data:
             data["zoom"] = tuple(data["zoom"])
@@ -278,7 +280,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     return TrainConfig(
         data_dir=spec.dataset, arch=spec.arch, out=str(out), model_id=spec.model_id, version=spec.version,
         name=f"{spec.model_id} (trained {spec.created[:10]} by {spec.user})", classes=spec.classes,
-        binary_positive=spec.binary_positive, schedule=spec.schedule, batch_size=spec.batch_size, lr=spec.lr,
+        binary_positive=spec.binary_positive, aux_classes=tuple(spec.aux_classes), schedule=spec.schedule, batch_size=spec.batch_size, lr=spec.lr,
         balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
         target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,

@@ -92,13 +92,20 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                                           help="Export the average of the weights taken every N steps of the run (SWA), with "
                                                "batch-norm statistics recomputed, instead of the best epoch. Compare the "
                                                "candidate's evaluation before promoting it: on the shared data it did not help.")
+        labels = (by_id[dataset_id].report() or {}).get("classes") or []
+        aux_choices = [label for label in labels if label not in classes] if not binary else []
+        aux = st.multiselect("Auxiliary classes (trained, then dropped)", aux_choices, default=[],
+                             disabled=not aux_choices,
+                             help="Other labelled folders of this dataset trained as extra outputs and removed from the "
+                                  "exported model. Bacterial pneumonia this way shows the network children with pneumonia "
+                                  "that is not viral, so being a child cannot stand in for viral pneumonia.")
         eval_dir = st.text_input("Evaluation set (fixed; never trained on)", value=os.environ.get("CXR_EVAL_DIR", ""))
         version = st.text_input("New version name", value=datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M"))
         if st.button("Launch", type="primary"):
             with guarded("launching the job"):
                 spec = JobSpec(
                     dataset=str(by_id[dataset_id].root), arch=arch, model_id=model_id.strip(), version=version.strip(), user=user,
-                    classes=classes, binary_positive=binary, base_model=base_key, schedule=((int(size), int(epochs)),),
+                    classes=classes, binary_positive=binary, aux_classes=tuple(aux), base_model=base_key, schedule=((int(size), int(epochs)),),
                     batch_size=int(batch), lr=float(lr), balance=balance, freeze_epochs=int(freeze), layer_decay=float(decay),
                     patience=int(patience), target_sensitivity=float(sensitivity), augment=augment, hflip=hflip,
                     zoom=(float(zoom_min), float(zoom_max)), aspect=float(aspect), average_every=int(average_every),

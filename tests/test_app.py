@@ -242,7 +242,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     add_user("alice", "a long enough password", "admin")
     eval_dir = make_labelled_folder(tmp_path / "eval", per_class={"test": 4}, seed=7)
     monkeypatch.setenv("CXR_EVAL_DIR", str(eval_dir))
-    source = make_labelled_folder(tmp_path / "set", per_class={"train": 12, "val": 4})
+    source = make_labelled_folder(tmp_path / "set", ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia"), per_class={"train": 12, "val": 4})
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for path in source.rglob("*.png"):
@@ -287,13 +287,16 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     next(n for n in at.number_input if n.label == "Zoom to").set_value(1.3)
     next(n for n in at.number_input if n.label == "Aspect stretch").set_value(0.15)
     next(n for n in at.number_input if n.label == "Weight averaging (every N steps, 0 = off)").set_value(3)
+    aux = next(m for m in at.multiselect if m.label.startswith("Auxiliary classes"))
+    assert aux.options == ["bacterial_pneumonia"]
+    aux.set_value(["bacterial_pneumonia"])
     at.run()
     next(b for b in at.button if b.label == "Launch").click()
     at.run()
     assert not at.exception and any("started" in s.value for s in at.success)
     job_dir = list_jobs()[0][0]
     job = json.loads((job_dir / "job.json").read_text())
-    assert job["zoom"] == [0.9, 1.3] and job["aspect"] == 0.15 and job["average_every"] == 3
+    assert job["zoom"] == [0.9, 1.3] and job["aspect"] == 0.15 and job["average_every"] == 3 and job["aux_classes"] == ["bacterial_pneumonia"]
     deadline = time.time() + 600
     while time.time() < deadline and list_jobs()[0][2].state not in (FINISHED, FAILED):
         time.sleep(1)

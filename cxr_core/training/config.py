@@ -21,6 +21,11 @@ class TrainConfig:
     #: model classes in output order; with ``binary_positive`` they are (positive, "other")
     classes: tuple[str, ...] = ("covid", "normal", "viral_pneumonia")
     binary_positive: str | None = None
+    #: multi-class only: folder labels trained as extra outputs after ``classes`` and dropped
+    #: from the exported model (its softmax renormalises over ``classes``). On the shared
+    #: data, bacterial pneumonia gives the network children with pneumonia that are not
+    #: viral, so "child with opacities" cannot stand in for "viral pneumonia".
+    aux_classes: tuple[str, ...] = ()
     #: progressive resizing: (input size, epochs) phases; the last size is deployed
     schedule: tuple[tuple[int, int], ...] = ((224, 10),)
     batch_size: int = 32
@@ -83,6 +88,16 @@ class TrainConfig:
         return (self.binary_positive, "other") if self.binary_positive else tuple(self.classes)
 
     @property
+    def training_classes(self) -> tuple[str, ...]:
+        """The network's outputs while training: the model's classes, then ``aux_classes``."""
+        return self.model_classes + tuple(self.aux_classes)
+
+    @property
+    def n_outputs(self) -> int:
+        """Outputs of the network being trained (the exported model drops the auxiliary ones)."""
+        return 1 if self.head == "sigmoid" else len(self.training_classes)
+
+    @property
     def head(self) -> str:
         return "sigmoid" if self.binary_positive else "softmax"
 
@@ -96,6 +111,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["classes"] = tuple(values.get("classes", ()))
+        values["aux_classes"] = tuple(values.get("aux_classes", ()))
         values["schedule"] = tuple(tuple(p) for p in values.get("schedule", ((224, 10),)))
         aug = dict(values.get("augment") or {})
         if "scale" in aug:
@@ -117,6 +133,10 @@ class TrainConfig:
             raise ValueError("select_on must be loss or accuracy")
         if self.binary_positive is None and len(self.classes) < 2:
             raise ValueError("a multi-class model needs at least two classes")
+        if self.aux_classes and self.binary_positive:
+            raise ValueError("auxiliary classes are for multi-class models (a binary model already uses every folder)")
+        if set(self.aux_classes) & set(self.classes) or len(set(self.aux_classes)) != len(self.aux_classes):
+            raise ValueError("auxiliary classes must differ from the model's classes and from each other")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2")
         if self.average_every < 0:

@@ -21,13 +21,20 @@ from cxr_core.evaluation import Metrics, compute_metrics, reliability_bins
 from cxr_core.inference import abstention_rule, make_prediction
 from cxr_core.manifest import Manifest, read_manifest
 from cxr_core.models import load_model, save_model_folder, select_device, update_manifest
-from cxr_core.registry import build_network
 from cxr_core.training import figures
 from cxr_core.training.calibration import choose_threshold, fit_temperature
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.prepare import PreparedData
 from cxr_core.training.run import RunDir, write_json
-from cxr_core.training.trainer import TrainResult, final_spec, load_best, manifest_for, predict_arrays, probabilities
+from cxr_core.training.trainer import (
+    TrainResult,
+    final_spec,
+    load_exported,
+    manifest_for,
+    model_data,
+    predict_arrays,
+    probabilities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,10 @@ def finalize(
     """Write ``config.out`` from the run's best epoch, with temperature, threshold, metrics and model card."""
     run = RunDir(run_dir)
     spec = final_spec(config)
-    network = load_best(build_network(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes)), run.root)
+    network = load_exported(config, run.root)
+    # The training report keeps every film; calibration, metrics and the gate see the model's classes.
+    report = data.report
+    data = model_data(config, data)
     out = Path(config.out)
     save_model_folder(network, manifest_for(config, spec), out)
     model = load_model(out, device=select_device(config.device))
@@ -90,7 +100,6 @@ def finalize(
         y_test = _labels(data.test.records, classes)
         test_metrics, test_probs = evaluate_arrays(manifest, test_logits, y_test, [r.source for r in data.test.records])
 
-    report = data.report
     sources = sorted({s for split in report.sources.values() for s in split})
     metrics: dict[str, Any] = {
         "val": val_metrics.as_dict(),
@@ -206,6 +215,13 @@ def model_card(
         f"- Initialisation: {cfg.get('init')}; schedule (size, epochs): {cfg.get('schedule')}; batch {cfg.get('batch_size')}; "
         f"AdamW lr {cfg.get('lr')} one-cycle, weight decay {cfg.get('weight_decay')}; balance: {cfg.get('balance')}; "
         f"label smoothing {cfg.get('label_smoothing')}; augmentation {cfg.get('augment')}.",
+    ]
+    if cfg.get("aux_classes"):
+        lines.append(
+            f"- Auxiliary classes trained as extra outputs and dropped at export (the softmax renormalises over the model's classes): "
+            f"{', '.join(cfg['aux_classes'])}. Their films are not in the validation or test metrics."
+        )
+    lines += [
         _selection_line(tr, cfg) + f"{_training_hours(tr):.1f} h of training on {tr.get('device')} ({tr.get('platform')}).",
         f"- Command: `{tr.get('command') or 'n/a'}`",
         "",

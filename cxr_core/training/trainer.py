@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,7 @@ from cxr_core.training.augment import augment
 from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.dataset import LabelPlan, scan_folder
+from cxr_core.training.images import ImageSet
 from cxr_core.training.prepare import PreparedData, prepare_data
 from cxr_core.training.run import RunDir, atomic_write, write_json
 
@@ -59,12 +60,46 @@ def label_plan(config: TrainConfig) -> LabelPlan:
     if config.binary_positive:
         labels = sorted({r.label for r in scan_folder(config.data_dir)})
         return LabelPlan.binary(config.binary_positive, labels)
-    return LabelPlan.multiclass(config.classes)
+    return LabelPlan.multiclass(config.training_classes)
 
 
 def _labels(data_records: tuple, classes: tuple[str, ...]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[r.label] for r in data_records], dtype=np.int64)
+
+
+def restrict(images: ImageSet, classes: tuple[str, ...]) -> ImageSet:
+    """The films of ``images`` whose label is one of ``classes`` (order kept)."""
+    wanted = set(classes)
+    return images.subset([i for i, r in enumerate(images.records) if r.label in wanted])
+
+
+def model_data(config: TrainConfig, data: PreparedData) -> PreparedData:
+    """``data`` without auxiliary-class films: what the exported model is calibrated and judged on."""
+    if not config.aux_classes:
+        return data
+    classes = config.model_classes
+    test = None if data.test is None else restrict(data.test, classes)
+    return replace(data, train=restrict(data.train, classes), val=restrict(data.val, classes), test=test)
+
+
+def drop_outputs(network: CxrNet, keep: int) -> CxrNet:
+    """Keep the classifier's first ``keep`` outputs (the auxiliary classes come last)."""
+    fc = network.head.fc
+    if fc.out_features == keep:
+        return network
+    kept = torch.nn.Linear(fc.in_features, keep).to(fc.weight.device, fc.weight.dtype)
+    with torch.no_grad():
+        kept.weight.copy_(fc.weight[:keep])
+        kept.bias.copy_(fc.bias[:keep])
+    network.head.fc = kept
+    return network
+
+
+def load_exported(config: TrainConfig, run_dir: Path | str) -> CxrNet:
+    """The run's best (or averaged) weights as the model to export: auxiliary outputs dropped."""
+    network = load_best(build_network(config.arch, config.n_outputs), run_dir)
+    return drop_outputs(network, 1 if config.head == "sigmoid" else len(config.model_classes))
 
 
 def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
@@ -148,7 +183,7 @@ def sample_weights(config: TrainConfig, records: tuple, labels: np.ndarray) -> n
 
 def _loss_fn(config: TrainConfig, train_labels: np.ndarray, device: torch.device) -> LossFn:
     """``loss(logits, y, w)``: ``w`` (N,) per-film weights (``balance="source"``) or None."""
-    k = len(config.model_classes)
+    k = len(config.training_classes)
     counts = np.bincount(train_labels, minlength=k).astype(np.float64)
     if config.head == "sigmoid":
         pos_weight = torch.tensor([counts[1] / max(counts[0], 1.0)], device=device) if config.balance == "weights" else None
@@ -208,10 +243,13 @@ def _set_backbone_trainable(network: CxrNet, trainable: bool) -> None:
 
 
 def _validate(network: CxrNet, data: PreparedData, config: TrainConfig, size: int, spec: InputSpec, device: torch.device, cache: dict[int, np.ndarray]) -> dict[str, Any]:
+    # Judged as exported: films of the model's classes only, auxiliary outputs dropped.
+    val = restrict(data.val, config.model_classes) if config.aux_classes else data.val
     if size not in cache:
-        cache[size] = data.val.resized(size)
+        cache[size] = val.resized(size)
     logits = predict_arrays(network, cache[size], spec, device, channels_last=config.channels_last and device.type == "cuda")
-    y = _labels(data.val.records, config.model_classes)
+    logits = logits[:, : len(config.model_classes)] if config.head == "softmax" else logits
+    y = _labels(val.records, config.model_classes)
     probs = probabilities(logits, config.head)
     if config.head == "sigmoid":
         loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(logits[:, 0]), torch.as_tensor((y == 0).astype(np.float32))))
@@ -268,7 +306,7 @@ def train(
     if world.main:
         write_json(run.validation, data.report.as_dict())
 
-    network = build_network(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes))
+    network = build_network(config.arch, config.n_outputs)
     if config.init != "random":
         from cxr_core.training.init import initialise
 
@@ -285,7 +323,7 @@ def train(
         forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     groups = param_groups(network, config.arch, config.lr, config.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    y_train = _labels(data.train.records, config.model_classes)
+    y_train = _labels(data.train.records, config.training_classes)
     steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
     total_steps = steps_per_epoch * config.total_epochs
     # Warm up over 20% of the steps, but over at least two: OneCycle divides by the warm-up length.
