@@ -110,3 +110,16 @@ def test_other_seed_paper_architectures_build_and_train_a_step() -> None:
         out = net(torch.rand(2, 3, 96, 96))
         out.sum().backward()
         assert out.shape == (2, 1) and net.head.fc.weight.grad is not None
+
+
+def test_a_model_fine_tuned_with_an_auxiliary_class_keeps_its_heads_rows() -> None:
+    torch.manual_seed(5)
+    base = build_network("cnn5", 3).state_dict()
+    wider = build_network("cnn5", 4)
+    fresh_row = wider.head.fc.weight[3].detach().clone()
+    assert load_into(wider, "cnn5", base).head_loaded
+    assert torch.equal(wider.head.fc.weight[:3], base["head.fc.weight"]) and torch.equal(wider.head.fc.bias[:3], base["head.fc.bias"])
+    assert torch.equal(wider.head.fc.weight[3], fresh_row)  # the auxiliary output starts as initialised
+    # A binary (one-logit) head means something else: not spread over a softmax.
+    binary = build_network("cnn5", 1).state_dict()
+    assert not load_into(build_network("cnn5", 4), "cnn5", binary).head_loaded

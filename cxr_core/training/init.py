@@ -114,6 +114,27 @@ def _adapt_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
     raise CheckpointError(f"Cannot adapt a first convolution from {have} to {channels} input channels.")
 
 
+def _widen_head(mapped: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+    """A multi-class head with fewer outputs than the network fills its first rows.
+
+    Fine-tuning a model with auxiliary classes (``TrainConfig.aux_classes``) gives the
+    network the base model's classes first and the auxiliary ones after, so the base's
+    rows keep their meaning; the new rows keep their random initialisation. Binary
+    (one-logit) heads and wider heads are left to the shape check (not loaded).
+    """
+    weight, bias = mapped.get("head.fc.weight"), mapped.get("head.fc.bias")
+    want = target.get("head.fc.weight")
+    if weight is None or bias is None or want is None or weight.ndim != 2 or want.ndim != 2:
+        return
+    rows = weight.shape[0]
+    if not (1 < rows < want.shape[0]) or weight.shape[1] != want.shape[1]:
+        return
+    wide_w, wide_b = want.clone(), target["head.fc.bias"].clone()
+    wide_w[:rows], wide_b[:rows] = weight.to(wide_w.dtype), bias.to(wide_b.dtype)
+    mapped["head.fc.weight"], mapped["head.fc.bias"] = wide_w, wide_b
+    log.info("head widened from %d to %d outputs: the checkpoint's rows first, the rest as initialised", rows, want.shape[0])
+
+
 def load_into(network: CxrNet, arch_name: str, state: dict[str, torch.Tensor]) -> InitReport:
     """Copy matching tensors of ``state`` (any known layout) into ``network``."""
     arch = get_architecture(arch_name)
@@ -124,6 +145,7 @@ def load_into(network: CxrNet, arch_name: str, state: dict[str, torch.Tensor]) -
     if first in mapped and first in target and mapped[first].shape[1] != target[first].shape[1]:
         adapted = f"{mapped[first].shape[1]} -> {target[first].shape[1]} channels"
         mapped[first] = _adapt_conv(mapped[first], target[first].shape[1])
+    _widen_head(mapped, target)
     usable: dict[str, torch.Tensor] = {}
     for key, tensor in mapped.items():
         if key in target and target[key].shape == tensor.shape:
