@@ -21,7 +21,7 @@ from cxr_core.training.dataset import _bucket
 from cxr_core.training.images import ImageSet
 from cxr_core.training.prepare import PreparedData
 from cxr_core.training.run import write_json
-from cxr_core.training.trainer import final_spec, load_exported, model_data, predict_arrays, probabilities, train
+from cxr_core.training.trainer import final_spec, load_exported, model_films, predict_arrays, probabilities, train
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ def cross_validate(config: TrainConfig, data: PreparedData, k: int, run_dir: Pat
         fold_dir = Path(run_dir) / f"fold-{fold + 1}"
         result, _ = train(config, fold_dir, data=fold_data, stop=stop)
         network = load_exported(config, fold_dir)
-        held_data = model_data(config, fold_data)
+        judged = model_films(config, fold_data.val)
         device = select_device(config.device)
         network.to(device)
-        logits = predict_arrays(network, held_data.val.resized(config.final_size), final_spec(config), device)
+        logits = predict_arrays(network, judged.resized(config.final_size), final_spec(config), device)
         probs = probabilities(logits, config.head)
-        labels = np.array([index[r.label] for r in held_data.val.records])
+        labels = np.array([index[r.label] for r in judged.records])
         metrics = compute_metrics(labels, probs.argmax(1), probs, classes)
-        results.append({"fold": fold + 1, "n_train": len(kept), "n_val": len(held_data.val.records), "best_epoch": result.best_epoch, **metrics.as_dict()})
+        results.append({"fold": fold + 1, "n_train": len(kept), "n_val": len(judged.records), "best_epoch": result.best_epoch, **metrics.as_dict()})
         log.info("fold %d/%d: accuracy %.4f", fold + 1, k, metrics.accuracy)
 
     def summary(values: list[float | None]) -> dict[str, float | None]:

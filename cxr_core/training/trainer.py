@@ -68,9 +68,11 @@ def _labels(data_records: tuple, classes: tuple[str, ...]) -> np.ndarray:
     return np.array([index[r.label] for r in data_records], dtype=np.int64)
 
 
-def restrict(images: ImageSet, classes: tuple[str, ...]) -> ImageSet:
-    """The films of ``images`` whose label is one of ``classes`` (order kept)."""
-    wanted = set(classes)
+def model_films(config: TrainConfig, images: ImageSet) -> ImageSet:
+    """``images`` without auxiliary-class films (``images`` itself when there are none)."""
+    if not config.aux_classes:
+        return images
+    wanted = set(config.model_classes)
     return images.subset([i for i, r in enumerate(images.records) if r.label in wanted])
 
 
@@ -78,9 +80,8 @@ def model_data(config: TrainConfig, data: PreparedData) -> PreparedData:
     """``data`` without auxiliary-class films: what the exported model is calibrated and judged on."""
     if not config.aux_classes:
         return data
-    classes = config.model_classes
-    test = None if data.test is None else restrict(data.test, classes)
-    return replace(data, train=restrict(data.train, classes), val=restrict(data.val, classes), test=test)
+    test = None if data.test is None else model_films(config, data.test)
+    return replace(data, train=model_films(config, data.train), val=model_films(config, data.val), test=test)
 
 
 def drop_outputs(network: CxrNet, keep: int) -> CxrNet:
@@ -99,7 +100,7 @@ def drop_outputs(network: CxrNet, keep: int) -> CxrNet:
 def load_exported(config: TrainConfig, run_dir: Path | str) -> CxrNet:
     """The run's best (or averaged) weights as the model to export: auxiliary outputs dropped."""
     network = load_best(build_network(config.arch, config.n_outputs), run_dir)
-    return drop_outputs(network, 1 if config.head == "sigmoid" else len(config.model_classes))
+    return drop_outputs(network, len(config.model_classes)) if config.aux_classes else network
 
 
 def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
@@ -242,9 +243,9 @@ def _set_backbone_trainable(network: CxrNet, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
-def _validate(network: CxrNet, data: PreparedData, config: TrainConfig, size: int, spec: InputSpec, device: torch.device, cache: dict[int, np.ndarray]) -> dict[str, Any]:
-    # Judged as exported: films of the model's classes only, auxiliary outputs dropped.
-    val = restrict(data.val, config.model_classes) if config.aux_classes else data.val
+def _validate(network: CxrNet, val: ImageSet, config: TrainConfig, size: int, spec: InputSpec, device: torch.device, cache: dict[int, np.ndarray]) -> dict[str, Any]:
+    """Validation metrics as exported: ``val`` holds films of the model's classes only
+    (:func:`model_films`); auxiliary outputs are dropped here."""
     if size not in cache:
         cache[size] = val.resized(size)
     logits = predict_arrays(network, cache[size], spec, device, channels_last=config.channels_last and device.type == "cuda")
@@ -352,6 +353,7 @@ def train(
 
     train_cache: dict[int, np.ndarray] = {}
     val_cache: dict[int, np.ndarray] = {}
+    val_set = model_films(config, data.val)
     use_amp = autocast_enabled(config, device)
     started = time.time()
     run.event("start", epochs=config.total_epochs, steps_per_epoch=steps_per_epoch, device=str(device), n_train=len(y_train), n_val=len(data.val.records),
@@ -413,7 +415,7 @@ def train(
         record: dict[str, Any] = {"epoch": epoch, "size": size, "train_loss": round(running * world.size / max(seen, 1), 5), "seconds": round(epoch_seconds, 1), "frozen": frozen}
         # Rank 0 validates and tells the others, so every rank takes the same
         # early-stopping decision (batch-norm statistics differ slightly between ranks).
-        record.update(distributed.from_main(lambda size=size: _validate(network, data, config, size, spec, device, val_cache), world))
+        record.update(distributed.from_main(lambda size=size: _validate(network, val_set, config, size, spec, device, val_cache), world))
         value = record["val_loss"] if config.select_on == "loss" else -record["val_accuracy"]
         improved = config.in_final_phase(epoch) and (best["value"] is None or value < best["value"])
         record["improved"] = improved
@@ -449,12 +451,12 @@ def train(
         run.event("ranks", world_size=world.size, parameter_digests=digests, in_sync=len(set(digests)) == 1)
     averaged = None
     if config.average_every and average.count and world.main:
-        averaged = _export_average(network, average, data, config, spec, device, run, train_cache, val_cache)
+        averaged = _export_average(network, average, data, val_set, config, spec, device, run, train_cache, val_cache)
     result = TrainResult(run.root, int(best["epoch"]), len(history), tuple(history), time.time() - started, averaged)
     return result, data
 
 
-def _export_average(network: CxrNet, average: WeightAverage, data: PreparedData, config: TrainConfig, spec: InputSpec, device: torch.device,
+def _export_average(network: CxrNet, average: WeightAverage, data: PreparedData, val: ImageSet, config: TrainConfig, spec: InputSpec, device: torch.device,
                     run: RunDir, train_cache: dict[int, np.ndarray], val_cache: dict[int, np.ndarray]) -> dict[str, Any]:
     """Replace the run's best weights by the final phase's weight average."""
     size = config.final_size
@@ -462,7 +464,7 @@ def _export_average(network: CxrNet, average: WeightAverage, data: PreparedData,
     pixels = train_cache[size] if size in train_cache else data.train.resized(size)
     used = recompute_batchnorm(network, pixels, spec, device, seed=config.seed)
     record: dict[str, Any] = {"snapshots": average.count, "every_steps": config.average_every, "batchnorm_images": used}
-    record.update(_validate(network, data, config, size, spec, device, val_cache))
+    record.update(_validate(network, val, config, size, spec, device, val_cache))
     _save_best(network, run)
     run.event("averaged", **record)
     log.info("weight average of %d snapshots: %s", average.count, record)
