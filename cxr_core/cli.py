@@ -187,6 +187,12 @@ def _aspect(value: float) -> float:
     return value
 
 
+def _edge_crop(value: float) -> float:
+    if not 0.0 <= value <= 0.3:
+        raise UsageError(f"--edge-crop {value}: need 0 <= F <= 0.3 (0.15 crops up to 15% off each edge)")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
@@ -197,7 +203,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model_id = args.id or out.name
-    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom), aspect=_aspect(args.aspect))
+    augment = AugmentConfig.none() if args.no_augment else AugmentConfig(
+        hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom), aspect=_aspect(args.aspect),
+        edge_crop=_edge_crop(args.edge_crop))
     config = TrainConfig(
         data_dir=str(args.data_dir),
         arch=args.arch,
@@ -422,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoom augmentation range; above 1 frames the chest more tightly (default: %(default)s)")
     p.add_argument("--aspect", type=float, default=0.0, metavar="A",
                    help="aspect-ratio augmentation: width/height stretched by up to 1+A either way (default: off)")
+    p.add_argument("--edge-crop", type=float, default=0.0, metavar="F",
+                   help="collimation augmentation: each edge cropped by up to F of the side, independently (default: off)")
     p.add_argument("--no-cpu-bf16", action="store_true",
                    help="train in fp32 on a CPU with native bf16 (AMX / AVX512-BF16), where bf16 autocast is the default")
     p.add_argument("--mask-text", action="store_true",

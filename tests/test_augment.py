@@ -114,3 +114,35 @@ def test_a_run_recorded_before_cpu_bf16_resumes_in_fp32() -> None:
     del old["amp_cpu"]
     assert TrainConfig.from_dict(old).amp_cpu is False
     assert TrainConfig.from_dict(config.as_dict()).amp_cpu is True
+
+
+def test_edge_crop_moves_each_edge_on_its_own_within_its_range() -> None:
+    # A film bright on its left half and top half: after cropping the edges by (l, r, t, b)
+    # and stretching back, the film's middle (u = 0.5) lands at (0.5 - l) / (1 - l - r).
+    size, crop = 200, 0.2
+    film = torch.zeros(1, 1, size, size)
+    film[..., :, : size // 2] = 0.5
+    film[..., : size // 2, :] += 0.5
+    config = replace(AugmentConfig.none(), edge_crop=crop)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(4):  # angle, zoom, tx, ty: drawn (at their zero ranges) before the crop
+            torch.rand(1, generator=g)
+        left, right, top, bottom = (float(torch.rand(1, generator=g)) * crop for _ in range(4))
+        out = augment(film, config, torch.Generator().manual_seed(seed))[0, 0]
+        column = int((out[size * 3 // 4] > 0.25).sum())  # bottom rows: bright only on the left
+        row = int((out[:, size * 3 // 4] > 0.25).sum())  # right columns: bright only on the top
+        assert abs(column - size * (0.5 - left) / (1 - left - right)) <= 1.5
+        assert abs(row - size * (0.5 - top) / (1 - top - bottom)) <= 1.5
+
+
+def test_edge_crop_keeps_the_random_stream_of_the_other_options() -> None:
+    # Runs recorded before the option (edge_crop 0) replay the same augmentation, and the
+    # crop's draws come after the geometry's: a negligible crop leaves the same picture.
+    film = _film()
+    base = replace(AugmentConfig.none(), rotate_deg=10.0, translate=0.08, scale=(0.85, 1.35), aspect=0.2)
+    plain = augment(film, base, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, augment(film, replace(base, edge_crop=0.0), torch.Generator().manual_seed(3)))
+    tiny = augment(film, replace(base, edge_crop=1e-6), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(tiny, plain, atol=1e-3, rtol=0)
+    assert not torch.equal(augment(film, replace(base, edge_crop=0.2), torch.Generator().manual_seed(3)), plain)

@@ -109,11 +109,12 @@ def test_train_and_evaluate_commands(data_root: Path, tmp_path: Path, monkeypatc
     weights = tmp_path / "weights"
     code = main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "cli-model"), "--size", "32", "--epochs", "2",
                  "--batch-size", "8", "--workers", "1", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--zoom", "0.85,1.35",
-                 "--aspect", "0.2", "--balance", "source", "--no-cpu-bf16"])
+                 "--aspect", "0.2", "--edge-crop", "0.15", "--balance", "source", "--no-cpu-bf16"])
     assert code == 0 and "wrote" in capsys.readouterr().out
     manifest = json.loads((weights / "cli-model" / "manifest.json").read_text())
     assert manifest["training"]["config"]["augment"]["scale"] == [0.85, 1.35]
     assert manifest["training"]["config"]["augment"]["aspect"] == 0.2
+    assert manifest["training"]["config"]["augment"]["edge_crop"] == 0.15
     assert manifest["training"]["config"]["balance"] == "source"
     assert manifest["training"]["config"]["amp_cpu"] is False
     assert manifest["training"]["command"].startswith("python -m cxr_core train ")
@@ -134,6 +135,9 @@ def test_train_and_evaluate_commands(data_root: Path, tmp_path: Path, monkeypatc
     for aspect in ("-0.1", "1.5"):
         assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "x"), "--aspect", aspect]) == 2
         assert "--aspect" in capsys.readouterr().err
+    for crop in ("-0.1", "0.5"):
+        assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "x"), "--edge-crop", crop]) == 2
+        assert "--edge-crop" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")

@@ -35,10 +35,16 @@ class AugmentConfig:
     #: to a square from their own aspect ratios, which differ between sources and ages, so
     #: a body's proportions say something about where a film came from, not about the lungs
     aspect: float = 0.0
+    #: each edge cropped away independently by up to this fraction of the side, the rest
+    #: stretched back to the frame: collimation moves one edge at a time (neck in or out,
+    #: abdomen in or out), which a centred zoom cannot show. On the shared data 1.3.0 calls
+    #: most of Kermany's test-collection normals normal as framed, but cropping 10% off
+    #: their top and bottom turns 100 of 234 viral, while its training normals barely move
+    edge_crop: float = 0.0
 
     @classmethod
     def none(cls) -> "AugmentConfig":
-        return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, False, 0.0, 0.0)
+        return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, False, 0.0, 0.0, 0.0)
 
 
 #: blur sigma, in pixels of a 224 px image, behind the sharpness augmentation: a blur of
@@ -65,7 +71,7 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
         return torch.rand(n, generator=generator) * (hi - lo) + lo
 
     out = batch
-    if config.rotate_deg or config.translate or config.scale != (1.0, 1.0) or config.hflip or config.aspect:
+    if config.rotate_deg or config.translate or config.scale != (1.0, 1.0) or config.hflip or config.aspect or config.edge_crop:
         angle = uniform(-config.rotate_deg, config.rotate_deg) * math.pi / 180
         zoom = uniform(*config.scale)
         tx, ty = uniform(-config.translate, config.translate) * 2, uniform(-config.translate, config.translate) * 2
@@ -78,6 +84,15 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
         # Output -> input coordinates: rotation after a per-axis scale by 1/zoom.
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack([torch.stack([cos / zoom_x * flip, -sin / zoom_y, tx], 1), torch.stack([sin / zoom_x * flip, cos / zoom_y, ty], 1)], 1)
+        if config.edge_crop:
+            # Drawn last and only when asked, so earlier options keep their random stream.
+            left, right, top, bottom = (uniform(0.0, config.edge_crop) for _ in range(4))
+            # The window [-1 + 2 left, 1 - 2 right] x [-1 + 2 top, 1 - 2 bottom] of the film,
+            # stretched to the frame, is what the affine above then moves: input = S (theta x) + o.
+            window = torch.stack([1.0 - left - right, 1.0 - top - bottom], 1).unsqueeze(2)
+            offset = torch.stack([left - right, top - bottom], 1)
+            theta = theta * window
+            theta[:, :, 2] += offset
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)
         # Areas brought in from outside the film are black, as a collimated border is.
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
