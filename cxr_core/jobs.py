@@ -71,6 +71,7 @@ class JobSpec:
     hflip: bool = False
     zoom: tuple[float, float] = (0.9, 1.1)  # zoom augmentation range (above 1: framed tighter)
     aspect: float = 0.0  # aspect-ratio augmentation: stretched by up to 1 + aspect
+    edge_crop: float = 0.0  # collimation augmentation: each edge cropped by up to this fraction
     average_every: int = 0  # export the average of the weights every N steps of the run (SWA); 0: best epoch
     eval_dir: str | None = None
     eval_split: str | None = "test"
@@ -281,7 +282,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
         data_dir=spec.dataset, arch=spec.arch, out=str(out), model_id=spec.model_id, version=spec.version,
         name=f"{spec.model_id} (trained {spec.created[:10]} by {spec.user})", classes=spec.classes,
         binary_positive=spec.binary_positive, aux_classes=tuple(spec.aux_classes), schedule=spec.schedule, batch_size=spec.batch_size, lr=spec.lr,
-        balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect) if spec.augment else AugmentConfig.none(),
+        balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect, edge_crop=spec.edge_crop) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
         target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,
         average_every=spec.average_every,

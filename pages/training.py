@@ -80,7 +80,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                                      "every prediction, so it cannot learn a hospital's labels instead of the lungs. "
                                      "A model fine-tuned from a masked one stays masked.")
         sensitivity = c[3].number_input("COVID sensitivity target", 0.5, 0.999, 0.95)
-        c = st.columns(4)
+        c = st.columns(5)
         zoom_min = c[0].number_input("Zoom from", 0.5, 1.0, 0.9, step=0.05, disabled=not augment,
                                      help="Zoom augmentation range; above 1 frames the chest more tightly. Models trained on one "
                                           "collection's framing learn it: a wider range (e.g. 0.85 to 1.35) breaks that shortcut.")
@@ -88,7 +88,11 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
         aspect = c[2].number_input("Aspect stretch", 0.0, 0.5, 0.0, step=0.05, disabled=not augment,
                                    help="Width/height stretched by up to 1 + this either way (films squeezed to a square from "
                                         "different shapes).")
-        average_every = c[3].number_input("Weight averaging (every N steps, 0 = off)", 0, 10_000, 0,
+        edge_crop = c[3].number_input("Edge crop", 0.0, 0.3, 0.0, step=0.05, disabled=not augment,
+                                      help="Each edge cropped away by up to this share of the side, independently, and the "
+                                           "rest stretched back: collimation moves one edge at a time (neck or abdomen in "
+                                           "or out of the field).")
+        average_every = c[4].number_input("Weight averaging (every N steps, 0 = off)", 0, 10_000, 0,
                                           help="Export the average of the weights taken every N steps of the run (SWA), with "
                                                "batch-norm statistics recomputed, instead of the best epoch. Compare the "
                                                "candidate's evaluation before promoting it: on the shared data it did not help.")
@@ -108,7 +112,8 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                     classes=classes, binary_positive=binary, aux_classes=tuple(aux), base_model=base_key, schedule=((int(size), int(epochs)),),
                     batch_size=int(batch), lr=float(lr), balance=balance, freeze_epochs=int(freeze), layer_decay=float(decay),
                     patience=int(patience), target_sensitivity=float(sensitivity), augment=augment, hflip=hflip,
-                    zoom=(float(zoom_min), float(zoom_max)), aspect=float(aspect), average_every=int(average_every),
+                    zoom=(float(zoom_min), float(zoom_max)), aspect=float(aspect), edge_crop=float(edge_crop),
+                    average_every=int(average_every),
                     eval_dir=eval_dir.strip() or None, mask_burned_in=mask_text,
                 )
                 job_dir = create_job(spec)

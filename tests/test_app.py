@@ -286,6 +286,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     next(t for t in at.text_input if t.label == "New version name").set_value("9.9.9")
     next(n for n in at.number_input if n.label == "Zoom to").set_value(1.3)
     next(n for n in at.number_input if n.label == "Aspect stretch").set_value(0.15)
+    next(n for n in at.number_input if n.label == "Edge crop").set_value(0.1)
     next(n for n in at.number_input if n.label == "Weight averaging (every N steps, 0 = off)").set_value(3)
     aux = next(m for m in at.multiselect if m.label.startswith("Auxiliary classes"))
     assert aux.options == ["bacterial_pneumonia"]
@@ -296,7 +297,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     assert not at.exception and any("started" in s.value for s in at.success)
     job_dir = list_jobs()[0][0]
     job = json.loads((job_dir / "job.json").read_text())
-    assert job["zoom"] == [0.9, 1.3] and job["aspect"] == 0.15 and job["average_every"] == 3 and job["aux_classes"] == ["bacterial_pneumonia"]
+    assert job["zoom"] == [0.9, 1.3] and job["aspect"] == 0.15 and job["edge_crop"] == 0.1 and job["average_every"] == 3 and job["aux_classes"] == ["bacterial_pneumonia"]
     deadline = time.time() + 600
     while time.time() < deadline and list_jobs()[0][2].state not in (FINISHED, FAILED):
         time.sleep(1)

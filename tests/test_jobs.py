@@ -176,13 +176,14 @@ def test_zoom_and_aspect_reach_the_training_config_and_survive_a_reload(job_env:
     from cxr_core.jobs import _train_config
 
     spec = JobSpec(dataset=str(job_env / "data"), arch="cnn5", model_id="tiny", version="9.0.0", user="alice",
-                   zoom=(0.85, 1.35), aspect=0.2, average_every=20, aux_classes=("bacterial_pneumonia",))
+                   zoom=(0.85, 1.35), aspect=0.2, edge_crop=0.1, average_every=20, aux_classes=("bacterial_pneumonia",))
     again = JobSpec.from_dict(json.loads(json.dumps(asdict(spec))))
     assert again == spec
     config = _train_config(again, job_env / "out")
     assert config.augment.scale == (0.85, 1.35) and config.augment.aspect == 0.2 and config.average_every == 20
+    assert config.augment.edge_crop == 0.1
     assert config.aux_classes == ("bacterial_pneumonia",) and config.n_outputs == 4
     # A job recorded before these options existed gets the library's defaults.
-    old = {k: v for k, v in json.loads(json.dumps(asdict(spec))).items() if k not in ("zoom", "aspect", "average_every", "aux_classes")}
+    old = {k: v for k, v in json.loads(json.dumps(asdict(spec))).items() if k not in ("zoom", "aspect", "edge_crop", "average_every", "aux_classes")}
     old_config = _train_config(JobSpec.from_dict(old), job_env / "out")
-    assert old_config.augment.scale == (0.9, 1.1) and old_config.average_every == 0 and old_config.aux_classes == ()
+    assert old_config.augment.scale == (0.9, 1.1) and old_config.augment.edge_crop == 0.0 and old_config.average_every == 0 and old_config.aux_classes == ()
