@@ -181,22 +181,17 @@ def _zoom_range(text: str) -> tuple[float, float]:
     return (lo, hi)
 
 
-def _aspect(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise UsageError(f"--aspect {value}: need 0 <= A <= 1 (0.15 stretches by up to 15%)")
-    return value
-
-
-def _edge_crop(value: float) -> float:
-    if not 0.0 <= value <= 0.3:
-        raise UsageError(f"--edge-crop {value}: need 0 <= F <= 0.3 (0.15 crops up to 15% off each edge)")
+def _fraction(flag: str, value: float, letter: str, most: float, example: str) -> float:
+    """``value`` when 0 <= value <= ``most``, else a UsageError naming ``flag``."""
+    if not 0.0 <= value <= most:
+        raise UsageError(f"{flag} {value}: need 0 <= {letter} <= {most:g} ({example})")
     return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
-    from cxr_core.training.augment import AugmentConfig
+    from cxr_core.training.augment import MAX_EDGE_CROP, AugmentConfig
     from cxr_core.training.config import TrainConfig
     from cxr_core.training.finalize import finalize
     from cxr_core.training.trainer import train
@@ -204,8 +199,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     model_id = args.id or out.name
     augment = AugmentConfig.none() if args.no_augment else AugmentConfig(
-        hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom), aspect=_aspect(args.aspect),
-        edge_crop=_edge_crop(args.edge_crop))
+        hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom),
+        aspect=_fraction("--aspect", args.aspect, "A", 1.0, "0.15 stretches by up to 15%"),
+        edge_crop=_fraction("--edge-crop", args.edge_crop, "F", MAX_EDGE_CROP, "0.15 crops up to 15% off each edge"))
     config = TrainConfig(
         data_dir=str(args.data_dir),
         arch=args.arch,

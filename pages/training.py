@@ -26,6 +26,7 @@ from cxr_core.jobs import (
     read_state,
 )
 from cxr_core.registry import ARCHITECTURES
+from cxr_core.training.augment import MAX_EDGE_CROP
 from cxr_core.training.run import RunDir
 from cxr_core.versions import list_versions
 from pages._common import current_user, enter_page, guarded
@@ -88,7 +89,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
         aspect = c[2].number_input("Aspect stretch", 0.0, 0.5, 0.0, step=0.05, disabled=not augment,
                                    help="Width/height stretched by up to 1 + this either way (films squeezed to a square from "
                                         "different shapes).")
-        edge_crop = c[3].number_input("Edge crop", 0.0, 0.3, 0.0, step=0.05, disabled=not augment,
+        edge_crop = c[3].number_input("Edge crop", 0.0, MAX_EDGE_CROP, 0.0, step=0.05, disabled=not augment,
                                       help="Each edge cropped away by up to this share of the side, independently, and the "
                                            "rest stretched back: collimation moves one edge at a time (neck or abdomen in "
                                            "or out of the field).")

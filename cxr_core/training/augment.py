@@ -48,6 +48,11 @@ class AugmentConfig:
         return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, False, 0.0, 0.0, 0.0)
 
 
+#: the widest edge crop the CLI and the Training page accept: beyond it lung apices and
+#: bases start to leave the frame
+MAX_EDGE_CROP = 0.3
+
+
 #: blur sigma, in pixels of a 224 px image, behind the sharpness augmentation: a blur of
 #: 1.2 px turned a third of the validation normals "viral" in the first DenseNet121
 SHARPNESS_SIGMA = 1.5
