@@ -191,7 +191,7 @@ def _fraction(flag: str, value: float, letter: str, most: float, example: str) -
 def _cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
-    from cxr_core.training.augment import MAX_EDGE_CROP, AugmentConfig
+    from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP, AugmentConfig
     from cxr_core.training.config import TrainConfig
     from cxr_core.training.finalize import finalize
     from cxr_core.training.trainer import train
@@ -200,7 +200,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_id = args.id or out.name
     augment = AugmentConfig.none() if args.no_augment else AugmentConfig(
         hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom),
-        aspect=_fraction("--aspect", args.aspect, "A", 1.0, "0.15 stretches by up to 15%"),
+        aspect=_fraction("--aspect", args.aspect, "A", MAX_ASPECT, "0.15 stretches by up to 15%"),
         edge_crop=_fraction("--edge-crop", args.edge_crop, "F", MAX_EDGE_CROP, "0.15 crops up to 15% off each edge"))
     config = TrainConfig(
         data_dir=str(args.data_dir),
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoom", default="0.9,1.1", metavar="MIN,MAX",
                    help="zoom augmentation range; above 1 frames the chest more tightly (default: %(default)s)")
     p.add_argument("--aspect", type=float, default=0.0, metavar="A",
-                   help="aspect-ratio augmentation: width/height stretched by up to 1+A either way (default: off)")
+                   help="aspect-ratio augmentation: width/height stretched by up to 1+A either way, A at most 0.5 (default: off)")
     p.add_argument("--edge-crop", type=float, default=0.0, metavar="F",
                    help="collimation augmentation: each edge cropped by up to F of the side, independently (default: off)")
     p.add_argument("--no-cpu-bf16", action="store_true",

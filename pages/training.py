@@ -26,7 +26,7 @@ from cxr_core.jobs import (
     read_state,
 )
 from cxr_core.registry import ARCHITECTURES
-from cxr_core.training.augment import MAX_EDGE_CROP
+from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP
 from cxr_core.training.run import RunDir
 from cxr_core.versions import list_versions
 from pages._common import current_user, enter_page, guarded
@@ -86,7 +86,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                                      help="Zoom augmentation range; above 1 frames the chest more tightly. Models trained on one "
                                           "collection's framing learn it: a wider range (e.g. 0.85 to 1.35) breaks that shortcut.")
         zoom_max = c[1].number_input("Zoom to", 1.0, 2.0, 1.1, step=0.05, disabled=not augment)
-        aspect = c[2].number_input("Aspect stretch", 0.0, 0.5, 0.0, step=0.05, disabled=not augment,
+        aspect = c[2].number_input("Aspect stretch", 0.0, MAX_ASPECT, 0.0, step=0.05, disabled=not augment,
                                    help="Width/height stretched by up to 1 + this either way (films squeezed to a square from "
                                         "different shapes).")
         edge_crop = c[3].number_input("Edge crop", 0.0, MAX_EDGE_CROP, 0.0, step=0.05, disabled=not augment,

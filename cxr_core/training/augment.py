@@ -52,6 +52,10 @@ class AugmentConfig:
 #: bases start to leave the frame
 MAX_EDGE_CROP = 0.3
 
+#: the widest aspect stretch the CLI and the Training page accept: 0.5 already turns a
+#: square film into a 1.5:1 one, wider than any chest film is squeezed from
+MAX_ASPECT = 0.5
+
 
 #: blur sigma, in pixels of a 224 px image, behind the sharpness augmentation: a blur of
 #: 1.2 px turned a third of the validation normals "viral" in the first DenseNet121
