@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoom", default="0.9,1.1", metavar="MIN,MAX",
                    help="zoom augmentation range; above 1 frames the chest more tightly (default: %(default)s)")
     p.add_argument("--aspect", type=float, default=0.0, metavar="A",
-                   help="aspect-ratio augmentation: width/height stretched by up to 1+A either way, A at most 0.5 (default: off)")
+                   help="aspect-ratio augmentation: width/height stretched by up to 1+A either way (default: off)")
     p.add_argument("--edge-crop", type=float, default=0.0, metavar="F",
                    help="collimation augmentation: each edge cropped by up to F of the side, independently (default: off)")
     p.add_argument("--no-cpu-bf16", action="store_true",
