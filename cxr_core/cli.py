@@ -89,6 +89,18 @@ def _load(model_id: str | None):  # type: ignore[no-untyped-def]
     return load_model(resolve_model(model_id).path)
 
 
+def _emit_line(text: str) -> None:
+    """Write one output line in a single write and flush it.
+
+    ``print`` writes the text and its newline separately, so two torchrun ranks sharing a
+    pipe can land one rank's line between the other's text and newline (seen in CI). POSIX
+    keeps a single pipe write of at most PIPE_BUF (4096) bytes whole; a prediction row is
+    well under 1 KiB unless its path is very long.
+    """
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     import itertools
 
@@ -96,8 +108,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cxr_core.batch import predict_paths
     from cxr_core.models import load_model, resolve_model, select_device
 
-    # Under torchrun each rank predicts every N-th file on its own GPU; lines are short
-    # single writes, so the ranks' JSON lines do not interleave on a shared stdout.
+    # Under torchrun each rank predicts every N-th file on its own GPU and all ranks share
+    # one stdout: each line goes out in one write (see _emit_line) so lines do not interleave.
     world = distributed.world_from_env()
     model = load_model(resolve_model(args.model).path, device=distributed.rank_device(world, select_device()))
     files = itertools.islice(_iter_files(args.files), world.rank, None, world.size)
@@ -118,15 +130,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "uncertain": bool(prediction.uncertain) if prediction else False,
         }
         if args.json:
-            print(json.dumps(row), flush=True)
+            _emit_line(json.dumps(row))
         elif error:
-            print(f"{path}\tERROR\t{error}", flush=True)
+            _emit_line(f"{path}\tERROR\t{error}")
         else:
             probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
             answer = row["prediction"] or ("REJECTED" if rejected else "UNCERTAIN" if row["uncertain"] else "none")
             notes = row["warnings"] + row["gate_reasons"]  # type: ignore[operator]
             extra = f"\twarnings: {'; '.join(notes)}" if notes else ""
-            print(f"{path}\t{answer}\tgate={row['gate']}\t{probs}{extra}", flush=True)
+            _emit_line(f"{path}\t{answer}\tgate={row['gate']}\t{probs}{extra}")
     return EXIT_OK
 
 

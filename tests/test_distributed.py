@@ -57,6 +57,21 @@ def test_two_process_prediction_shares_the_files(tmp_path: Path, use_weights: Pa
     assert all(r["error"] is None and r["gate"] for r in rows)
 
 
+def test_output_lines_from_processes_sharing_a_pipe_stay_whole() -> None:
+    """The prediction test above once failed in CI with two ranks' JSON rows on one line:
+    ``print`` wrote each row and its newline separately. Two writers, 4000 rows each."""
+    writer = ("import json, sys\nfrom cxr_core.cli import _emit_line\n"
+              "for i in range(4000):\n    _emit_line(json.dumps({'rank': sys.argv[1], 'i': i, 'pad': 'x' * 700}))\n")
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(rank)], cwd=ROOT, stdout=write) for rank in (0, 1)]
+    os.close(write)
+    with os.fdopen(read) as stream:
+        lines = stream.read().splitlines()
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    rows = [json.loads(line) for line in lines]  # a spliced line fails to parse here
+    assert sorted((r["rank"], r["i"]) for r in rows) == sorted((str(k), i) for k in (0, 1) for i in range(4000))
+
+
 def test_cross_validation_is_refused_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from cxr_core.cli import main
 
