@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cxr_core.training.finalize import _shift_notes, _training_hours
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _source(acc: float, recalls: dict[str, tuple[float, int]]) -> dict:
@@ -67,6 +71,43 @@ def test_the_shortcut_probe_of_this_version_goes_in_the_card_and_a_stale_one_doe
     assert "zoomed in (the central 1/1.3 of each side" in card
     (folder / "shortcut_probe.json").write_text(json.dumps({**probe, "model": "someone-else@0.0.1"}))
     assert "Shortcut probe" not in refresh_model_card(folder)
+
+
+def test_the_crop_flips_of_the_shortcut_probe_reach_the_card(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from cxr_core.manifest import read_manifest
+    from cxr_core.training.finalize import refresh_model_card
+    from tests.conftest import make_model_folder
+
+    folder = make_model_folder(tmp_path, "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    group = {"n": 120, "flipped_by_blur": 1, "flipped_by_sharpening": 2, "flipped_by_zoom": 3,
+             "flipped_by_crop_top_bottom": 44, "flipped_by_crop_top": 5, "flipped_by_crop_bottom": 6}
+    probe = {"model": read_manifest(folder).key, "split": "test", "blur_sigma_px_at_224": 1.2, "zoom": 1.3,
+             "crop": {"top_and_bottom": 0.1, "one_edge": 0.15}, "groups": {"kermany/normal": group}}
+    (folder / "shortcut_probe.json").write_text(json.dumps(probe))
+    card = refresh_model_card(folder)
+    assert "3/120 by zoom, 44/120 by cropping top and bottom, 5/120 the top, 6/120 the bottom" in card
+    assert "10% of the rows off top and bottom, or 15% off one edge" in card
+
+
+def test_the_probes_crops_cut_the_named_rows_and_keep_the_size() -> None:
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("probe_shortcuts", ROOT / "scripts" / "probe_shortcuts.py")
+    probe = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(probe)  # type: ignore[union-attr]
+    # Row r holds the value r: after a crop and the stretch back, the first and last rows
+    # tell which rows survived.
+    film = np.repeat(np.arange(200, dtype=np.uint8)[:, None], 150, axis=1)
+    both, top, bottom = probe.crop_top_bottom(film), probe.crop_top(film), probe.crop_bottom(film)
+    assert both.shape == top.shape == bottom.shape == film.shape
+    assert both[0, 0] in (20, 21) and both[-1, 0] in (178, 179)  # 10% (20 rows) off each end
+    assert top[0, 0] in (30, 31) and top[-1, 0] in (198, 199)  # 15% (30 rows) off the top only
+    assert bottom[0, 0] in (0, 1) and bottom[-1, 0] in (168, 169)
+    assert (probe.zoom_in(film) != film).any()
 
 
 def test_a_probe_report_under_its_old_name_and_without_zoom_still_reaches_the_card(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -305,19 +305,24 @@ def _abstention_line(abstention: Mapping[str, Any] | None, manifest: Manifest) -
 
 
 def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
-    """Limit lines from ``scripts/probe_shortcuts.py``: how many decisions blur, sharpening and tighter framing flip."""
+    """Limit lines from ``scripts/probe_shortcuts.py``: how many decisions blur, sharpening and tighter framing
+    (zoom; crops in reports since they were added) flip."""
     if not probe:
         return []
     parts = []
     for group, g in sorted(probe["groups"].items()):
         parts.append(f"{group} {g['flipped_by_blur']}/{g['n']} by blur, {g['flipped_by_sharpening']}/{g['n']} by sharpening"
-                     + (f", {g['flipped_by_zoom']}/{g['n']} by zoom" if "flipped_by_zoom" in g else ""))
-    zoom = probe.get("zoom")
+                     + (f", {g['flipped_by_zoom']}/{g['n']} by zoom" if "flipped_by_zoom" in g else "")
+                     + (f", {g['flipped_by_crop_top_bottom']}/{g['n']} by cropping top and bottom, {g['flipped_by_crop_top']}/{g['n']} "
+                        f"the top, {g['flipped_by_crop_bottom']}/{g['n']} the bottom" if "flipped_by_crop_top_bottom" in g else ""))
+    zoom, crop = probe.get("zoom"), probe.get("crop")
     return [
         f"- Shortcut probe (`scripts/probe_shortcuts.py`, {probe['split']} split): decisions changed when the "
         f"films were blurred (Gaussian, {probe['blur_sigma_px_at_224']} px at 224 px)"
         + (f", sharpened (unsharp mask) or zoomed in (the central 1/{zoom:g} of each side, as a tighter collimation shows)"
            if zoom else " or sharpened (unsharp mask)")
+        + (f"; or cropped ({crop['top_and_bottom']:.0%} of the rows off top and bottom, or {crop['one_edge']:.0%} off one edge, "
+           "resized back: neck or abdomen left out)" if crop else "")
         + ": " + "; ".join(parts) + ". "
         "A film from a softer or crisper detector, or framed differently from the training films, can change the answer by this much."
     ]
