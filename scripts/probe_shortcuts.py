@@ -7,11 +7,12 @@ predicts the films as they are, blurred (Gaussian, sigma 1.2 px at 224 px), shar
 (unsharp mask, amount 1, sigma 1 px), zoomed in (the central 1/1.3 of each side,
 resized back: the same chest collimated more tightly) and cropped (10% of the rows off top
 and bottom, 15% off the top, 15% off the bottom, resized back: neck or abdomen left out),
-and reports the predicted-class counts and how many decisions each change flips. A model that reads disease shrugs these
-off. The first DenseNet121 turned 39 of 120 validation normals "viral pneumonia" when
-blurred, because Kermany's training normals are sharper than its pneumonias, and 89 of
-120 adult validation normals COVID-19 when zoomed in: both properties of the collections
-(how sharp, how much neck and abdomen is in the frame), not of lungs.
+and reports the predicted-class counts and how many decisions each change flips. A model
+that reads disease shrugs these off. The first DenseNet121 turned 39 of 120 validation
+normals "viral pneumonia" when blurred, because Kermany's training normals are sharper
+than its pneumonias, and 89 of 120 adult validation normals COVID-19 when zoomed in: both
+properties of the collections (how sharp, how much neck and abdomen is in the frame), not
+of lungs.
 ``framing_flips`` adds up the four framing changes (zoom and the three crops); with
 ``--split val --per-group 400`` its sum over the normal groups is the framing figure the
 DenseNet121 candidates since 1.5.0 were judged by.
@@ -63,8 +64,8 @@ def crop_rows(film: np.ndarray, top: float, bottom: float) -> np.ndarray:
     """(H, W) -> (H, W): ``top`` and ``bottom`` fractions of the rows cut off, resized back.
 
     Collimation that leaves out neck or abdomen, which a centred zoom cannot show: Kermany's
-    test normals were right only as framed (10% off top and bottom turned 100 of 234 of them
-    viral pneumonia for DenseNet121 1.3.0)."""
+    test normals were right only as framed (with 10% off top and bottom DenseNet121 1.3.0
+    called 100 of the 234 viral pneumonia, as framed 26)."""
     h, w = film.shape
     return cv2.resize(film[int(top * h) : h - int(bottom * h)], (w, h), interpolation=cv2.INTER_AREA)
 
