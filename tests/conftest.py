@@ -6,8 +6,10 @@ folders and never shipped as a model.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator
 
 import pytest
@@ -44,6 +46,15 @@ def dicom_data() -> Path:
 def dicom_tests() -> Path:
     """pydicom's own test files, shipped inside the pydicom wheel."""
     return _pydicom_test_dir()
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` (not a package) as a module, to test its functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_model_folder(

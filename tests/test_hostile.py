@@ -7,7 +7,6 @@ polyglots, text posing as images, and zip archives that try to escape their fold
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import resource
 import time
@@ -19,6 +18,7 @@ import pytest
 from cxr_core.archive import ArchiveError, extract_zip
 from cxr_core.errors import CxrError
 from cxr_core.io import read_image
+from tests.conftest import load_script
 
 pytest.importorskip("data_store")
 
@@ -27,10 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
-    spec = importlib.util.spec_from_file_location("make_hostile_corpus", ROOT / "scripts" / "make_hostile_corpus.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_hostile_corpus")
     out = tmp_path_factory.mktemp("hostile") / "corpus"
     items = module.build(out)
     assert json.loads((out / "manifest.json").read_text()) == items

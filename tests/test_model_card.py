@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cxr_core.training.finalize import _shift_notes, _training_hours
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _source(acc: float, recalls: dict[str, tuple[float, int]]) -> dict:
@@ -92,13 +88,11 @@ def test_the_crop_flips_of_the_shortcut_probe_reach_the_card(tmp_path) -> None: 
 
 
 def test_the_probes_crops_cut_the_named_rows_and_keep_the_size() -> None:
-    import importlib.util
-
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("probe_shortcuts", ROOT / "scripts" / "probe_shortcuts.py")
-    probe = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(probe)  # type: ignore[union-attr]
+    from tests.conftest import load_script
+
+    probe = load_script("probe_shortcuts")
     # Row r holds the value r: after a crop and the stretch back, the first and last rows
     # tell which rows survived.
     film = np.repeat(np.arange(200, dtype=np.uint8)[:, None], 150, axis=1)
