@@ -159,6 +159,9 @@ if len(uploads) > 1 or results[0].error:
             st.error(f"{result.name}: {result.error}")
 
 readable = [(u, r) for u, r in zip(uploads, results) if r.prediction is not None]
+# Studies keep the worklist's numbers (upload order, unreadable files included), so the
+# thumbnail and the study picker name a film by the same number as the table and the CSV.
+numbers = [n for n, r in enumerate(results, start=1) if r.prediction is not None]
 if not readable:
     render_disclaimer()
     st.stop()
@@ -180,7 +183,7 @@ if len(readable) > 1:
         if thumb_upload.file_id not in thumbs and isinstance(item, XrayImage):
             thumbs[thumb_upload.file_id] = fit_within(item.to_uint8(), 160)
         with cells[slot % columns]:
-            st.image(thumbs[thumb_upload.file_id], caption=f"{i + 1}. {short_status(thumb_result)}", width="stretch")
+            st.image(thumbs[thumb_upload.file_id], caption=f"{numbers[i]}. {short_status(thumb_result)}", width="stretch")
             if st.button("Open", key=f"open_{thumb_upload.file_id}", width="stretch"):
                 st.session_state["diagnose_study"] = i
                 st.rerun()
@@ -190,7 +193,7 @@ if len(readable) > 1:
 st.divider()
 if len(readable) > 1:
     index = st.selectbox(
-        "Study", range(len(readable)), format_func=lambda i: f"{i + 1}. {readable[i][0].name}", key="diagnose_study"
+        "Study", range(len(readable)), format_func=lambda i: f"{numbers[i]}. {readable[i][0].name}", key="diagnose_study"
     )
 else:
     index = 0

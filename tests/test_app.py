@@ -34,8 +34,8 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     at.file_uploader[0].set_value(
         [
             ("RG1_J2KR.dcm", (dicom_data / "RG1_J2KR.dcm").read_bytes(), "application/dicom"),
-            ("IMG0002", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/octet-stream"),
             ("broken.dcm", b"DICM" * 10, "application/dicom"),
+            ("IMG0002", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/octet-stream"),
         ]
     )
     at.run()
@@ -57,8 +57,11 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     assert labels == ["Model", "Study", "Heatmap for class", "Method", "Colormap"]
     assert any("Image metadata" in e.label for e in at.expander)
     # The thumbnail strip: one per readable study, with its status; "Open" switches the study.
-    thumbs = [c for image in at.get("image") for c in image.captions if c[:2] in ("1.", "2.")]
-    assert len(thumbs) == 2 and all(c.endswith("⚠") for c in thumbs), thumbs
+    # Each study keeps its worklist number (the unreadable upload is study 2), in the strip and the picker.
+    assert table.loc["RG1_J2KR.dcm", "study"] == 1 and table.loc["IMG0002", "study"] == 3
+    thumbs = [c for image in at.get("image") for c in image.captions if c[:2] in ("1.", "2.", "3.")]
+    assert sorted(c[:2] for c in thumbs) == ["1.", "3."] and all(c.endswith("⚠") for c in thumbs), thumbs
+    assert at.selectbox(key="diagnose_study").options == ["1. RG1_J2KR.dcm", "3. IMG0002"]
     opens = [b for b in at.button if b.label == "Open"]
     assert len(opens) == 2 and at.selectbox(key="diagnose_study").value == 0
     opens[1].click()
