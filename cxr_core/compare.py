@@ -178,23 +178,61 @@ def compute_grid(
     return [panels[s] for s in specs]
 
 
-def scale_panels(panels: Sequence[Panel], shared: bool) -> tuple[list[np.ndarray], float | None]:
-    """Maps in [0, 1] for display, and the shared scale's top value when ``shared``.
+@dataclass(frozen=True)
+class Scale:
+    """One shared colour scale: the panels of one model, method and layer."""
 
-    Shared: every raw map divided by the largest raw value in the grid, so a weak map
-    looks weak. Not shared: each map min-max scaled on its own (every map looks confident).
-    Raw units differ between methods and models; sharing a scale across them compares
-    magnitudes that mean different things, which the page says.
+    model: str
+    method: str
+    layer: str
+    top: float  # the largest raw value among those panels; they are divided by it
+
+
+def _units(item: PanelSpec | Scale) -> tuple[str, str, str]:
+    """What raw CAM units depend on: the network, the method and the layer."""
+    return (item.model, item.method, item.layer)
+
+
+def scale_panels(panels: Sequence[Panel], shared: bool) -> tuple[list[np.ndarray], tuple[Scale, ...]]:
+    """Maps in [0, 1] for display, and the shared scales used (none when not ``shared``).
+
+    Shared: raw maps divided by the largest raw value among the panels of the same model,
+    method and layer, so across studies and classes a weak map looks weak. Raw CAM units
+    differ between methods, networks and layers (Grad-CAM++'s weights are not Grad-CAM's,
+    a shallow stage's activations are not the last one's), so those never share a scale:
+    one would flatten the others. Not shared: each map min-max scaled on its own (every
+    map looks confident).
     """
     if shared:
-        top = max((float(p.raw.max()) for p in panels), default=0.0)
-        scale = top if top > 0 else 1.0
-        return [np.clip(p.raw / scale, 0, 1).astype(np.float32) for p in panels], top
+        tops: dict[tuple[str, str, str], float] = {}
+        for p in panels:
+            tops[_units(p.spec)] = max(tops.get(_units(p.spec), 0.0), float(p.raw.max()))
+        scaled = [np.clip(p.raw / (tops[_units(p.spec)] or 1.0), 0, 1).astype(np.float32) for p in panels]
+        return scaled, tuple(Scale(*units, top) for units, top in tops.items())
     out = []
     for p in panels:
         lo, hi = float(p.raw.min()), float(p.raw.max())
         out.append(((p.raw - lo) / (hi - lo)).astype(np.float32) if hi - lo > 1e-12 * max(abs(hi), 1e-12) else np.zeros_like(p.raw))
-    return out, None
+    return out, ()
+
+
+def describe_scales(scales: Sequence[Scale]) -> str:
+    """One sentence for the grid's caption: the shared scale, or each scale by what tells them apart."""
+    if not scales:
+        return "Each map scaled to its own range."
+    if len(scales) == 1:
+        return f"Shared scale: 0 to {scales[0].top:.3g} (raw CAM units)."
+    differ = [i for i in range(3) if len({_units(s)[i] for s in scales}) > 1]
+
+    def name(s: Scale) -> str:
+        parts = [s.model, CAM_METHODS[s.method].label if s.method in CAM_METHODS else s.method, s.layer]
+        return " / ".join(parts[i] for i in differ)
+
+    return (
+        "One scale per model, method and layer (their raw CAM units are not comparable), shared across studies and classes: "
+        + "; ".join(f"{name(s)} 0 to {s.top:.3g}" for s in scales)
+        + "."
+    )
 
 
 def panel_title(panel: Panel, manifest_label: Callable[[str], str] = str) -> str:

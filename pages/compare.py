@@ -14,7 +14,17 @@ from plotly.subplots import make_subplots
 
 from cxr_core import audit, config
 from cxr_core.cam import CAM_METHODS
-from cxr_core.compare import AXES, compute_grid, depth_layers, grid_png, grid_specs, overlays, panel_title, scale_panels
+from cxr_core.compare import (
+    AXES,
+    compute_grid,
+    depth_layers,
+    describe_scales,
+    grid_png,
+    grid_specs,
+    overlays,
+    panel_title,
+    scale_panels,
+)
 from cxr_core.errors import CxrError
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
 from cxr_core.gate import GateResult
@@ -120,7 +130,7 @@ if len(studies) == 1:
         row_values = rows_choice[1].multiselect(f"Rows: {AXES[row_axis].lower()}", r_options, default=r_options[:3], format_func=r_label, key=f"compare_row_values_{row_axis}_{model_key}")
 
 display = st.columns(5)
-shared = display[0].toggle("Shared colour scale", value=True, help="Raw CAM values on one scale across the grid: a weak map looks weak. Off: every map stretched to its own range.")
+shared = display[0].toggle("Shared colour scale", value=True, help="Raw CAM values on one scale wherever they are comparable (same model, method and layer: across studies and classes), so a weak map looks weak. Off: every map stretched to its own range.")
 colormap = display[1].selectbox("Colormap", list(COLORMAPS), key="compare_colormap")
 opacity = display[2].slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="compare_opacity")
 threshold = display[3].slider("Hide below", 0.0, 0.9, 0.0, 0.05, key="compare_threshold", help="Map values below this (after scaling) are not coloured.")
@@ -184,7 +194,7 @@ if panels is None:
 if panels is None:
     st.stop()
 
-scaled, top_value = scale_panels(panels, shared)
+scaled, scales = scale_panels(panels, shared)
 tiles = overlays(panels, studies, scaled, colormap=colormap, opacity=opacity, threshold=threshold)
 titles = [panel_title(p, models[p.spec.model].manifest.label) for p in panels]
 
@@ -204,7 +214,7 @@ fig.update_annotations(font_size=11)
 fig.update_layout(height=380 * rows + 60, margin=dict(l=5, r=5, t=70, b=5), dragmode="zoom")
 st.plotly_chart(fig, width="stretch", key="compare_grid", config={"scrollZoom": True})
 st.caption(
-    ("Shared scale: 0 to " + f"{top_value:.3g} (raw CAM units; different methods' units are not comparable)." if shared else "Each map scaled to its own range.")
+    describe_scales(scales)
     + " Zoom or pan any panel: the others follow."
     + (f" Rows: {', '.join(names)}." if len(studies) > 1 else "")
 )

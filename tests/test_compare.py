@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_core.compare import Panel, PanelSpec, compute_grid, depth_layers, grid_png, grid_specs, scale_panels
+from cxr_core.compare import (
+    Panel,
+    PanelSpec,
+    compute_grid,
+    depth_layers,
+    describe_scales,
+    grid_png,
+    grid_specs,
+    scale_panels,
+)
 from cxr_core.errors import CxrError, ExplanationError
 from cxr_core.faithfulness import faithfulness, random_map
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
@@ -73,19 +82,37 @@ def test_grid_over_methods_classes_and_depth(densenet, resnet, chest) -> None:  
         grid_specs("method", ["gradcam"], models, studies=1, model=densenet.key, method="gradcam", target="covid", row_axis="method", row_values=["x"])
 
 
-def _panel(raw: np.ndarray) -> Panel:
-    return Panel(PanelSpec(0, "m@1", "gradcam", "covid", "backbone.x", "x"), raw.astype(np.float32), 0.5, "covid", lung_overlap(raw))
+def _panel(raw: np.ndarray, study: int = 0, method: str = "gradcam", target: str = "covid") -> Panel:
+    return Panel(PanelSpec(study, "m@1", method, target, "backbone.x", "x"), raw.astype(np.float32), 0.5, "covid", lung_overlap(raw))
+
+
+def _bump() -> np.ndarray:
+    yy, xx = np.mgrid[0:64, 0:64]
+    return np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 50.0)
 
 
 def test_shared_scale_keeps_a_weak_map_weak() -> None:
-    yy, xx = np.mgrid[0:64, 0:64]
-    bump = np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 50.0)
-    strong, weak = _panel(bump * 2.0), _panel(bump * 0.2)
-    shared, top = scale_panels([strong, weak], shared=True)
-    assert top == pytest.approx(2.0, rel=1e-3)
+    strong, weak = _panel(_bump() * 2.0), _panel(_bump() * 0.2, study=1)
+    shared, scales = scale_panels([strong, weak], shared=True)
+    assert len(scales) == 1 and scales[0].top == pytest.approx(2.0, rel=1e-3)
     assert shared[0].max() == pytest.approx(1.0) and shared[1].max() < 0.2
+    assert describe_scales(scales) == "Shared scale: 0 to 2 (raw CAM units)."
     separate, none = scale_panels([strong, weak], shared=False)
-    assert none is None and separate[0].max() == pytest.approx(1.0) and separate[1].max() == pytest.approx(1.0)
+    assert none == () and separate[0].max() == pytest.approx(1.0) and separate[1].max() == pytest.approx(1.0)
+    assert describe_scales(none) == "Each map scaled to its own range."
+
+
+def test_methods_never_share_a_scale_but_studies_and_classes_do() -> None:
+    """Grad-CAM++'s raw maps run larger than Grad-CAM's: one scale would flatten Grad-CAM's (seen in the browser)."""
+    grid = [
+        _panel(_bump() * 0.6, study=0, method="gradcam++"), _panel(_bump() * 0.02, study=0, method="gradcam"),
+        _panel(_bump() * 0.3, study=1, method="gradcam++"), _panel(_bump() * 0.01, study=1, method="gradcam", target="normal"),
+    ]
+    scaled, scales = scale_panels(grid, shared=True)
+    assert {(s.method, round(s.top, 3)) for s in scales} == {("gradcam++", 0.6), ("gradcam", 0.02)}
+    # Each method's strongest map fills its scale; the other study stays at half, as its raw values are.
+    assert [round(float(m.max()), 3) for m in scaled] == [1.0, 1.0, 0.5, 0.5]
+    assert describe_scales(scales).endswith("Grad-CAM++ 0 to 0.6; Grad-CAM 0 to 0.02.")
 
 
 def test_lung_overlap() -> None:

@@ -127,7 +127,7 @@ def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_dat
         page.get_by_role("link", name="Compare").click()
         page.get_by_text("Compare heatmaps").first.wait_for(timeout=180_000)
         page.set_input_files("input[type=file]", [str(dicom_data / "RG1_J2KR.dcm")])
-        page.get_by_text("Shared scale").first.wait_for(timeout=180_000)
+        page.get_by_text("Zoom or pan any panel").first.wait_for(timeout=180_000)
         plot = page.locator(".js-plotly-plot").first
         plot.locator("image").nth(2).wait_for(timeout=180_000)
         assert plot.locator("image").count() == 3  # Grad-CAM, Grad-CAM++, HiResCAM
