@@ -22,6 +22,32 @@ from cxr_core.models import LoadedModel, load_model, save_model_folder
 from cxr_core.registry import build_network
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+#: Where the app keeps its state unless told otherwise; a test run must never write there.
+_STATE = ("CXR_VAR_DIR", "CXR_USERS_FILE", "CXR_JOBS_DIR", "CXR_REGISTRY_DIR")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point the app's state (database, users, jobs, registry) at a temporary folder for the run.
+
+    Without it every test that predicts without setting CXR_VAR_DIR wrote into the checkout's
+    var/ (15 audit rows per suite run): on a server that runs the app from its checkout, test
+    predictions would join the real, append-only, hash-chained audit trail for good. Tests
+    that need their own folder still set CXR_VAR_DIR; subprocesses inherit this one.
+    """
+    saved = {name: os.environ.get(name) for name in _STATE}
+    for name in _STATE:
+        os.environ.pop(name, None)
+    var = tmp_path_factory.mktemp("var")
+    os.environ["CXR_VAR_DIR"] = str(var)
+    try:
+        yield var
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _pydicom_data_dir() -> Path:

@@ -82,3 +82,15 @@ def test_filters_and_csv_export(tmp_path: Path) -> None:
     # A details cell is JSON and never starts like a spreadsheet formula.
     assert rows[1]["details"].startswith("{") and '"note"' in rows[1]["details"]
     assert all(not value.startswith(("=", "+", "@")) for r in rows for value in r.values())
+
+
+def test_the_suite_keeps_its_records_out_of_the_checkout() -> None:
+    """Test predictions must not land in the checkout's var/, which a server running the app from
+    this folder uses for its real, append-only audit trail (conftest.private_state)."""
+    from cxr_core import config
+    from cxr_core.jobs import jobs_dir
+    from cxr_core.users import users_file
+    from cxr_core.versions import registry_dir
+
+    for path in (config.var_dir(), db.database_path(), users_file(), jobs_dir(), registry_dir()):
+        assert not path.resolve().is_relative_to(config.PROJECT_ROOT.resolve()), path

@@ -177,6 +177,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     playwright = pytest.importorskip("playwright.sync_api")
     var = tmp_path / "var"
     env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu"}
+    previous_var = os.environ["CXR_VAR_DIR"]  # the suite's private one (conftest.private_state)
     os.environ["CXR_VAR_DIR"] = str(var)  # add_user and entries below use the same files
     try:
         add_user("alice", "a long enough password", "admin")
@@ -248,4 +249,4 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
         for action in ("sign_in", "upload_dataset", "confirm_dataset", "launch_job", "promote"):
             assert action in actions, actions
     finally:
-        os.environ.pop("CXR_VAR_DIR", None)
+        os.environ["CXR_VAR_DIR"] = previous_var
