@@ -43,14 +43,17 @@ def probability_chart(prediction: Prediction, label: Callable[[str], str] = str)
             y1=i + 0.45,
             line=dict(color="black", width=2, dash="dash"),
         )
+        # The y axis is reversed (first class on top), so i - 0.45 is the bar's upper edge: the
+        # label sits in the gap above its bar, not in grey on the red bar where it was unreadable.
         fig.add_annotation(
-            x=threshold, y=i + 0.45, text=f"threshold {threshold:.2f}", showarrow=False, yanchor="bottom", font=dict(size=11)
+            x=threshold, y=i - 0.45, text=f"threshold {threshold:.2f}", showarrow=False, yanchor="bottom",
+            font=dict(size=11, color="#222222"),
         )
     fig.update_layout(
         xaxis=dict(range=[0, 1.12], tickformat=".0%", title="probability"),
         yaxis=dict(autorange="reversed"),
-        height=80 + 48 * len(classes),
-        margin=dict(l=10, r=10, t=10, b=40),
+        height=96 + 48 * len(classes),
+        margin=dict(l=10, r=10, t=26, b=40),  # room above the first bar for its threshold label
         showlegend=False,
     )
     return fig

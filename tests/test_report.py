@@ -36,3 +36,22 @@ def test_rows_keep_order_and_numbering() -> None:
     assert [r["study"] for r in rows] == [1, 2, 3]
     assert rows[1]["p_covid"] is None and rows[0]["warnings"] == "Colour image converted"
     assert results_csv([]) == ""
+
+
+def test_threshold_labels_sit_above_their_bars() -> None:
+    """The first class is drawn on top (reversed axis); its threshold label goes in the gap above
+    the bar, with a top margin to hold it, not over the bar's colour."""
+    from cxr_core.charts import probability_chart
+    from cxr_core.inference import Prediction
+
+    prediction = Prediction(
+        model="m@1", model_name="m", classes=("covid", "normal", "viral_pneumonia"), probabilities=(0.3, 0.69, 0.01),
+        predicted="covid", thresholds={"covid": 0.2},
+    )
+    fig = probability_chart(prediction)
+    assert fig.layout.yaxis.autorange == "reversed"
+    (label,) = fig.layout.annotations
+    (mark,) = fig.layout.shapes
+    assert label.text == "threshold 0.20" and label.x == 0.2
+    assert label.yanchor == "bottom" and label.y == min(mark.y0, mark.y1)  # the bar's upper edge
+    assert fig.layout.margin.t >= 20
