@@ -62,7 +62,11 @@ for model_id in sorted({v.model_id for v in versions}):
         fig.update_layout(barmode="group", yaxis_range=[0, 1], height=320, title="On the fixed evaluation set", margin=dict(t=40))
         st.plotly_chart(fig, width="stretch", key=f"compare-{model_id}")
     else:
-        st.caption("No version has been measured on the fixed evaluation set yet.")
+        st.caption(
+            "No version has been measured on the fixed evaluation set yet. A job launched on the Training page with an "
+            "evaluation set (a folder of local labelled films, never trained on; default `CXR_EVAL_DIR`) measures its "
+            "candidate and the active version on it, and both appear here."
+        )
 
     others = [v for v in mine if not v.active]
     cols = st.columns([2, 3, 1, 1])
