@@ -143,9 +143,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from cxr_core.cam import explain, get_method
+    from cxr_core.cam import CAM_METHODS, explain, get_method
+    from cxr_core.export import Provenance, labelled_png
     from cxr_core.io import read_image
     from cxr_core.overlay import render_overlay
 
@@ -164,7 +163,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     rgb = render_overlay(image.pixels, heatmap.scaled, colormap=args.colormap, opacity=args.opacity)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(out, format="PNG")
+    # Film-sized as documented; the provenance goes in the PNG's text chunks only.
+    shows = f"{CAM_METHODS[explanation.method].label} for {model.manifest.label(target)} (p = {heatmap.probability:.3f}), layer {explanation.layer}"
+    out.write_bytes(labelled_png(rgb, Provenance(model.key, model.manifest.name, shows, image.sha256), banner=False))
     print(
         f"wrote {out} ({explanation.method} for {target}, p={heatmap.probability:.3f}, "
         f"predicted {explanation.prediction.predicted}, model {model.key})"

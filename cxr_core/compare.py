@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cxr_core.cam import CAM_METHODS, explain
 from cxr_core.errors import ExplanationError
+from cxr_core.export import wrap_text
 from cxr_core.faithfulness import Faithfulness, faithfulness
 from cxr_core.io import XrayImage
 from cxr_core.lungs import LungOverlap, lung_overlap
@@ -263,18 +264,11 @@ def grid_png(tiles: Sequence[np.ndarray], titles: Sequence[str], columns: int, t
     for i, (tile, title) in enumerate(zip(tiles, titles)):
         r, c = divmod(i, columns)
         picture = Image.fromarray(tile)
-        picture.thumbnail((tile_side, tile_side))
+        # Fit the tile either way: a 224 px JPEG beside a 2k DICOM should fill its cell too.
+        fit = tile_side / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * fit)), max(1, round(picture.height * fit))), Image.Resampling.LANCZOS)
         x0, y0 = c * tile_side, r * (tile_side + caption_h)
         canvas.paste(picture, (x0 + (tile_side - picture.width) // 2, y0 + (tile_side - picture.height) // 2))
-        words, lines, line = title.split(" "), [], ""
-        for word in words:
-            trial = f"{line} {word}".strip()
-            if draw.textlength(trial, font=font) > tile_side - 8 and line:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
-        for k, text in enumerate(lines[:3]):
+        for k, text in enumerate(wrap_text(draw, title, font, tile_side - 8)[:3]):
             draw.text((x0 + 4, y0 + tile_side + 2 + 14 * k), text, fill="black", font=font)
     return canvas

@@ -26,6 +26,7 @@ from cxr_core.compare import (
     scale_panels,
 )
 from cxr_core.errors import CxrError
+from cxr_core.export import Provenance, labelled_png
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
 from cxr_core.gate import GateResult
 from cxr_core.inference import predict
@@ -254,9 +255,14 @@ if with_faith:
 
 
 def _png_bytes() -> bytes:
-    buffer = io.BytesIO()
-    grid_png(tiles, titles, columns).save(buffer, format="PNG")
-    return buffer.getvalue()
+    keys = list(dict.fromkeys(p.spec.model for p in panels))
+    provenance = Provenance(
+        ", ".join(keys),
+        ", ".join(dict.fromkeys(models[k].manifest.name for k in keys)),
+        f"Heatmaps across: {AXES[axis]}; {len(studies)} stud{'y' if len(studies) == 1 else 'ies'}. {describe_scales(scales)}",
+        studies[0].sha256 if len(studies) == 1 else None,
+    )
+    return labelled_png(grid_png(tiles, titles, columns), provenance)
 
 
 st.download_button(

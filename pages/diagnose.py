@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
 from cxr_core import audit, config
 from cxr_core.cam import CAM_METHODS, Explanation, explain
 from cxr_core.charts import probability_chart
 from cxr_core.errors import CxrError
+from cxr_core.export import Provenance, labelled_png
 from cxr_core.inference import DISCLAIMER, Prediction, predict
 from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
@@ -319,19 +318,22 @@ left.image(
 if explanation is not None:
     heatmap = explanation.heatmap(target)
     small_film = fit_within(image.pixels, DISPLAY_SIDE)
+    shows = (
+        f"{CAM_METHODS[method].label} for {manifest.label(target)} (p = {heatmap.probability:.3f}), layer {explanation.layer}"
+        + (" — this method ignores the class: the same map for every class" if CAM_METHODS[method].class_agnostic else "")
+    )
     right.image(
         render_overlay(small_film, heatmap.at(small_film.shape)[1], colormap=colormap, opacity=opacity),
-        caption=f"{CAM_METHODS[method].label} for {manifest.label(target)} (p = {heatmap.probability:.3f}), layer {explanation.layer}"
-        + (" — this method ignores the class: the same map for every class" if CAM_METHODS[method].class_agnostic else ""),
+        caption=shows,
         width="stretch",
     )
 
     def full_resolution_png() -> bytes:
-        buffer = io.BytesIO()
         rgb = render_overlay(image.pixels, heatmap.scaled, colormap=colormap, opacity=opacity)
-        Image.fromarray(rgb).save(buffer, format="PNG")
+        called = manifest.label(prediction.predicted) if prediction.predicted else "none shown (uncertain or rejected)"
+        provenance = Provenance(model.key, manifest.name, f"{shows}. Prediction: {called}.", image.sha256)
         audit.record("export_overlay", user=user, role=role, image_sha256=image.sha256, model=model.key, details={"method": method, "target": target})
-        return buffer.getvalue()
+        return labelled_png(rgb, provenance)
 
     right.download_button(
         "Download overlay (full resolution PNG)",

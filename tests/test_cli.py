@@ -99,9 +99,13 @@ def test_explain_writes_an_overlay(use_weights: Path, dicom_data: Path, tmp_path
     out_png = tmp_path / "out" / "overlay.png"
     code, out, _ = run_main(capsys, "explain", str(dicom_data / "RG1_J2KR.dcm"), "--out", str(out_png), "--target", "covid", "--method", "gradcam++")
     assert code == 0 and "gradcam++ for covid" in out
-    overlay = np.asarray(Image.open(out_png))
-    assert overlay.shape == (1955, 1841, 3)  # full resolution
+    png = Image.open(out_png)
+    overlay = np.asarray(png)
+    assert overlay.shape == (1955, 1841, 3)  # full resolution, no banner: the documented output
     assert np.abs(overlay[..., 0].astype(int) - overlay[..., 2].astype(int)).mean() > 1  # coloured, not grey
+    # Its provenance travels in the PNG's text chunks; never the file name.
+    assert png.info["cxr:model"] == "densenet121-test@0.0.1" and png.info["Description"].startswith("Grad-CAM++ for covid (p = ")
+    assert png.info["Disclaimer"].startswith("Decision support only") and "RG1" not in " ".join(png.info.values())
 
 
 def test_explain_errors(use_weights: Path, dicom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

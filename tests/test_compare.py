@@ -185,3 +185,9 @@ def test_grid_png_export() -> None:
     tiles = [np.full((100, 80, 3), 200, np.uint8) for _ in range(6)]
     png = grid_png(tiles, [f"panel {i} · p = 0.5 · lungs 80%" for i in range(6)], columns=3, tile_side=120)
     assert png.size == (360, 2 * (120 + 44))
+    # Tiles smaller than their cell are enlarged to fill it (a 224 px JPEG beside a 2k DICOM):
+    # the 100 x 80 tile becomes 120 x 96, centred.
+    cell = np.asarray(png)[:120, :120]
+    grey = np.all(cell == 200, axis=2)
+    rows, cols = np.where(grey)
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (0, 120, 12, 108)
