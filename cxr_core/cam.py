@@ -182,6 +182,14 @@ class Explanation:
                 return heatmap
         raise ExplanationError(f"No heatmap for class {target!r} in this explanation.")
 
+    def describe(self, target: str, label: Callable[[str], str] = str) -> str:
+        """What the map for ``target`` shows, in one line (the page's caption, an export's description)."""
+        method = CAM_METHODS[self.method]
+        return (
+            f"{method.label} for {label(target)} (p = {self.heatmap(target).probability:.3f}), layer {self.layer}"
+            + (" — this method ignores the class: the same map for every class" if method.class_agnostic else "")
+        )
+
 
 def get_method(name: str) -> CamMethod:
     try:

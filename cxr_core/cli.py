@@ -143,7 +143,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from cxr_core.cam import CAM_METHODS, explain, get_method
+    from cxr_core.cam import explain, get_method
     from cxr_core.export import Provenance, labelled_png
     from cxr_core.io import read_image
     from cxr_core.overlay import render_overlay
@@ -164,7 +164,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Film-sized as documented; the provenance goes in the PNG's text chunks only.
-    shows = f"{CAM_METHODS[explanation.method].label} for {model.manifest.label(target)} (p = {heatmap.probability:.3f}), layer {explanation.layer}"
+    shows = explanation.describe(target, model.manifest.label)
     out.write_bytes(labelled_png(rgb, Provenance(model.key, model.manifest.name, shows, image.sha256), banner=False))
     print(
         f"wrote {out} ({explanation.method} for {target}, p={heatmap.probability:.3f}, "

@@ -66,10 +66,13 @@ def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | 
     return lines
 
 
+def _as_image(picture: np.ndarray | Image.Image) -> Image.Image:
+    return picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture, dtype=np.uint8))
+
+
 def with_banner(picture: np.ndarray | Image.Image, lines: Sequence[str]) -> Image.Image:
     """(H, W, 3) uint8 picture -> RGB image (H + strip, W): the picture unchanged, ``lines`` below it."""
-    top = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture, dtype=np.uint8))
-    top = top.convert("RGB")
+    top = _as_image(picture).convert("RGB")
     size = int(min(max(top.width * _TEXT_SHARE, _MIN_TEXT), _MAX_TEXT))
     font = ImageFont.load_default(size=size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -90,10 +93,7 @@ def labelled_png(picture: np.ndarray | Image.Image, provenance: Provenance, *, b
     info = PngInfo()
     for key, value in provenance.text_chunks().items():
         info.add_itxt(key, value)
-    if banner:
-        out = with_banner(picture, provenance.lines())
-    else:
-        out = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture, dtype=np.uint8))
+    out = with_banner(picture, provenance.lines()) if banner else _as_image(picture)
     buffer = io.BytesIO()
     out.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

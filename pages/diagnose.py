@@ -318,10 +318,7 @@ left.image(
 if explanation is not None:
     heatmap = explanation.heatmap(target)
     small_film = fit_within(image.pixels, DISPLAY_SIDE)
-    shows = (
-        f"{CAM_METHODS[method].label} for {manifest.label(target)} (p = {heatmap.probability:.3f}), layer {explanation.layer}"
-        + (" — this method ignores the class: the same map for every class" if CAM_METHODS[method].class_agnostic else "")
-    )
+    shows = explanation.describe(target, manifest.label)
     right.image(
         render_overlay(small_film, heatmap.at(small_film.shape)[1], colormap=colormap, opacity=opacity),
         caption=shows,
