@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 from typing import Sequence
 
-from cxr_core.inference import Prediction
+from cxr_core.inference import DISCLAIMER, Prediction
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ def result_rows(results: Sequence[StudyResult], *, include_names: bool = False) 
 
 
 def results_csv(results: Sequence[StudyResult], *, include_names: bool = False) -> str:
-    rows = result_rows(results, include_names=include_names)
+    """The rows of :func:`result_rows` as CSV, each with the decision-support disclaimer in a last
+    column: a row copied on its own into a report or a spreadsheet still says what it is (a
+    comment line above the header would break CSV readers)."""
+    rows = [{**row, "disclaimer": DISCLAIMER} for row in result_rows(results, include_names=include_names)]
     if not rows:
         return ""
     buffer = io.StringIO()

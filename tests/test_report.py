@@ -24,7 +24,8 @@ def test_csv_leaves_file_names_out_unless_asked() -> None:
     text = results_csv(RESULTS)
     assert "Smith" not in text and "broken.dcm" not in text
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert list(rows[0]) == ["study", "image_sha256", "model", "prediction", "p_covid", "p_normal", "gate", "uncertain", "warnings", "error"]
+    assert list(rows[0]) == ["study", "image_sha256", "model", "prediction", "p_covid", "p_normal", "gate", "uncertain", "warnings", "error", "disclaimer"]
+    assert all(r["disclaimer"].startswith("Decision support only") for r in rows)
     assert [r["prediction"] for r in rows] == ["covid", "", "normal"]
     assert rows[0]["p_covid"] == "0.8" and rows[1]["error"] == "This DICOM has no pixel data"
     named = list(csv.DictReader(io.StringIO(results_csv(RESULTS, include_names=True))))
