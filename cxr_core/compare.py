@@ -258,8 +258,11 @@ def grid_png(tiles: Sequence[np.ndarray], titles: Sequence[str], columns: int, t
     """Tile overlays into one image with a caption under each, for export."""
     rows = (len(tiles) + columns - 1) // columns
     caption_h = 44
+    # White space between cells: square tiles fill their cells, and two films side by side
+    # with no gap read as one picture.
+    gap = 8
     font = ImageFont.load_default(size=13)
-    canvas = Image.new("RGB", (columns * tile_side, rows * (tile_side + caption_h)), "white")
+    canvas = Image.new("RGB", (columns * tile_side + (columns - 1) * gap, rows * (tile_side + caption_h) + (rows - 1) * gap), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (tile, title) in enumerate(zip(tiles, titles)):
         r, c = divmod(i, columns)
@@ -267,7 +270,7 @@ def grid_png(tiles: Sequence[np.ndarray], titles: Sequence[str], columns: int, t
         # Fit the tile either way: a 224 px JPEG beside a 2k DICOM should fill its cell too.
         fit = tile_side / max(picture.size)
         picture = picture.resize((max(1, round(picture.width * fit)), max(1, round(picture.height * fit))), Image.Resampling.LANCZOS)
-        x0, y0 = c * tile_side, r * (tile_side + caption_h)
+        x0, y0 = c * (tile_side + gap), r * (tile_side + caption_h + gap)
         canvas.paste(picture, (x0 + (tile_side - picture.width) // 2, y0 + (tile_side - picture.height) // 2))
         for k, text in enumerate(wrap_text(draw, title, font, tile_side - 8)[:3]):
             draw.text((x0 + 4, y0 + tile_side + 2 + 14 * k), text, fill="black", font=font)

@@ -184,10 +184,14 @@ def test_feedback_persists_across_restarts(tmp_path: Path) -> None:
 def test_grid_png_export() -> None:
     tiles = [np.full((100, 80, 3), 200, np.uint8) for _ in range(6)]
     png = grid_png(tiles, [f"panel {i} · p = 0.5 · lungs 80%" for i in range(6)], columns=3, tile_side=120)
-    assert png.size == (360, 2 * (120 + 44))
+    assert png.size == (3 * 120 + 2 * 8, 2 * (120 + 44) + 8)
     # Tiles smaller than their cell are enlarged to fill it (a 224 px JPEG beside a 2k DICOM):
     # the 100 x 80 tile becomes 120 x 96, centred.
     cell = np.asarray(png)[:120, :120]
     grey = np.all(cell == 200, axis=2)
     rows, cols = np.where(grey)
     assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (0, 120, 12, 108)
+    # Square tiles fill their cells; white columns keep neighbours apart.
+    square = grid_png([np.full((50, 50, 3), 90, np.uint8) for _ in range(2)], ["a", "b"], columns=2, tile_side=120)
+    pixels = np.asarray(square)[:120]
+    assert np.all(pixels[:, :120] == 90) and np.all(pixels[:, 120:128] == 255) and np.all(pixels[:, 128:248] == 90)
