@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from cxr_core.chest_space import chest_space
 from cxr_core.errors import ModelError
 from cxr_core.io import ImageMetadata
-from cxr_core.quality import QualityReport
+from cxr_core.quality import BLANK_CONTRAST, QualityReport
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ MODALITY_NAMES = {
     "ES": "an endoscopy image", "XC": "an external camera photograph", "SM": "a microscopy slide",
 }
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "THORACIC")
-#: pixel standard deviation (on [0, 1]) below which a frame is blank; chest films are far above
-BLANK_CONTRAST = 0.02
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 
 

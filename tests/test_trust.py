@@ -19,8 +19,8 @@ from cxr_core.gate import ACCEPTED, REJECTED, WARNING, FeatureGate, fit_feature_
 from cxr_core.inference import is_uncertain, make_prediction
 from cxr_core.io import ImageMetadata, XrayImage, read_image
 from cxr_core.manifest import Manifest
-from cxr_core.quality import assess_quality, fix_orientation
-from tests.conftest import SHARED_DATA
+from cxr_core.quality import EXPOSURE_ASSET, assess_quality, exposure_range, fix_orientation
+from tests.conftest import SHARED_DATA, load_script
 
 
 def _image(pixels: np.ndarray, **meta: object) -> XrayImage:
@@ -135,9 +135,36 @@ def test_a_threshold_call_is_never_hidden_as_uncertain() -> None:
 
 
 def test_upright_film_passes(chest: XrayImage) -> None:
+    """RG1 is upright, sharp enough and whole; only its brightness (its own DICOM window puts
+    the median grey at 0.81) is outside the training films' range, and that is all it is told."""
     report = assess_quality(chest)
     assert (report.rotation, report.inverted, report.low_resolution, report.cropped) == (0, False, False, False)
-    assert report.warnings == ()
+    assert report.exposure == "brighter" and len(report.warnings) == 1 and "median grey 0.81" in report.warnings[0]
+    # The same film with a gamma that brings its median grey to about 0.55: nothing to say.
+    assert assess_quality(_image(chest.pixels**2.8)).warnings == ()
+
+
+def test_exposure_is_judged_against_the_training_films() -> None:
+    lo, hi = exposure_range()
+    assert 0.1 < lo < 0.4 < 0.6 < hi < 0.9
+    gradient = np.tile(np.linspace(0, 1, 400, dtype=np.float32), (400, 1))  # median grey 0.5
+    for gamma, side in ((1.0, None), (0.3, "brighter"), (3.0, "darker")):
+        report = assess_quality(_image(gradient**gamma))
+        assert report.exposure == side, (gamma, report.median_grey)
+        assert any(f"is {side} overall" in w for w in report.warnings) == (side is not None)
+    # A blank frame is rejected for being blank; its brightness adds nothing.
+    assert assess_quality(_image(np.full((400, 400), 0.95, np.float32))).exposure is None
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")
+def test_exposure_range_is_measured_from_the_training_films(tmp_path: Path) -> None:
+    """The shipped range is what scripts/measure_exposure.py measures on the shared data, and it
+    warns on few films like the training ones."""
+    measured = load_script("measure_exposure").measure(SHARED_DATA)
+    shipped = json.loads(EXPOSURE_ASSET.read_text())
+    assert measured["range"] == shipped["range"] and measured["outside_range"] == shipped["outside_range"]
+    test = shipped["outside_range"]["test"]
+    assert (test["darker"] + test["brighter"]) / test["n"] <= 0.02
 
 
 @pytest.mark.parametrize("k, invert", [(1, False), (2, False), (3, False), (0, True), (2, True)])

@@ -1,0 +1,62 @@
+"""Measure how bright the training films are, for the exposure check (cxr_core/quality.py).
+
+    python scripts/measure_exposure.py ../shared/data/cxr [--out cxr_core/assets/exposure.json]
+
+The statistic is the median grey of the whole film on [0, 1], as the app reads it. The range
+kept is the 0.5th to 99.5th percentile over every training film (all labels, both sources);
+the share of validation and test films outside it is recorded beside it, since that is how
+often the check warns on films like the training ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_core.quality import EXPOSURE_ASSET, median_grey  # noqa: E402
+
+QUANTILES = (0.005, 0.995)
+
+
+def medians(paths: list[Path]) -> np.ndarray:
+    return np.array([median_grey(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255) for p in paths])
+
+
+def measure(root: Path) -> dict[str, object]:
+    train = medians(sorted(root.glob("train/*/*.jpg")))
+    if train.size == 0:
+        raise SystemExit(f"No training films under {root}/train/<label>/*.jpg.")
+    lo, hi = (round(float(q), 4) for q in np.quantile(train, QUANTILES))
+    outside = {}
+    for split in ("val", "test"):
+        values = medians(sorted(root.glob(f"{split}/*/*.jpg")))
+        outside[split] = {"n": int(values.size), "darker": int((values < lo).sum()), "brighter": int((values > hi).sum())}
+    return {
+        "statistic": "median grey of the whole film on [0, 1]",
+        "range": [lo, hi],
+        "quantiles": list(QUANTILES),
+        "measured_on": f"{train.size} training films of the shared data (COVID-19 Radiography Database and Kermany, all labels)",
+        "outside_range": outside,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--out", type=Path, default=EXPOSURE_ASSET)
+    args = parser.parse_args(argv)
+    result = measure(args.data)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
