@@ -77,7 +77,8 @@ class QualityReport:
 
 
 def median_grey(pixels: np.ndarray) -> float:
-    """Median of (H, W) pixels on [0, 1]; strided on large films (a 2k film: ~16x cheaper, same to 3 decimals)."""
+    """Median of (H, W) pixels on [0, 1]; every 4th row and column of a large film (16x fewer pixels;
+    on pydicom-data's RG1 and RG3, 0.8125 vs 0.8124 and 0.8925 vs 0.8925)."""
     sample = pixels[::4, ::4] if min(pixels.shape) >= 1024 else pixels
     return float(np.median(sample))
 
@@ -91,11 +92,12 @@ def exposure_range() -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-def _exposure(grey: float, contrast: float) -> tuple[str | None, str | None]:
+def _exposure(grey: float, contrast: float, inverted: bool) -> tuple[str | None, str | None]:
     """("darker" | "brighter" | None, the warning) for a film's median grey."""
     bounds = exposure_range()
-    if bounds is None or contrast < BLANK_CONTRAST:
-        # A blank frame is rejected as such; its brightness says nothing more.
+    if bounds is None or contrast < BLANK_CONTRAST or inverted:
+        # A blank frame is rejected as such, and an inverted one is judged once corrected:
+        # their brightness says nothing more.
         return None, None
     lo, hi = bounds
     if lo <= grey <= hi:
@@ -129,7 +131,7 @@ def assess_quality(image: XrayImage) -> QualityReport:
     if cropped:
         warnings.append(f"Unusual shape ({width} x {height} px): the film may be heavily cropped and miss part of the chest.")
     grey, contrast = median_grey(pixels), float(pixels.std())
-    exposure, exposure_warning = _exposure(grey, contrast)
+    exposure, exposure_warning = _exposure(grey, contrast, inverted)
     if exposure_warning:
         warnings.append(exposure_warning)
     space = chest_space()
