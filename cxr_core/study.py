@@ -1,6 +1,6 @@
 """What the model is shown of a study: the film as read, optionally turned upright or
 re-inverted (when the quality check suggests it and the user agrees) and with burned-in
-text masked (when the user asks)."""
+text masked (when the user asks); and, for comparison, the same film contrast-stretched."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cxr_core.annotations import Box, detect_burned_in, mask_boxes
-from cxr_core.io import XrayImage
+from cxr_core.io import XrayImage, auto_window
 from cxr_core.quality import QualityReport, assess_quality, fix_orientation
 
 
@@ -33,6 +33,22 @@ def study_view(original: XrayImage, *, correct: bool = False, mask_text: bool = 
         pixels.setflags(write=False)
         film = replace(film, pixels=pixels, warnings=film.warnings + (f"Burned-in text masked before inference ({len(boxes)} region(s)).",))
     return StudyView(film, quality, boxes, corrected, masked)
+
+
+STRETCH_NOTE = "Contrast stretched between the film's 0.5th and 99.5th percentiles, for comparison."
+
+
+def contrast_stretched(image: XrayImage) -> XrayImage:
+    """The film with its (H, W) pixels stretched linearly between their 0.5th and 99.5th
+    percentiles, as the reader renders a file with no window of its own.
+
+    Predicted beside the film as read when its brightness is outside the training films'
+    range: the reader then sees how much the answer hangs on the display window rather
+    than being told only that it might.
+    """
+    pixels, _ = auto_window(image.pixels)
+    pixels.setflags(write=False)
+    return replace(image, pixels=pixels, warnings=image.warnings + (STRETCH_NOTE,))
 
 
 def draw_boxes(rgb: np.ndarray, boxes: tuple[Box, ...], scale: float = 1.0, colour: tuple[int, int, int] = (255, 200, 0)) -> np.ndarray:

@@ -18,7 +18,7 @@ from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
 from cxr_core.overlay import COLORMAPS, fit_within, render_overlay
 from cxr_core.report import StudyResult, result_rows, results_csv, short_status, worklist_order
-from cxr_core.study import StudyView, draw_boxes, study_view
+from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view
 from pages._common import (
     cached_model,
     current_user,
@@ -78,11 +78,13 @@ images: dict[str, XrayImage | str] = state.setdefault("diagnose_images", {})
 options: dict[str, dict[str, bool]] = state.setdefault("diagnose_options", {})  # file -> {"correct", "mask"}
 views: dict[tuple[str, bool, bool], StudyView] = state.setdefault("diagnose_views", {})
 predictions: dict[tuple[str, bool, bool, str], Prediction] = state.setdefault("diagnose_predictions", {})
+# The same views contrast-stretched, predicted only for films whose brightness is flagged.
+stretched: dict[tuple[str, bool, bool, str], Prediction] = state.setdefault("diagnose_stretched", {})
 current_ids = {u.file_id for u in uploads}
 for store in (images, options):
     for stale in [k for k in store if k not in current_ids]:
         del store[stale]
-for store in (views, predictions):
+for store in (views, predictions, stretched):
     for stale in [k for k in store if k[0] not in current_ids]:
         del store[stale]
 
@@ -367,6 +369,33 @@ if view.boxes and not manifest.input.mask_burned_in:
         ),
         hide_index=True,
         width="stretch",
+    )
+
+# A film much brighter or darker than the training films: the same film contrast-stretched,
+# so the effect of the display window on the answer is visible, not only warned about.
+if view.quality.exposure and not (gate is not None and gate.rejected):
+    stretch_key = (*key, model.key)
+    if stretch_key not in stretched:
+        stretched[stretch_key] = predict(model, [contrast_stretched(image)])[0]
+    other = stretched[stretch_key]
+
+    def _call(p: Prediction) -> str:
+        return manifest.label(p.predicted) if p.predicted else "uncertain"
+
+    st.markdown("**Effect of the display window**")
+    st.dataframe(
+        pd.DataFrame(
+            {"class": [manifest.label(c) for c in manifest.classes], "as read": [round(p, 3) for p in prediction.probabilities],
+             "contrast stretched": [round(p, 3) for p in other.probabilities],
+             "change": [round(o - p, 3) for o, p in zip(other.probabilities, prediction.probabilities)]}
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(
+        f"The film is {view.quality.exposure} overall than the training films (median grey {view.quality.median_grey:.2f}). "
+        f"Stretched between its 0.5th and 99.5th percentiles it is called {_call(other)}; as read, {_call(prediction)}. "
+        "Neither rendering is the right one; a large change means the answer depends on how the film was windowed."
     )
 
 with st.expander("Image metadata"):

@@ -53,6 +53,14 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     captions = [c for image in at.get("image") for c in image.captions]
     assert any(c.startswith("Image (window C 15000 / W 30000") for c in captions)
     assert any(c.startswith("Grad-CAM for") for c in captions)
+    # RG1 is brighter than the training films (its own window): the page says so, and shows what
+    # a contrast stretch does to the answer.
+    body = texts(at)
+    assert "is brighter overall than 99% of the films" in body and "**Effect of the display window**" in body
+    assert "Stretched between its 0.5th and 99.5th percentiles it is called" in body
+    window_table = next(d.value for d in at.dataframe if "contrast stretched" in d.value.columns)
+    assert len(window_table) == 3
+    assert window_table["as read"].sum() == pytest.approx(1.0, abs=0.01) and window_table["contrast stretched"].sum() == pytest.approx(1.0, abs=0.01)
     labels = [s.label for s in at.selectbox]
     assert labels == ["Model", "Study", "Heatmap for class", "Method", "Colormap"]
     assert any("Image metadata" in e.label for e in at.expander)

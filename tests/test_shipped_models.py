@@ -48,6 +48,22 @@ def test_gate_on_real_files(shipped, dicom_data: Path, dicom_tests: Path) -> Non
     assert len(outcomes) == len(NON_CHEST) and all(o in ("rejected", "warning") for o in outcomes.values()), outcomes
 
 
+#: p(COVID-19) for RG1 as windowed by its own DICOM window, and contrast-stretched (both cards'
+#: "DICOM windowing" note): the stretch moves the answer this much, which the page shows.
+RG1_COVID = {"densenet121-covid3": (0.298, 0.432), "resnet50-covid-binary": (0.300, 0.495)}
+
+
+def test_rg1_brightness_is_flagged_and_the_stretch_shown_to_matter(shipped, dicom_data: Path) -> None:  # type: ignore[no-untyped-def]
+    from cxr_core.study import contrast_stretched
+
+    film = read_image(dicom_data / "RG1_UNCR.dcm")
+    as_read, stretched = predict(shipped, [film, contrast_stretched(film)])
+    assert as_read.gate is not None and any("brighter overall" in r for r in as_read.gate.reasons)
+    if shipped.manifest.id in RG1_COVID:
+        expected = RG1_COVID[shipped.manifest.id]
+        assert (as_read.probability("covid"), stretched.probability("covid")) == pytest.approx(expected, abs=0.01)
+
+
 def test_gate_without_headers(shipped, dicom_data: Path, dicom_tests: Path) -> None:  # type: ignore[no-untyped-def]
     """The same files exported to PNG (no DICOM header): the image-based checks alone must
     still turn the non-chest ones away, and keep the chest film."""

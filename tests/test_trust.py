@@ -156,6 +156,17 @@ def test_exposure_is_judged_against_the_training_films(chest: XrayImage) -> None
     assert assess_quality(_image(np.full((400, 400), 0.95, np.float32))).exposure is None
 
 
+def test_contrast_stretch_spans_the_range_and_says_so(chest: XrayImage) -> None:
+    from cxr_core.study import STRETCH_NOTE, contrast_stretched
+
+    stretched = contrast_stretched(chest)
+    lo, hi = np.percentile(chest.pixels[::4, ::4], [0.5, 99.5])
+    expected = np.clip((chest.pixels - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(stretched.pixels, expected, atol=1e-5)
+    assert stretched.sha256 == chest.sha256 and stretched.warnings[-1] == STRETCH_NOTE and not stretched.pixels.flags.writeable
+    assert chest.pixels.min() > 0.1  # the original is untouched (RG1's darkest pixels stay ~0.2)
+
+
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")
 def test_exposure_range_is_measured_from_the_training_films(tmp_path: Path) -> None:
     """The shipped range is what scripts/measure_exposure.py measures on the shared data, and it
