@@ -352,6 +352,19 @@ if prediction.thresholds:
     )
 st.caption(" ".join(captions))
 
+def side_by_side(before: tuple[str, Prediction], after: tuple[str, Prediction]) -> None:
+    """One film's probabilities two ways, and the change from the first to the second."""
+    (first, p), (second, q) = before, after
+    st.dataframe(
+        pd.DataFrame(
+            {"class": [manifest.label(c) for c in manifest.classes], first: [round(x, 3) for x in p.probabilities],
+             second: [round(x, 3) for x in q.probabilities], "change": [round(b - a, 3) for a, b in zip(p.probabilities, q.probabilities)]}
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+
+
 # With and without masking, so the effect of burned-in text on the answer is visible.
 if view.boxes and not manifest.input.mask_burned_in:
     other_key = (file_id, key[1], not key[2])
@@ -361,15 +374,7 @@ if view.boxes and not manifest.input.mask_burned_in:
         predictions[(*other_key, model.key)] = other
     masked_p, plain_p = (prediction, other) if key[2] else (other, prediction)
     st.markdown("**Effect of masking the burned-in text**")
-    st.dataframe(
-        pd.DataFrame(
-            {"class": [manifest.label(c) for c in manifest.classes], "without masking": [round(p, 3) for p in plain_p.probabilities],
-             "with masking": [round(p, 3) for p in masked_p.probabilities],
-             "change": [round(m - p, 3) for m, p in zip(masked_p.probabilities, plain_p.probabilities)]}
-        ),
-        hide_index=True,
-        width="stretch",
-    )
+    side_by_side(("without masking", plain_p), ("with masking", masked_p))
 
 # A film much brighter or darker than the training films: the same film contrast-stretched,
 # so the effect of the display window on the answer is visible, not only warned about.
@@ -383,15 +388,7 @@ if view.quality.exposure and not (gate is not None and gate.rejected):
         return manifest.label(p.predicted) if p.predicted else "uncertain"
 
     st.markdown("**Effect of the display window**")
-    st.dataframe(
-        pd.DataFrame(
-            {"class": [manifest.label(c) for c in manifest.classes], "as read": [round(p, 3) for p in prediction.probabilities],
-             "contrast stretched": [round(p, 3) for p in other.probabilities],
-             "change": [round(o - p, 3) for o, p in zip(other.probabilities, prediction.probabilities)]}
-        ),
-        hide_index=True,
-        width="stretch",
-    )
+    side_by_side(("as read", prediction), ("contrast stretched", other))
     st.caption(
         f"The film is {view.quality.exposure} overall than the training films (median grey {view.quality.median_grey:.2f}). "
         f"Stretched between its 0.5th and 99.5th percentiles it is called {_call(other)}; as read, {_call(prediction)}. "
