@@ -347,6 +347,18 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from cxr_core.health import check_health
+
+    report = check_health(models=not args.no_models)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "seconds": c.seconds} for c in report.checks]}))
+    else:
+        for c in report.checks:
+            print(f"{'ok' if c.ok else 'FAILED'}\t{c.name}\t{c.detail}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def _cmd_users(args: argparse.Namespace) -> int:
     import getpass
 
@@ -480,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--action")
     q.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("check", help="check that this installation can serve (state, audit trail, every model); exit 1 if not")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-models", action="store_true", help="skip loading the models")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("evaluate", help="metrics of a model on labelled folders")
     p.add_argument("data_dir", metavar="DATA_DIR")

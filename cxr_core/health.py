@@ -1,0 +1,132 @@
+"""Is this installation able to serve? One pass over what the app needs, for monitoring and
+after an upgrade (``python -m cxr_core check``).
+
+The web server's own health URL (Streamlit's ``/_stcore/health``) only says the process
+answers; it does not notice a model whose weights no longer match their manifest, a state
+folder the service user cannot write, or an audit trail someone edited. Each of those
+leaves the app up while clinicians get errors or an untrustworthy record, so each is
+checked here and named when it fails.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from cxr_core import config
+
+log = logging.getLogger(__name__)
+
+#: the sample film every model predicts: the mean of upright training films (no patient in it),
+#: enlarged to a readable size so it passes the reader's and the quality checks' size rules
+SAMPLE = Path(__file__).resolve().parent / "assets" / "mean_chest.png"
+SAMPLE_SIDE = 512
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def _timed(name: str, probe: Callable[[], str]) -> Check:
+    """Run ``probe``; its return value is the detail of a passed check, its exception a failed one."""
+    started = time.perf_counter()
+    try:
+        detail = probe()
+        ok = True
+    except Exception as exc:  # noqa: BLE001 - a health check reports every failure, whatever it is
+        log.debug("check %s failed", name, exc_info=True)
+        detail, ok = f"{type(exc).__name__}: {exc}", False
+    return Check(name, ok, detail, round(time.perf_counter() - started, 3))
+
+
+def _state_folder() -> str:
+    folder = config.var_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".health-{uuid.uuid4().hex}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+    return f"{folder} is writable"
+
+
+def _database() -> str:
+    from cxr_core.db import connect, database_path
+
+    with connect() as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return f"{database_path()} opens ({len(tables)} tables)"
+
+
+def _audit_trail() -> str:
+    from cxr_core.audit import verify_chain
+
+    report = verify_chain()
+    if not report.ok:
+        raise RuntimeError(f"audit trail broken at entry {report.first_bad_id}: {report.problem}")
+    return f"hash chain intact ({report.rows} entries)"
+
+
+def sample_film() -> bytes:
+    """The sample film as PNG bytes, (SAMPLE_SIDE, SAMPLE_SIDE) greyscale."""
+    picture = Image.open(SAMPLE).convert("L").resize((SAMPLE_SIDE, SAMPLE_SIDE), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _model(path: Path) -> str:
+    from cxr_core.inference import predict
+    from cxr_core.io import read_image
+    from cxr_core.models import load_model
+
+    # load_model checks the weights against the manifest's sha256 before building the network.
+    model = load_model(path)
+    started = time.perf_counter()
+    prediction = predict(model, [read_image(sample_film(), name="sample")])[0]
+    seconds = time.perf_counter() - started
+    probabilities = np.asarray(prediction.probabilities, dtype=np.float64)
+    if not (np.all(np.isfinite(probabilities)) and math.isclose(float(probabilities.sum()), 1.0, abs_tol=1e-3)):
+        raise RuntimeError(f"the sample film gave unusable probabilities {probabilities.tolist()}")
+    return f"weights match the manifest; sample film predicted on {model.device} in {seconds:.2f} s"
+
+
+def check_health(*, models: bool = True) -> HealthReport:
+    """Every check, in order: state folder, database, audit trail, then each installed model.
+
+    ``models=False`` skips loading the models (seconds each on a CPU).
+    """
+    from cxr_core.models import discover_models
+
+    checks = [_timed("state folder", _state_folder), _timed("database", _database), _timed("audit trail", _audit_trail)]
+    folders = discover_models()
+    if not folders:
+        checks.append(Check("models", False, f"no trained model is installed (looked in {config.weights_dir()})", 0.0))
+    for folder in folders:
+        label = folder.manifest.key if folder.manifest else os.fspath(folder.path)
+        if not folder.ok:
+            checks.append(Check(f"model {label}", False, folder.problem or "unusable", 0.0))
+        elif models:
+            checks.append(_timed(f"model {label}", lambda p=folder.path: _model(p)))
+    return HealthReport(tuple(checks))
