@@ -140,3 +140,21 @@ for model_id in sorted({v.model_id for v in versions}):
             if card.is_file():
                 st.markdown("**Model card**")
                 st.markdown(card.read_text(encoding="utf-8"))
+
+st.divider()
+st.subheader("Installation check")
+st.caption(
+    "The same checks as `python -m cxr_core check` (for monitoring): the state folder is writable, the database opens, "
+    "the audit trail's hash chain is intact, and each model's weights match their manifest and predict a sample film."
+)
+if st.button("Run the check", key="health_check", icon=":material/health_and_safety:"):
+    from cxr_core.health import check_health
+
+    with guarded("checking the installation"), st.spinner("Checking the installation…"):
+        report = check_health()
+        rows = [{"check": c.name, "ok": c.ok, "detail": c.detail, "seconds": c.seconds} for c in report.checks]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        if report.ok:
+            st.success("Every check passed.")
+        else:
+            st.error("Failed: " + ", ".join(c.name for c in report.checks if not c.ok) + ". See the details above.")

@@ -120,6 +120,11 @@ def test_models_page_needs_an_admin(use_weights: Path, tmp_path: Path, monkeypat
     tables = [d.value for d in at.dataframe]
     assert [list(t["version"]) for t in tables] == [["0.0.1"], ["0.0.1"]]
     assert all(bool(t["active"][0]) for t in tables) and [h.value for h in at.header] == ["densenet121-test", "resnet50-test"]
+    at.button(key="health_check").click()
+    at.run()
+    assert not at.exception and any(s.value == "Every check passed." for s in at.success)
+    check = at.dataframe[-1].value
+    assert list(check["check"][:3]) == ["state folder", "database", "audit trail"] and check["ok"].all() and len(check) == 5
 
 
 def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
