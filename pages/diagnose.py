@@ -352,6 +352,7 @@ if prediction.thresholds:
     )
 st.caption(" ".join(captions))
 
+
 def side_by_side(before: tuple[str, Prediction], after: tuple[str, Prediction]) -> None:
     """One film's probabilities two ways, and the change from the first to the second."""
     (first, p), (second, q) = before, after
@@ -378,22 +379,23 @@ if view.boxes and not manifest.input.mask_burned_in:
 
 # A film much brighter or darker than the training films: the same film contrast-stretched,
 # so the effect of the display window on the answer is visible, not only warned about.
+def _call(p: Prediction) -> str:
+    return manifest.label(p.predicted) if p.predicted else "uncertain"
+
+
 if view.quality.exposure and not (gate is not None and gate.rejected):
-    stretch_key = (*key, model.key)
-    if stretch_key not in stretched:
-        stretched[stretch_key] = predict(model, [contrast_stretched(image)])[0]
-    other = stretched[stretch_key]
-
-    def _call(p: Prediction) -> str:
-        return manifest.label(p.predicted) if p.predicted else "uncertain"
-
-    st.markdown("**Effect of the display window**")
-    side_by_side(("as read", prediction), ("contrast stretched", other))
-    st.caption(
-        f"The film is {view.quality.exposure} overall than the training films (median grey {view.quality.median_grey:.2f}). "
-        f"Stretched between its 0.5th and 99.5th percentiles it is called {_call(other)}; as read, {_call(prediction)}. "
-        "Neither rendering is the right one; a large change means the answer depends on how the film was windowed."
-    )
+    with guarded("comparing the film contrast-stretched"):
+        stretch_key = (*key, model.key)
+        if stretch_key not in stretched:
+            stretched[stretch_key] = predict(model, [contrast_stretched(image)])[0]
+        other = stretched[stretch_key]
+        st.markdown("**Effect of the display window**")
+        side_by_side(("as read", prediction), ("contrast stretched", other))
+        st.caption(
+            f"The film is {view.quality.exposure} overall than the training films (median grey {view.quality.median_grey:.2f}). "
+            f"Stretched between its 0.5th and 99.5th percentiles it is called {_call(other)}; as read, {_call(prediction)}. "
+            "Neither rendering is the right one; a large change means the answer depends on how the film was windowed."
+        )
 
 with st.expander("Image metadata"):
     st.table(pd.DataFrame(image.metadata.as_rows(), columns=["Field", "Value"]).set_index("Field"))
