@@ -13,6 +13,7 @@ import pytest
 from cxr_core.audit import record
 from cxr_core.cli import main
 from cxr_core.db import database_path
+from cxr_core.manifest import read_manifest
 
 
 def _check(capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict]:
@@ -42,7 +43,7 @@ def test_a_working_installation_passes(use_weights: Path, tmp_path: Path, monkey
 def test_tampered_weights_fail_their_model(weights_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "weights"
     shutil.copytree(weights_root / "resnet50-test", root / "resnet50-test")
-    weights = next((root / "resnet50-test").glob("*.safetensors"))
+    weights = root / "resnet50-test" / read_manifest(root / "resnet50-test").weights_file
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one bit pattern in the last tensor changed
     weights.write_bytes(bytes(data))
