@@ -88,6 +88,19 @@ def _audit_trail() -> str:
     return f"hash chain intact ({report.rows} entries)"
 
 
+def _input_checks() -> str:
+    from cxr_core.chest_space import ASSET, chest_space
+    from cxr_core.quality import EXPOSURE_ASSET, exposure_range
+
+    # Without these files the appearance and exposure checks are skipped without a word to
+    # the clinician (the app still runs), so a partial copy of the code must fail here.
+    missing = [p.name for p, loaded in ((ASSET, chest_space()), (EXPOSURE_ASSET, exposure_range())) if loaded is None]
+    if missing:
+        raise RuntimeError(f"missing from cxr_core/assets: {', '.join(missing)} (the image checks that need them are skipped)")
+    lo, hi = exposure_range() or (0.0, 0.0)
+    return f"chest-film appearance basis and exposure range ({lo:.2f} to {hi:.2f}) present"
+
+
 def sample_film() -> bytes:
     """The sample film as PNG bytes, (SAMPLE_SIDE, SAMPLE_SIDE) greyscale."""
     picture = Image.open(SAMPLE).convert("L").resize((SAMPLE_SIDE, SAMPLE_SIDE), Image.Resampling.BICUBIC)
@@ -109,17 +122,19 @@ def _model(path: Path) -> str:
     probabilities = np.asarray(prediction.probabilities, dtype=np.float64)
     if not (np.all(np.isfinite(probabilities)) and math.isclose(float(probabilities.sum()), 1.0, abs_tol=1e-3)):
         raise RuntimeError(f"the sample film gave unusable probabilities {probabilities.tolist()}")
-    return f"weights match the manifest; sample film predicted on {model.device} in {seconds:.2f} s"
+    gate = "input gate fitted" if model.manifest.ood else "no input gate fitted: every film gets a warning"
+    return f"weights match the manifest; sample film predicted on {model.device} in {seconds:.2f} s; {gate}"
 
 
 def check_health(*, models: bool = True) -> HealthReport:
-    """Every check, in order: state folder, database, audit trail, then each installed model.
+    """Every check, in order: state folder, database, audit trail, input-check assets, then each model.
 
     ``models=False`` skips loading the models (seconds each on a CPU).
     """
     from cxr_core.models import discover_models
 
-    checks = [_timed("state folder", _state_folder), _timed("database", _database), _timed("audit trail", _audit_trail)]
+    checks = [_timed(name, probe) for name, probe in (("state folder", _state_folder), ("database", _database),
+                                                      ("audit trail", _audit_trail), ("input checks", _input_checks))]
     folders = discover_models()
     if not folders:
         checks.append(Check("models", False, f"no trained model is installed (looked in {config.weights_dir()})", 0.0))

@@ -145,7 +145,8 @@ st.divider()
 st.subheader("Installation check")
 st.caption(
     "The same checks as `python -m cxr_core check` (for monitoring): the state folder is writable, the database opens, "
-    "the audit trail's hash chain is intact, and each model's weights match their manifest and predict a sample film."
+    "the audit trail's hash chain is intact, the image checks' files are there, and each model's weights match their "
+    "manifest and predict a sample film."
 )
 if st.button("Run the check", key="health_check", icon=":material/health_and_safety:"):
     from cxr_core.health import check_health

@@ -124,7 +124,7 @@ def test_models_page_needs_an_admin(use_weights: Path, tmp_path: Path, monkeypat
     at.run()
     assert not at.exception and any(s.value == "Every check passed." for s in at.success)
     check = at.dataframe[-1].value
-    assert list(check["check"][:3]) == ["state folder", "database", "audit trail"] and check["ok"].all() and len(check) == 5
+    assert list(check["check"][:4]) == ["state folder", "database", "audit trail", "input checks"] and check["ok"].all() and len(check) == 6
 
 
 def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,13 +31,13 @@ def test_a_working_installation_passes(use_weights: Path, tmp_path: Path, monkey
     code, report = _check(capsys)
     assert code == 0 and report["ok"], report
     names = [c["name"] for c in report["checks"]]
-    assert names[:3] == ["state folder", "database", "audit trail"]
+    assert names[:4] == ["state folder", "database", "audit trail", "input checks"]
     assert {"model densenet121-test@0.0.1", "model resnet50-test@0.0.1"} <= set(names), names
     assert "intact (1 entries)" in report["checks"][2]["detail"]
     # The plain form: one tab-separated line per check.
     assert main(["check", "--no-models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[:2] for line in lines] == [["ok", "state folder"], ["ok", "database"], ["ok", "audit trail"]]
+    assert [line.split("\t")[:2] for line in lines] == [["ok", "state folder"], ["ok", "database"], ["ok", "audit trail"], ["ok", "input checks"]]
 
 
 def test_tampered_weights_fail_their_model(weights_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,3 +76,17 @@ def test_an_unwritable_state_folder_and_no_model_fail(tmp_path: Path, monkeypatc
     code, report = _check(capsys)
     failed = _failed(report)
     assert code == 1 and "state folder" in failed and "no trained model is installed" in failed["models"], failed
+
+
+def test_missing_input_check_assets_fail(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A partial copy of the code without the exposure range would skip that check silently in the app."""
+    import cxr_core.quality as quality
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setattr(quality, "EXPOSURE_ASSET", tmp_path / "exposure.json")
+    quality.exposure_range.cache_clear()
+    try:
+        code, report = _check(capsys, "--no-models")
+    finally:
+        quality.exposure_range.cache_clear()
+    assert code == 1 and list(_failed(report)) == ["input checks"] and "exposure.json" in _failed(report)["input checks"]
