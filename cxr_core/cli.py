@@ -106,12 +106,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from cxr_core import distributed
     from cxr_core.batch import predict_paths
+    from cxr_core.inference import DISCLAIMER
     from cxr_core.models import load_model, resolve_model, select_device
 
     # Under torchrun each rank predicts every N-th file on its own GPU and all ranks share
     # one stdout: each line goes out in one write (see _emit_line) so lines do not interleave.
     world = distributed.world_from_env()
     model = load_model(resolve_model(args.model).path, device=distributed.rank_device(world, select_device()))
+    if world.rank == 0:
+        # Once, on stderr: stdout stays the documented one-line-per-file interface.
+        sys.stderr.write(f"{model.manifest.name} ({model.key}). {DISCLAIMER}\n")
     files = itertools.islice(_iter_files(args.files), world.rank, None, world.size)
     for item in predict_paths(model, files, batch_size=max(1, args.batch_size), workers=args.workers):
         prediction, path, error = item.prediction, item.path, item.error

@@ -67,8 +67,11 @@ def test_predict_walks_folders_and_picks_models(
 
 
 def test_predict_text_output(use_weights: Path, dicom_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_main(capsys, "predict", str(dicom_data / "RG1_UNCR.dcm"))
+    code, out, err = run_main(capsys, "predict", str(dicom_data / "RG1_UNCR.dcm"))
     assert code == 0 and "covid=" in out and "\t" in out
+    # The model and the disclaimer go to stderr, once, leaving stdout's lines as documented.
+    assert "Decision support only" not in out and err.count("Decision support only") == 1
+    assert "(densenet121-test@0.0.1)" in err
 
 
 def test_unknown_model_is_a_usage_error(use_weights: Path, dicom_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
