@@ -34,6 +34,8 @@ setup() {
         [ -n "$want_dev" ] && args+=(-r requirements-dev.txt)
         "$VENV/bin/python" -m pip install --quiet "${args[@]}"
         touch "$stamp"
+        # The dev set includes the runtime set: the app and the CLI need no second install.
+        if [ -n "$want_dev" ]; then touch "$VENV/.cxr-installed"; fi
     fi
 }
 
