@@ -356,7 +356,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     report = check_health(models=not args.no_models)
     if args.json:
-        print(json.dumps({"ok": report.ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "seconds": c.seconds} for c in report.checks]}))
+        print(json.dumps({"ok": report.ok, "checks": report.rows()}))
     else:
         for c in report.checks:
             print(f"{'ok' if c.ok else 'FAILED'}\t{c.name}\t{c.detail}")

@@ -16,7 +16,8 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,10 @@ class HealthReport:
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
+
+    def rows(self) -> list[dict[str, object]]:
+        """One dict per check: name, ok, detail, seconds (the CLI's JSON and the Models page's table)."""
+        return [asdict(c) for c in self.checks]
 
 
 def _timed(name: str, probe: Callable[[], str]) -> Check:
@@ -94,13 +99,15 @@ def _input_checks() -> str:
 
     # Without these files the appearance and exposure checks are skipped without a word to
     # the clinician (the app still runs), so a partial copy of the code must fail here.
-    missing = [p.name for p, loaded in ((ASSET, chest_space()), (EXPOSURE_ASSET, exposure_range())) if loaded is None]
-    if missing:
+    exposure = exposure_range()
+    missing = [p.name for p, loaded in ((ASSET, chest_space()), (EXPOSURE_ASSET, exposure)) if loaded is None]
+    if missing or exposure is None:
         raise RuntimeError(f"missing from cxr_core/assets: {', '.join(missing)} (the image checks that need them are skipped)")
-    lo, hi = exposure_range() or (0.0, 0.0)
+    lo, hi = exposure
     return f"chest-film appearance basis and exposure range ({lo:.2f} to {hi:.2f}) present"
 
 
+@lru_cache(maxsize=1)
 def sample_film() -> bytes:
     """The sample film as PNG bytes, (SAMPLE_SIDE, SAMPLE_SIDE) greyscale."""
     picture = Image.open(SAMPLE).convert("L").resize((SAMPLE_SIDE, SAMPLE_SIDE), Image.Resampling.BICUBIC)

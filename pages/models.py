@@ -153,8 +153,7 @@ if st.button("Run the check", key="health_check", icon=":material/health_and_saf
 
     with guarded("checking the installation"), st.spinner("Checking the installation…"):
         report = check_health()
-        rows = [{"check": c.name, "ok": c.ok, "detail": c.detail, "seconds": c.seconds} for c in report.checks]
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(report.rows()).rename(columns={"name": "check"}), hide_index=True, width="stretch")
         if report.ok:
             st.success("Every check passed.")
         else:
