@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", type=Path)
     parser.add_argument("--out", type=Path, default=EXPOSURE_ASSET)
     args = parser.parse_args(argv)
-    result = measure(args.data)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    text = json.dumps(measure(args.data), indent=1) + "\n"
+    args.out.write_text(text)
+    sys.stdout.write(text)
     return 0
 
 

@@ -88,6 +88,11 @@ def pack(root: Path, labels: list[str], splits: list[str], out: Path, part_bytes
             fieldnames = list(reader.fieldnames or [])
             rows = [row for row in reader if row.get("file") in wanted]
     if out.exists():
+        # Emptied only when it holds nothing but earlier parts: a mistyped --out must not
+        # delete someone's folder.
+        strays = [p.name for p in out.iterdir() if not (p.is_dir() and p.name[:1] == "p" and p.name[1:].isdigit())]
+        if strays:
+            raise SystemExit(f"{out} holds more than earlier parts ({', '.join(sorted(strays)[:3])}...): choose another --out.")
         shutil.rmtree(out)
     folders = []
     for number, part in enumerate(assign_parts(root, files, part_bytes), start=1):

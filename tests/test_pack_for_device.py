@@ -67,3 +67,16 @@ def test_a_missing_label_folder_is_named(tmp_path: Path) -> None:
     _data(data)
     with pytest.raises(SystemExit, match="viral_pneumonia"):
         pack.pack(data, ["covid", "viral_pneumonia"], ["train"], tmp_path / "out", part_bytes=2**20)
+
+
+def test_an_out_folder_holding_other_things_is_left_alone(tmp_path: Path) -> None:
+    pack = load_script("pack_for_device")
+    data = tmp_path / "data"
+    _data(data)
+    out = tmp_path / "out"
+    pack.pack(data, ["covid"], ["train"], out, part_bytes=2**20)
+    pack.pack(data, ["covid"], ["train"], out, part_bytes=2**20)  # earlier parts are replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="choose another --out"):
+        pack.pack(data, ["covid"], ["train"], out, part_bytes=2**20)
+    assert (out / "notes.txt").read_text() == "mine"
