@@ -280,7 +280,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK  # rank 0 writes the model
     distributed.stop()
     command = "python -m cxr_core " + shlex.join(args.argv)
-    manifest = finalize(config, run_dir, data, result, command=command, crossval=crossval)
+    manifest = finalize(config, run_dir, data, result, command=command, crossval=crossval, seal_test=args.seal_test)
     test = manifest.metrics.get("test") or manifest.metrics.get("val") or {}
     print(f"wrote {out} ({manifest.key}); best epoch {result.best_epoch + 1}/{result.epochs_run}; "
           f"accuracy {test.get('accuracy')}, ECE {test.get('ece')}; run folder {run_dir}")
@@ -464,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average-every", type=int, default=0, metavar="STEPS",
                    help="export the average of the weights taken every STEPS steps of the final phase (SWA), "
                         "batch-norm statistics recomputed, instead of the best epoch (default: off)")
+    p.add_argument("--seal-test", action="store_true",
+                   help="do not evaluate the test split at the end (no test metrics or figures; the summary line then "
+                        "reports validation), to judge a candidate on validation first; "
+                        "scripts/refresh_model_card.py --abstention DATA evaluates it later")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation on train+val first (by patient), then the final model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads decoding images")

@@ -6,7 +6,9 @@ Keeps the card's data checks and its hand-written reviewer's note, and adds the 
 ``scripts/measure_gate.py`` when ``gate_measurement.json`` is in the folder. With
 ``--abstention``, first measures how the app's "uncertain" rule behaves on that split
 (through the app's own reading and prediction path, as ``python -m cxr_core evaluate``
-does) and stores it in the manifest's metrics for that split. The weights are not touched.
+does) and stores it in the manifest's metrics for that split; for a split the training left
+sealed (``train --seal-test``) it stores that split's whole evaluation, which unseals it.
+The weights are not touched.
 """
 
 from __future__ import annotations
@@ -39,8 +41,13 @@ def main() -> int:
             raise SystemExit("no abstention figures came back")
         manifest = read_manifest(args.folder)
         metrics = {**manifest.metrics}
-        split = {**metrics.get(args.split, {}), "abstention": measured.abstention.as_dict()}
-        metrics[args.split] = split
+        if "accuracy" in metrics.get(args.split, {}):
+            # Training's own figures for the split stay as they were; only abstention is added.
+            metrics[args.split] = {**metrics[args.split], "abstention": measured.abstention.as_dict()}
+        else:
+            # A split sealed at training (train --seal-test) or never evaluated: this is its evaluation.
+            metrics[args.split] = measured.as_dict()
+        metrics.pop(f"{args.split}_sealed", None)
         update_manifest(args.folder, replace(manifest, metrics=metrics))
         logging.info("abstention on %s (n = %d): %s", args.split, measured.n, measured.abstention.as_dict())
     refresh_model_card(args.folder)

@@ -50,6 +50,31 @@ def test_tiny_train_writes_a_loadable_calibrated_model(data_root: Path, tmp_path
     assert json.loads((tmp_path / "run" / "status.json").read_text())["event"] == "epoch"
 
 
+def test_sealed_test_split_is_left_unread_until_the_card_refresh_evaluates_it(data_root: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "weights" / "tiny"
+    config = tiny_config(data_root, out, schedule=((32, 2),))
+    result, data = train(config, tmp_path / "run")
+    n_test = len(data.test.records)
+    assert n_test > 0
+    manifest = finalize(config, tmp_path / "run", data, result, seal_test=True)
+    assert "test" not in manifest.metrics and manifest.metrics["test_sealed"] == {"n": n_test}
+    assert "accuracy" in manifest.metrics["val"]
+    assert not (out / "figures" / "test_roc.json").exists() and (out / "figures" / "training_loss.json").exists()
+    card = (out / "README.md").read_text()
+    assert f"The test split ({n_test} films) was sealed" in card and "### test split" not in card
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "refresh_model_card.py"
+    subprocess.run([sys.executable, str(script), str(out), "--abstention", str(data_root), "--split", "test"], check=True, capture_output=True)
+    unsealed = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert "test_sealed" not in unsealed and unsealed["test"]["n"] == n_test
+    assert set(unsealed["test"]) >= {"accuracy", "per_class", "confusion_matrix", "ece", "abstention"}
+    card = (out / "README.md").read_text()
+    assert "### test split" in card and "was sealed" not in card
+
+
 def test_resume_after_interruption_matches_uninterrupted(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_config(data_root, tmp_path / "unused")
     train(config, tmp_path / "straight")

@@ -64,9 +64,22 @@ def evaluate_arrays(model_manifest: Manifest, logits: np.ndarray, labels: np.nda
 
 
 def finalize(
-    config: TrainConfig, run_dir: Path | str, data: PreparedData, result: TrainResult, command: str = "", crossval: dict[str, Any] | None = None
+    config: TrainConfig,
+    run_dir: Path | str,
+    data: PreparedData,
+    result: TrainResult,
+    command: str = "",
+    crossval: dict[str, Any] | None = None,
+    seal_test: bool = False,
 ) -> Manifest:
-    """Write ``config.out`` from the run's best epoch, with temperature, threshold, metrics and model card."""
+    """Write ``config.out`` from the run's best epoch, with temperature, threshold, metrics and model card.
+
+    ``seal_test`` leaves the test split unread: no test metrics, figures or card section, so
+    that a candidate can be judged on validation by a rule written beforehand and its test
+    figures read afterwards (``scripts/refresh_model_card.py --abstention DATA --split test``
+    or ``python -m cxr_core evaluate``). The test split still takes part in the
+    duplicate checks, so the training set is the same either way.
+    """
     run = RunDir(run_dir)
     spec = final_spec(config)
     network = load_exported(config, run.root)
@@ -95,7 +108,9 @@ def finalize(
 
     test_metrics: Metrics | None = None
     test_probs = y_test = None
-    if data.test is not None and len(data.test.records):
+    if seal_test and data.test is not None and len(data.test.records):
+        log.info("test split sealed: its %d films were not evaluated", len(data.test.records))
+    elif data.test is not None and len(data.test.records):
         test_logits = predict_arrays(model.network, data.test.resized(config.final_size), spec, model.device)
         y_test = _labels(data.test.records, classes)
         test_metrics, test_probs = evaluate_arrays(manifest, test_logits, y_test, [r.source for r in data.test.records])
@@ -107,6 +122,8 @@ def finalize(
     }
     if crossval is not None:
         metrics["cross_validation"] = {k: v for k, v in crossval.items() if k != "per_fold"}
+    if seal_test and data.test is not None and len(data.test.records):
+        metrics["test_sealed"] = {"n": len(data.test.records)}
     if test_metrics is not None:
         metrics["test"] = test_metrics.as_dict()
         metrics["test_reliability"] = reliability_bins(test_probs, y_test)  # type: ignore[arg-type]
@@ -227,6 +244,11 @@ def model_card(
         "",
         "## Evaluation",
     ]
+    if "test_sealed" in m.metrics:
+        lines += [
+            f"The test split ({m.metrics['test_sealed']['n']} films) was sealed at training and has not been evaluated here.",
+            "",
+        ]
     for split in ("test", "val"):
         if split in m.metrics:
             metrics = m.metrics[split]
