@@ -62,6 +62,7 @@ def test_sealed_test_split_is_left_unread_until_the_card_refresh_evaluates_it(da
     manifest = finalize(config, tmp_path / "run", data, result, seal_test=True)
     assert "test" not in manifest.metrics and manifest.metrics["test_sealed"] == {"n": n_test}
     assert "accuracy" in manifest.metrics["val"]
+    assert manifest.ood and "test_rates" not in manifest.ood  # the input gate's rates on test are not read either
     assert not (out / "figures" / "test_roc.json").exists() and (out / "figures" / "training_loss.json").exists()
     card = (out / "README.md").read_text()
     assert f"The test split ({n_test} films) was sealed" in card and "### test split" not in card

@@ -74,9 +74,9 @@ def finalize(
 ) -> Manifest:
     """Write ``config.out`` from the run's best epoch, with temperature, threshold, metrics and model card.
 
-    ``seal_test`` leaves the test split unread: no test metrics, figures or card section, so
-    that a candidate can be judged on validation by a rule written beforehand and its test
-    figures read afterwards (``scripts/refresh_model_card.py --abstention DATA --split test``
+    ``seal_test`` leaves the test split unread: no test metrics, figures, card section or
+    input-gate rates, so that a candidate can be judged on validation by a rule written
+    beforehand and its test figures read afterwards (``scripts/refresh_model_card.py --abstention DATA --split test``
     or ``python -m cxr_core evaluate``). The test split still takes part in the
     duplicate checks, so the training set is the same either way.
     """
@@ -159,7 +159,7 @@ def finalize(
     figures.save(figs, [run.figures, out / "figures"])
     from cxr_core.training.fit_gate import fit_gate
 
-    manifest = fit_gate(out, data)
+    manifest = fit_gate(out, data, read_test=not seal_test)
     (out / "README.md").write_text(model_card(manifest, report.notes), encoding="utf-8")
     log.info("wrote %s", out)
     return manifest

@@ -30,8 +30,9 @@ def pooled_features(model: LoadedModel, pixels: np.ndarray, batch_size: int = 64
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
-def fit_gate(folder: Path | str, data: PreparedData) -> Manifest:
-    """Fit on ``data.train``, set thresholds on ``data.val``; report the test split's outcome rates."""
+def fit_gate(folder: Path | str, data: PreparedData, read_test: bool = True) -> Manifest:
+    """Fit on ``data.train``, set thresholds on ``data.val``; report the test split's outcome rates
+    unless ``read_test`` is False (a test split sealed at training stays unread)."""
     folder = Path(folder)
     model = load_model(folder)
     size = model.manifest.input.size[0]
@@ -49,7 +50,7 @@ def fit_gate(folder: Path | str, data: PreparedData) -> Manifest:
         "reject": round(gate.reject, 3),
         "fitted_on": {"train": len(train), "val": len(val)},
     }
-    if data.test is not None and len(data.test.records):
+    if read_test and data.test is not None and len(data.test.records):
         test = gate.distances(pooled_features(model, data.test.resized(size)))
         record["test_rates"] = {"warned_or_rejected": round(float(np.mean(test > gate.warn)), 4), "rejected": round(float(np.mean(test > gate.reject)), 4), "n": len(test)}
     manifest = update_manifest(folder, replace(model.manifest, ood=record))
