@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cxr_core.training.config import TrainConfig
 from cxr_core.training.finalize import finalize
 from cxr_core.training.run import RunDir
 from cxr_core.training.trainer import TrainingCancelled, train
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, load_script
 from tests.synthetic import make_labelled_folder
 
 
@@ -50,10 +51,9 @@ def test_tiny_train_writes_a_loadable_calibrated_model(data_root: Path, tmp_path
     assert json.loads((tmp_path / "run" / "status.json").read_text())["event"] == "epoch"
 
 
-def test_sealed_test_split_is_left_unread_until_the_card_refresh_evaluates_it(data_root: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+def test_sealed_test_split_is_left_unread_until_the_card_refresh_evaluates_it(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "weights" / "tiny"
     config = tiny_config(data_root, out, schedule=((32, 2),))
     result, data = train(config, tmp_path / "run")
@@ -67,8 +67,8 @@ def test_sealed_test_split_is_left_unread_until_the_card_refresh_evaluates_it(da
     card = (out / "README.md").read_text()
     assert f"The test split ({n_test} films) was sealed" in card and "### test split" not in card
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "refresh_model_card.py"
-    subprocess.run([sys.executable, str(script), str(out), "--abstention", str(data_root), "--split", "test"], check=True, capture_output=True)
+    monkeypatch.setattr(sys, "argv", ["refresh_model_card.py", str(out), "--abstention", str(data_root), "--split", "test"])
+    assert load_script("refresh_model_card").main() == 0
     unsealed = json.loads((out / "manifest.json").read_text())["metrics"]
     assert "test_sealed" not in unsealed and unsealed["test"]["n"] == n_test
     assert set(unsealed["test"]) >= {"accuracy", "per_class", "confusion_matrix", "ece", "abstention"}

@@ -108,12 +108,13 @@ def finalize(
 
     test_metrics: Metrics | None = None
     test_probs = y_test = None
-    if seal_test and data.test is not None and len(data.test.records):
-        log.info("test split sealed: its %d films were not evaluated", len(data.test.records))
-    elif data.test is not None and len(data.test.records):
-        test_logits = predict_arrays(model.network, data.test.resized(config.final_size), spec, model.device)
-        y_test = _labels(data.test.records, classes)
-        test_metrics, test_probs = evaluate_arrays(manifest, test_logits, y_test, [r.source for r in data.test.records])
+    test_set = data.test if data.test is not None and len(data.test.records) else None
+    if test_set is not None and seal_test:
+        log.info("test split sealed: its %d films were not evaluated", len(test_set.records))
+    elif test_set is not None:
+        test_logits = predict_arrays(model.network, test_set.resized(config.final_size), spec, model.device)
+        y_test = _labels(test_set.records, classes)
+        test_metrics, test_probs = evaluate_arrays(manifest, test_logits, y_test, [r.source for r in test_set.records])
 
     sources = sorted({s for split in report.sources.values() for s in split})
     metrics: dict[str, Any] = {
@@ -122,8 +123,8 @@ def finalize(
     }
     if crossval is not None:
         metrics["cross_validation"] = {k: v for k, v in crossval.items() if k != "per_fold"}
-    if seal_test and data.test is not None and len(data.test.records):
-        metrics["test_sealed"] = {"n": len(data.test.records)}
+    if test_set is not None and seal_test:
+        metrics["test_sealed"] = {"n": len(test_set.records)}
     if test_metrics is not None:
         metrics["test"] = test_metrics.as_dict()
         metrics["test_reliability"] = reliability_bins(test_probs, y_test)  # type: ignore[arg-type]
