@@ -109,8 +109,9 @@ def finalize(
     test_metrics: Metrics | None = None
     test_probs = y_test = None
     test_set = data.test if data.test is not None and len(data.test.records) else None
-    if test_set is not None and seal_test:
-        log.info("test split sealed: its %d films were not evaluated", len(test_set.records))
+    sealed_films = len(test_set.records) if test_set is not None and seal_test else 0
+    if sealed_films:
+        log.info("test split sealed: its %d films were not evaluated", sealed_films)
     elif test_set is not None:
         test_logits = predict_arrays(model.network, test_set.resized(config.final_size), spec, model.device)
         y_test = _labels(test_set.records, classes)
@@ -123,8 +124,8 @@ def finalize(
     }
     if crossval is not None:
         metrics["cross_validation"] = {k: v for k, v in crossval.items() if k != "per_fold"}
-    if test_set is not None and seal_test:
-        metrics["test_sealed"] = {"n": len(test_set.records)}
+    if sealed_films:
+        metrics["test_sealed"] = {"n": sealed_films}
     if test_metrics is not None:
         metrics["test"] = test_metrics.as_dict()
         metrics["test_reliability"] = reliability_bins(test_probs, y_test)  # type: ignore[arg-type]
