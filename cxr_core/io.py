@@ -261,6 +261,13 @@ def read_image(
     )
 
 
+def strided_sample(values: np.ndarray, min_side: int) -> np.ndarray:
+    """Every 4th row and column of an (H, W) array whose shorter side is at least
+    ``min_side`` (16x fewer pixels), else the array itself: for the percentiles and
+    medians of a film, which such a sample barely moves."""
+    return values[::4, ::4] if values.ndim == 2 and min(values.shape) >= min_side else values
+
+
 def auto_window(values: np.ndarray) -> tuple[np.ndarray, Window]:
     """Map arbitrary values to [0, 1] between the 0.5th and 99.5th percentiles.
 
@@ -269,7 +276,7 @@ def auto_window(values: np.ndarray) -> tuple[np.ndarray, Window]:
     wash out the lungs. Percentiles come from a strided sample: exact enough, and
     ~16x cheaper on a 2k x 2k film.
     """
-    sample = values[::4, ::4] if values.ndim == 2 and min(values.shape) >= 64 else values
+    sample = strided_sample(values, 64)
     lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cxr_core.errors import CorruptImageError, EmptyFileError, ImageTooLargeError, NotAnImageError
-from cxr_core.io import read_image
+from cxr_core.io import read_image, strided_sample
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -171,3 +171,11 @@ def test_truncated_raster(fmt: str) -> None:
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="File not found"):
         read_image(tmp_path / "absent.png")
+
+
+def test_strided_sample_thins_only_films_at_or_above_the_size_given() -> None:
+    film = np.arange(128 * 96, dtype=np.float32).reshape(128, 96)
+    assert strided_sample(film, 64).shape == (32, 24) and strided_sample(film, 64)[1, 1] == film[4, 4]
+    assert strided_sample(film, 97) is film  # shorter side 96 < 97: every pixel counts
+    stack = np.zeros((3, 128, 128), dtype=np.float32)
+    assert strided_sample(stack, 64) is stack  # only (H, W) films are thinned
