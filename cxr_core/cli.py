@@ -281,9 +281,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     distributed.stop()
     command = "python -m cxr_core " + shlex.join(args.argv)
     manifest = finalize(config, run_dir, data, result, command=command, crossval=crossval, seal_test=args.seal_test)
-    test = manifest.metrics.get("test") or manifest.metrics.get("val") or {}
-    print(f"wrote {out} ({manifest.key}); best epoch {result.best_epoch + 1}/{result.epochs_run}; "
-          f"accuracy {test.get('accuracy')}, ECE {test.get('ece')}; run folder {run_dir}")
+    # Name the split: with --seal-test (or no test folder) the figures are validation's.
+    split = next((s for s in ("test", "val") if manifest.metrics.get(s)), None)
+    scores = manifest.metrics[split] if split else {}
+    figures = f"{split} accuracy {scores.get('accuracy')}, ECE {scores.get('ece')}" if split else "no split evaluated"
+    print(f"wrote {out} ({manifest.key}); best epoch {result.best_epoch + 1}/{result.epochs_run}; {figures}; run folder {run_dir}")
     return EXIT_OK
 
 

@@ -136,7 +136,8 @@ def test_train_and_evaluate_commands(data_root: Path, tmp_path: Path, monkeypatc
     code = main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "cli-model"), "--size", "32", "--epochs", "2",
                  "--batch-size", "8", "--workers", "1", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--zoom", "0.85,1.35",
                  "--aspect", "0.2", "--edge-crop", "0.15", "--balance", "source", "--no-cpu-bf16"])
-    assert code == 0 and "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "wrote" in out and "; test accuracy " in out
     manifest = json.loads((weights / "cli-model" / "manifest.json").read_text())
     assert manifest["training"]["config"]["augment"]["scale"] == [0.85, 1.35]
     assert manifest["training"]["config"]["augment"]["aspect"] == 0.2
@@ -202,6 +203,15 @@ def test_cross_validation_folds_by_patient(data_root: Path, tmp_path: Path) -> N
 
     same_patient = [Record(Path(f"f{i}.png"), "covid", None, "patient-7") for i in range(10)]
     assert len({fold_of(r, 5) for r in same_patient}) == 1
+
+
+def test_train_summary_names_validation_when_the_test_split_is_sealed(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "weights" / "sealed"
+    assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(out), "--size", "32", "--epochs", "1", "--batch-size", "8",
+                 "--workers", "1", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--seal-test"]) == 0
+    line = capsys.readouterr().out
+    val = json.loads((out / "manifest.json").read_text())["metrics"]["val"]
+    assert f"; val accuracy {val['accuracy']}, ECE {val['ece']};" in line and "test accuracy" not in line
 
 
 def test_mask_text_option_reaches_the_model_folder(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
