@@ -35,7 +35,7 @@ from cxr_core.inference import Prediction, logits_to_probabilities, make_predict
 from cxr_core.io import XrayImage
 from cxr_core.manifest import Manifest
 from cxr_core.models import LoadedModel
-from cxr_core.preprocess import to_input
+from cxr_core.preprocess import WHOLE_FILM, Box, lung_crop_boxes, to_input
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +146,22 @@ class Heatmap:
     probability: float
     low: np.ndarray  # (h, w) float32 >= 0 at the layer's resolution, the method's own units
     shape: tuple[int, int]  # (H, W)
+    #: the part of the film the network saw, as fractions (top, bottom, left, right): the
+    #: whole film, or a model's lung crop; the map covers that box and is zero outside it
+    box: Box = WHOLE_FILM
 
     def at(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(raw, scaled) resized to ``shape``. Bilinear resizing is linear, so min-max after
         resizing equals the library's normalise -> resize -> normalise, with the full range used."""
-        raw = resize_maps(self.low[None], shape)
+        if self.box == WHOLE_FILM:
+            raw = resize_maps(self.low[None], shape)
+        else:
+            height, width = shape
+            top, left = int(self.box[0] * height), int(self.box[2] * width)
+            bottom = max(top + 1, min(height, int(round(self.box[1] * height))))
+            right = max(left + 1, min(width, int(round(self.box[3] * width))))
+            raw = np.zeros((1, height, width), np.float32)
+            raw[:, top:bottom, left:right] = resize_maps(self.low[None], (bottom - top, right - left))
         return raw[0], scale_minmax(raw)[0]
 
     @property
@@ -332,13 +343,14 @@ def explain(
     """
     manifest = model.manifest
     classes = list(targets) if targets else list(manifest.classes)
-    batch = to_input(image.pixels, manifest.input).unsqueeze(0)
+    box = lung_crop_boxes([image.pixels], manifest.input)[0]
+    batch = to_input(image.pixels, manifest.input, box).unsqueeze(0)
     raw_low, logits = compute_raw_cams(model, batch, method, classes, layer=layer, progress=progress)
     probs = logits_to_probabilities(logits, manifest)[0]
     prediction = make_prediction(manifest, probs)
     shape = tuple(size or image.shape)
     heatmaps = tuple(
-        Heatmap(target=cls, probability=prediction.probability(cls), low=np.ascontiguousarray(raw_low[i]), shape=shape)  # type: ignore[arg-type]
+        Heatmap(target=cls, probability=prediction.probability(cls), low=np.ascontiguousarray(raw_low[i]), shape=shape, box=box)  # type: ignore[arg-type]
         for i, cls in enumerate(classes)
     )
     used_layer = layer or (manifest.cam_target_layers[0] if manifest.cam_target_layers else "")

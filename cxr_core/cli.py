@@ -7,6 +7,9 @@ Other tools parse this output, so it is part of the interface (see README, "Comm
   "gate_reasons", "uncertain"}``. A file that cannot be read gets ``error`` set and the
   rest are still processed. ``prediction`` is null when the gate rejected the image or the
   model is uncertain; a rejected image's ``probabilities`` are empty.
+* ``lungs --json`` prints one JSON object per line and per file, in input order:
+  ``{"file", "mask", "lung_fraction", "error"}``; ``mask`` is the PNG written (0/255, the
+  film's own size), null with ``error`` set for a file that cannot be read.
 * Exit status: 0 when the command ran (even if some files failed), 2 when it was misused
   (bad arguments, unknown model), 1 when it could not run at all (no model installed,
   ``explain`` on an unreadable file).
@@ -177,6 +180,56 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_lungs(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from cxr_core.errors import NoModelInstalledError
+    from cxr_core.io import read_image
+    from cxr_core.lungs import load_default_segmenter, segment_lungs
+
+    segmenter = load_default_segmenter()
+    if segmenter is None:
+        raise NoModelInstalledError("The lung segmenter is not installed (weights/lung-segmenter); see the README.")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for path in _iter_files(args.files):
+        row: dict[str, object] = {"file": path, "mask": None, "lung_fraction": None, "error": None}
+        try:
+            image = read_image(path)
+            lung = segment_lungs([image.pixels], segmenter)[0]
+            stem, n = Path(path).stem, 1
+            while f"{stem}.png" in used:  # two inputs of one name: keep both masks
+                n += 1
+                stem = f"{Path(path).stem}-{n}"
+            used.add(f"{stem}.png")
+            target = out_dir / f"{stem}.png"
+            Image.fromarray(lung.mask.astype(np.uint8) * 255).save(target)
+            row.update(mask=str(target), lung_fraction=round(lung.lung_fraction, 4))
+            warning = "" if lung.regions == 2 else f"\t{lung.regions} lung region(s) found, 2 expected"
+        except CxrError as exc:
+            row["error"] = str(exc)
+        if args.json:
+            _emit_line(json.dumps(row))
+        elif row["error"]:
+            _emit_line(f"{path}\tERROR\t{row['error']}")
+        else:
+            _emit_line(f"{path}\t{row['mask']}\tlung_fraction={row['lung_fraction']}{warning}")
+    return EXIT_OK
+
+
+def _cmd_train_lungs(args: argparse.Namespace) -> int:
+    from cxr_core.training.segmentation import read_mask_pairs, train_segmenter
+
+    sources = [s.strip() for s in args.source.split(",") if s.strip()] if args.source else None
+    pairs = read_mask_pairs(args.masks_csv, args.image_root, sources)
+    run = train_segmenter(pairs, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, version=args.version)
+    print(f"wrote {run.folder}: {run.train_films} training and {run.val_films} validation films; "
+          f"best epoch {run.best_epoch}/{run.epochs}, validation Dice {run.val_dice:.4f}; {run.seconds / 60:.1f} min")
+    return EXIT_OK
+
+
 def _schedule(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
     if args.schedule:
         try:
@@ -220,7 +273,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         aspect=_fraction("--aspect", args.aspect, "A", MAX_ASPECT, "0.15 stretches by up to 15%"),
         edge_crop=_fraction("--edge-crop", args.edge_crop, "F", MAX_EDGE_CROP, "0.15 crops up to 15% off each edge"))
     config = TrainConfig(
-        data_dir=str(args.data_dir),
+        data_dir=str(args.data_dir[0]),
+        extra_data_dirs=tuple(str(d) for d in args.data_dir[1:]),
+        crop=args.crop,
+        crop_margin=args.crop_margin,
+        intensity=args.intensity,
         arch=args.arch,
         out=str(out),
         model_id=model_id,
@@ -263,10 +320,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.folds:
         from cxr_core.training.crossval import cross_validate
         from cxr_core.training.prepare import prepare_data
-        from cxr_core.training.trainer import label_plan
+        from cxr_core.training.trainer import final_spec, label_plan
 
-        data = prepare_data(config.data_dir, label_plan(config), max(s for s, _ in config.schedule), val_fraction=config.val_fraction, workers=config.workers,
-                            mask_text=config.mask_burned_in)
+        data = prepare_data(config.data_dirs, label_plan(config), max(s for s, _ in config.schedule), val_fraction=config.val_fraction, workers=config.workers,
+                            mask_text=config.mask_burned_in, crop=final_spec(config))
         crossval = cross_validate(config, data, args.folds, run_dir / "crossval")
         print(f"{args.folds}-fold cross-validation: accuracy {crossval['accuracy']['mean']} +/- {crossval['accuracy']['std']}")
         result, data = train(config, run_dir / "final", data=data)
@@ -300,6 +357,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                "abstention": data.get("abstention")}
     if "by_source" in data:
         summary["by_source"] = {s: {k: v for k, v in m.items() if k in ("n", "accuracy", "per_class", "confusion_matrix", "auroc_macro", "ece")} for s, m in data["by_source"].items()}  # type: ignore[union-attr]
+    if "other_labels" in data:
+        summary["other_labels"] = data["other_labels"]
     if args.json:
         print(json.dumps(summary))
         return EXIT_OK
@@ -312,23 +371,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  uncertain: {a['n_abstained']} films (answered {a['answered']}); accuracy answered={a['accuracy_answered']} abstained={a['accuracy_abstained']}")  # type: ignore[index]
     for source, m in summary.get("by_source", {}).items():  # type: ignore[union-attr]
         print(f"  source {source}: n={m['n']} accuracy={m['accuracy']}")
+    for label, calls in summary.get("other_labels", {}).items():  # type: ignore[union-attr]
+        print(f"  label {label} (not a class of this model): n={sum(calls.values())} called " + ", ".join(f"{c}={n}" for c, n in calls.items()))
     return EXIT_OK
 
 
 def _cmd_fit_gate(args: argparse.Namespace) -> int:
     from cxr_core.models import resolve_model
-    from cxr_core.training.dataset import LabelPlan, scan_folder
+    from cxr_core.training.dataset import LabelPlan
     from cxr_core.training.fit_gate import fit_gate
-    from cxr_core.training.prepare import prepare_data
+    from cxr_core.training.prepare import prepare_data, scan_folders
 
     folder = resolve_model(args.model)
     assert folder.manifest is not None
     plan: LabelPlan
     if folder.manifest.head == "sigmoid":
-        plan = LabelPlan.binary(folder.manifest.classes[0], {r.label for r in scan_folder(args.data_dir)}, folder.manifest.classes[1])
+        plan = LabelPlan.binary(folder.manifest.classes[0], {r.label for r in scan_folders(args.data_dir)}, folder.manifest.classes[1])
     else:
         plan = LabelPlan.multiclass(folder.manifest.classes)
-    data = prepare_data(args.data_dir, plan, folder.manifest.input.size[0], workers=args.workers, mask_text=folder.manifest.input.mask_burned_in)
+    data = prepare_data(args.data_dir, plan, folder.manifest.input.size[0], workers=args.workers,
+                        mask_text=folder.manifest.input.mask_burned_in, crop=folder.manifest.input)
     manifest = fit_gate(folder.path, data)
     ood = dict(manifest.ood)
     print(f"fitted the OOD gate of {manifest.key}: warn above {ood['warn']}, reject above {ood['reject']}; test split: {ood.get('test_rates')}")
@@ -423,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("train", help="train a model folder from labelled image folders")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="class sub-folders (optionally under train/val/test, optionally with metadata.csv)")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="+",
+                   help="class sub-folders (optionally under train/val/test, optionally with metadata.csv); "
+                        "several folders are merged into one set, checked for duplicates and patient leaks across all of them")
     p.add_argument("--arch", required=True, help="registered architecture, e.g. densenet121, resnet50")
     p.add_argument("--out", required=True, help="model folder to write, e.g. weights/my-model")
     p.add_argument("--id", help="model id (default: the --out folder name)")
@@ -463,6 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in fp32 on a CPU with native bf16 (AMX / AVX512-BF16), where bf16 autocast is the default")
     p.add_argument("--mask-text", action="store_true",
                    help="inpaint burned-in text and markers on every film; the model then does so before every prediction")
+    p.add_argument("--crop", default="film", choices=["film", "lungs"],
+                   help="what the network sees: the whole film, or the box around both lung fields found by the "
+                        "installed lung segmenter (recorded in the model, so every prediction and heatmap does the same)")
+    p.add_argument("--crop-margin", type=float, default=0.1, metavar="F",
+                   help="with --crop lungs: widen the lung box by F of its size on each side (default: %(default)s)")
+    p.add_argument("--intensity", default="fixed", choices=["fixed", "standardise"],
+                   help="standardise: give every film zero mean and unit spread before the network (removes a site's "
+                        "brightness and contrast); recorded in the model")
     p.add_argument("--average-every", type=int, default=0, metavar="STEPS",
                    help="export the average of the weights taken every STEPS steps of the final phase (SWA), "
                         "batch-norm statistics recomputed, instead of the best epoch (default: off)")
@@ -477,8 +549,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="checkpoints and progress (default runs/ID); an existing run resumes")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("lungs", help="outline both lung fields of each film (the lung segmenter)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="films or folders (walked recursively)")
+    p.add_argument("--out-dir", required=True, help="writes OUT_DIR/<file stem>.png: 255 on lung, 0 elsewhere, the film's own size")
+    p.add_argument("--json", action="store_true", help='one JSON object per line and file: {"file", "mask", "lung_fraction", "error"}')
+    p.set_defaults(func=_cmd_lungs)
+
+    p = sub.add_parser("train-lungs", help="train the lung segmenter from a masks.csv (mask, image, source)")
+    p.add_argument("masks_csv", metavar="MASKS_CSV")
+    p.add_argument("--out", required=True, help="model folder to write, e.g. weights/lung-segmenter")
+    p.add_argument("--source", help="only these sources (comma-separated), e.g. openist; other hospitals are for measuring")
+    p.add_argument("--image-root", help="folder the image paths are relative to (default: the CSV folder's parent)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--version", default="1.0.0")
+    p.set_defaults(func=_cmd_train_lungs)
+
     p = sub.add_parser("fit-gate", help="fit a model's out-of-distribution gate on its training data")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="the labelled folder the model was trained on")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="+", help="the labelled folder(s) the model was trained on")
     p.add_argument("--model")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=_cmd_fit_gate)

@@ -19,7 +19,7 @@ from cxr_core.errors import ExplanationError
 from cxr_core.export import wrap_text
 from cxr_core.faithfulness import Faithfulness, faithfulness
 from cxr_core.io import XrayImage
-from cxr_core.lungs import LungOverlap, lung_overlap
+from cxr_core.lungs import LungOverlap, film_lung_fields, lung_overlap
 from cxr_core.models import LoadedModel
 from cxr_core.overlay import fit_within, render_overlay
 from cxr_core.registry import get_architecture
@@ -149,6 +149,8 @@ def compute_grid(
     for spec in specs:
         groups.setdefault((spec.study, spec.model, spec.method, spec.layer), []).append(spec)
     panels: dict[PanelSpec, Panel] = {}
+    # One lung field per study (the segmenter's, or the atlas's when it is not installed).
+    fields = film_lung_fields([im.pixels for im in studies])
     steps = len(groups) + (len(specs) if with_faithfulness else 0)
     done = 0
     for (study, model_key, method, layer), members in groups.items():
@@ -164,7 +166,7 @@ def compute_grid(
         for spec in members:
             heatmap = explanation.heatmap(spec.target)
             raw = heatmap.raw
-            panels[spec] = Panel(spec, raw, heatmap.probability, explanation.prediction.predicted, lung_overlap(raw))
+            panels[spec] = Panel(spec, raw, heatmap.probability, explanation.prediction.predicted, lung_overlap(raw, fields[study]))
         done += 1
         if progress is not None:
             progress(done / steps, f"maps {done} of {len(groups)}")

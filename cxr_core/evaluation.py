@@ -7,7 +7,9 @@ use the probabilities themselves.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -64,6 +66,9 @@ class Metrics:
     ece: float
     by_source: Mapping[str, "Metrics"] = field(default_factory=dict)
     abstention: Abstention | None = None
+    #: films of labels the model has no class for (a JSRT nodule for the 3-class model):
+    #: label -> {decided class: films}; they are in no other figure
+    other_labels: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -82,6 +87,8 @@ class Metrics:
             out["abstention"] = self.abstention.as_dict()
         if self.by_source:
             out["by_source"] = {s: m.as_dict() for s, m in self.by_source.items()}
+        if self.other_labels:
+            out["other_labels"] = {label: dict(calls) for label, calls in self.other_labels.items()}
         return out
 
 
@@ -174,3 +181,21 @@ def compute_metrics(
         by_source=by_source,
         abstention=None if shown is None or not total else abstention_summary(y, p, shown),
     )
+
+
+#: scripts/measure_external.py's report, kept in a model folder
+EXTERNAL_MEASUREMENT = "external_measurement.json"
+
+
+def external_rows(folder: Path, model_key: str) -> list[dict[str, object]]:
+    """The per-source table of films called COVID-19 for ``model_key`` (from its folder's
+    external_measurement.json), one row per source/label; empty when not measured or stale."""
+    path = Path(folder) / EXTERNAL_MEASUREMENT
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if data.get("model") != model_key:
+        return []
+    return [{"source / label": group, "films": row["n"], "called COVID-19": row["called_covid"],
+             "share": row.get("called_covid_rate")} for group, row in data.get("groups", {}).items()]

@@ -26,7 +26,7 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer, RemoveLeastRelevan
 from cxr_core.inference import logits_to_probabilities, predict_logits
 from cxr_core.io import XrayImage
 from cxr_core.models import LoadedModel
-from cxr_core.preprocess import to_input
+from cxr_core.preprocess import crop_box, lung_crop_boxes, to_input
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,11 @@ def random_map(shape: tuple[int, int], seed_text: str, cells: int = 7) -> np.nda
 def faithfulness(model: LoadedModel, image: XrayImage, heatmap: np.ndarray, target: str, fraction: float = 0.2) -> Faithfulness:
     """ROAD drop/keep of ``heatmap`` ((H, W) at any resolution, higher = more relevant) for ``target``."""
     manifest = model.manifest
-    x = to_input(image.pixels, manifest.input)  # (C, h, w)
+    box = lung_crop_boxes([image.pixels], manifest.input)[0]
+    x = to_input(image.pixels, manifest.input, box)  # (C, h, w)
     size = tuple(x.shape[-2:])
-    cam = cv2.resize(np.asarray(heatmap, np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    # The map covers the film; the network saw the box (the whole film, or a lung crop).
+    cam = cv2.resize(crop_box(np.asarray(heatmap, np.float32), box), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     rand = random_map(size, image.sha256 + target)  # type: ignore[arg-type]
     remove_top = RemoveMostRelevantFirst(100 * (1 - fraction), NoisyLinearImputer())
     keep_top = RemoveLeastRelevantFirst(100 * fraction, NoisyLinearImputer())

@@ -34,7 +34,7 @@ class Feedback:
     id: int | None = None
 
 
-def record_feedback(item: Feedback, db: Path | None = None) -> Feedback:
+def record_feedback(item: Feedback, db: Path | None = None, role: str = "anonymous") -> Feedback:
     if len(item.image_sha256) != 64:
         raise CxrError("Feedback needs the image's sha256.")
     if item.agree_prediction is None and item.agree_heatmap is None and not item.comment.strip():
@@ -51,7 +51,20 @@ def record_feedback(item: Feedback, db: Path | None = None) -> Feedback:
              None if item.agree_heatmap is None else int(item.agree_heatmap), item.comment.strip()),
         )
         new_id = int(cursor.lastrowid or 0)
+    from cxr_core import audit
+
+    # A review is a clinical opinion on the model's output: it belongs in the audit trail
+    # too (the verdicts, not the free-text comment, which may name a patient).
+    audit.record("review", user=item.user, role=role, image_sha256=item.image_sha256, model=item.model, db=db,
+                 details={"feedback_id": new_id, "method": item.method, "target": item.target, "predicted": item.predicted,
+                          "agree_prediction": item.agree_prediction, "agree_heatmap": item.agree_heatmap,
+                          "has_comment": bool(item.comment.strip())})
     return Feedback(**{**asdict(item), "created": created, "id": new_id})
+
+
+def review_verdict(value: bool | None) -> str:
+    """How a review's opinion reads in a table: agree, disagree or no opinion."""
+    return "no opinion" if value is None else "agree" if value else "disagree"
 
 
 def list_feedback(image_sha256: str | None = None, limit: int = 500, db: Path | None = None) -> list[Feedback]:

@@ -58,6 +58,9 @@ class GateResult:
     reasons: tuple[str, ...] = ()
     distance: float | None = None  # feature-space distance, None when the model has no fitted gate
     image_checked: bool = False  # whether the feature-space check ran
+    #: turning or inverting the film is worth offering: it passed the gate, or it was rejected
+    #: only for an appearance that the correction would fix
+    correctable: bool = False
 
     @property
     def rejected(self) -> bool:
@@ -159,8 +162,12 @@ def fit_feature_gate(
     return FeatureGate(center, components, means, precision, warn, max(reject, warn))
 
 
-def judge(meta: ImageMetadata, distance: float | None, gate: FeatureGate | None, quality: QualityReport | None) -> GateResult:
+def judge(
+    meta: ImageMetadata, distance: float | None, gate: FeatureGate | None, quality: QualityReport | None, lungs: str | None = None
+) -> GateResult:
+    """The input check's verdict; ``lungs`` is the lung segmenter's objection, if any (a warning)."""
     outcome, reasons = metadata_verdict(meta)
+    fixes_rejection = False
     space = chest_space()
     film = quality.film_distance if quality is not None else None
     if quality is not None and quality.contrast < BLANK_CONTRAST:
@@ -176,6 +183,7 @@ def judge(meta: ImageMetadata, distance: float | None, gate: FeatureGate | None,
             corrected = quality.corrected_film_distance
             if quality.fixable and corrected is not None and corrected <= space.warn:
                 reasons.append("Turned upright and with bones bright it would look like a chest film: correct the film and check again.")
+                fixes_rejection = True
         elif film > space.warn:
             outcome = max(outcome, WARNING, key=_RANK.get)
             reasons.append(
@@ -199,10 +207,17 @@ def judge(meta: ImageMetadata, distance: float | None, gate: FeatureGate | None,
         outcome = max(outcome, WARNING, key=_RANK.get)
         reasons.append("This model has no feature-space check fitted: only the image's general appearance was checked, "
                        "not whether it resembles the films this model was trained on.")
-    if quality is not None and quality.warnings:
+    # Quality and lungs are questions about a chest film: not asked of an image rejected as
+    # something else (an MR is not "rotated by 180 degrees"), unless correcting it is the way in.
+    judged = outcome != REJECTED or fixes_rejection
+    if judged and quality is not None and quality.warnings:
         outcome = max(outcome, WARNING, key=_RANK.get)
         reasons.extend(quality.warnings)
-    return GateResult(outcome, tuple(reasons), distance, gate is not None and distance is not None)
+    if lungs and outcome != REJECTED:
+        outcome = max(outcome, WARNING, key=_RANK.get)
+        reasons.append(lungs)
+    correctable = judged and quality is not None and quality.fixable
+    return GateResult(outcome, tuple(reasons), distance, gate is not None and distance is not None, correctable)
 
 
 def load_gate_for(folder: Path, ood: dict[str, object]) -> FeatureGate | None:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_core import config
+from cxr_core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,47 @@ def _model(path: Path) -> str:
     return f"weights match the manifest; sample film predicted on {model.device} in {seconds:.2f} s; {gate}"
 
 
+def _model_registry() -> str:
+    """The active-version pointers and the default model name folders that exist: the app
+    would otherwise log an error and quietly use the shipped version (or another model)."""
+    from cxr_core.manifest import read_manifest
+    from cxr_core.models import installed_models
+    from cxr_core.versions import read_pointer, registry_dir
+
+    pointer = read_pointer()  # RegistryError (a failed check) when unreadable
+    broken = []
+    for model_id, version in pointer["active"].items():
+        try:
+            read_manifest(registry_dir() / model_id / version)
+        except ModelError:
+            broken.append(f"{model_id}@{version}")
+    if broken:
+        raise RuntimeError(f"active version(s) {', '.join(broken)} are unreadable: the shipped versions are used instead; promote or roll back")
+    default = pointer.get("default")
+    installed = {f.manifest.id for f in installed_models() if f.manifest}
+    if default and default not in installed:
+        raise RuntimeError(f"the default model {default} is not installed: choose another on the Models page")
+    chosen = f"default model {default}" if default else "no default model chosen (the first by name is offered)"
+    return f"{len(pointer['active'])} version(s) promoted here; {chosen}"
+
+
+def _lung_segmenter(needed_by: list[str]) -> str:
+    from cxr_core.io import read_image
+    from cxr_core.lungs import implausible_lungs, load_default_segmenter, lung_views
+
+    # Loading checks the weights against the manifest's sha256 first.
+    segmenter = load_default_segmenter()
+    if segmenter is None:
+        if needed_by:
+            raise RuntimeError(f"not installed (weights/lung-segmenter), and {', '.join(needed_by)} read lung crops: they cannot predict")
+        return "not installed: no per-film lung check; the Compare page's lung share uses the atlas"
+    view = lung_views([read_image(sample_film(), name="sample").pixels], segmenter)[0]
+    objection = implausible_lungs(view, segmenter)
+    if objection:
+        raise RuntimeError(f"on the sample film: {objection}")
+    return f"{segmenter.key}: weights match the manifest; lungs found on the sample film ({view.mean():.0%} of it)"
+
+
 def check_health(*, models: bool = True) -> HealthReport:
     """Every check, in order: state folder, database, audit trail, input-check assets, then each model.
 
@@ -141,7 +183,8 @@ def check_health(*, models: bool = True) -> HealthReport:
     from cxr_core.models import discover_models
 
     checks = [_timed(name, probe) for name, probe in (("state folder", _state_folder), ("database", _database),
-                                                      ("audit trail", _audit_trail), ("input checks", _input_checks))]
+                                                      ("audit trail", _audit_trail), ("input checks", _input_checks),
+                                                      ("model registry", _model_registry))]
     folders = discover_models()
     if not folders:
         checks.append(Check("models", False, f"no trained model is installed (looked in {config.weights_dir()})", 0.0))
@@ -151,4 +194,7 @@ def check_health(*, models: bool = True) -> HealthReport:
             checks.append(Check(f"model {label}", False, folder.problem or "unusable", 0.0))
         elif models:
             checks.append(_timed(f"model {label}", lambda p=folder.path: _model(p)))
+    if models:
+        needed_by = [f.manifest.key for f in folders if f.manifest and f.manifest.input.crop == "lungs"]
+        checks.append(_timed("lung segmenter", lambda: _lung_segmenter(needed_by)))
     return HealthReport(tuple(checks))

@@ -138,6 +138,27 @@ def make_prediction(manifest: Manifest, probabilities: Sequence[float], gate: Ga
     )
 
 
+def call_headline(prediction: Prediction, manifest: Manifest) -> str:
+    """The answer in one markdown line, for a prediction that names a class.
+
+    A call made by a class's sensitivity-first threshold while another class is more
+    probable reads as a flag for review, with the threshold and the more probable class
+    beside it, so that "COVID-19 (p = 0.30)" is not read as the model's best guess.
+    """
+    called = prediction.predicted
+    if called is None:
+        raise ValueError("this prediction names no class (uncertain or rejected)")
+    p = prediction.probability(called)
+    top = prediction.most_probable
+    if prediction.by_threshold and called != top:
+        return (
+            f"**Prediction: {manifest.label(called)} flagged for review** (p = {p:.2f}, at or above its threshold "
+            f"{manifest.thresholds[called]:.2f}, set for sensitivity); most probable: **{manifest.label(top)}** "
+            f"(p = {prediction.probability(top):.2f})"
+        )
+    return f"**Prediction: {manifest.label(called)}** (p = {p:.3f})"
+
+
 def _chunks(items: Sequence[XrayImage], size: int) -> Iterator[Sequence[XrayImage]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -169,9 +190,23 @@ def predict_with_features(model: LoadedModel, batch: torch.Tensor) -> tuple[torc
         return logits.float().cpu(), pooled.float().cpu().numpy()
 
 
+def lung_objections(images: Sequence[XrayImage]) -> list[str | None]:
+    """The lung segmenter's objection to each film (cxr_core.lungs.implausible_lungs); all None when it is not installed."""
+    from cxr_core.lungs import implausible_lungs, load_default_segmenter, lung_views
+
+    segmenter = load_default_segmenter()
+    if segmenter is None or not images:
+        return [None] * len(images)
+    return [implausible_lungs(view, segmenter) for view in lung_views([im.pixels for im in images], segmenter)]
+
+
 def gate_images(model: LoadedModel, images: Sequence[XrayImage], pooled: np.ndarray) -> list[GateResult]:
     distances = model.feature_gate.distances(pooled) if model.feature_gate is not None else [None] * len(images)
-    return [judge(im.metadata, None if d is None else float(d), model.feature_gate, assess_quality(im)) for im, d in zip(images, distances)]
+    lungs = lung_objections(images)
+    return [
+        judge(im.metadata, None if d is None else float(d), model.feature_gate, assess_quality(im), lung)
+        for im, d, lung in zip(images, distances, lungs)
+    ]
 
 
 def predict(model: LoadedModel, images: Iterable[XrayImage], batch_size: int = 16) -> list[Prediction]:

@@ -269,6 +269,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
 
     init = "random"
     mask = spec.mask_burned_in
+    view: dict[str, Any] = {}
     if spec.base_model:
         from cxr_core.versions import list_versions
 
@@ -278,6 +279,9 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
             raise JobError(f"Base model {spec.base_model} is not in the registry.")
         init = str(base.path / base.manifest.weights_file)
         mask = mask or base.manifest.input.mask_burned_in  # a masked model never saw text: keep it so
+        # A fine-tune sees films as its base model did (lung crop, intensity standardisation).
+        base_input = base.manifest.input
+        view = {"crop": base_input.crop, "crop_margin": base_input.crop_margin or 0.1, "intensity": base_input.intensity}
     return TrainConfig(
         data_dir=spec.dataset, arch=spec.arch, out=str(out), model_id=spec.model_id, version=spec.version,
         name=f"{spec.model_id} (trained {spec.created[:10]} by {spec.user})", classes=spec.classes,
@@ -285,7 +289,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
         balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect, edge_crop=spec.edge_crop) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
         target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,
-        average_every=spec.average_every,
+        average_every=spec.average_every, **view,
     )
 
 
@@ -308,13 +312,13 @@ def _run_job_follower(job_dir: Path) -> int:
     from cxr_core import distributed
     from cxr_core.training.evaluation_set import exclude_evaluation_overlap
     from cxr_core.training.prepare import prepare_data
-    from cxr_core.training.trainer import TrainingCancelled, label_plan, train
+    from cxr_core.training.trainer import TrainingCancelled, final_spec, label_plan, train
 
     spec = read_spec(job_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     config_ = _train_config(spec, _staging_folder(spec))
-    data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in)
+    data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
     if spec.eval_dir:
         data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
     try:
@@ -335,7 +339,7 @@ def run_job(job_dir: Path) -> int:
     )
     from cxr_core.training.finalize import finalize
     from cxr_core.training.prepare import prepare_data
-    from cxr_core.training.trainer import TrainingCancelled, label_plan, train
+    from cxr_core.training.trainer import TrainingCancelled, final_spec, label_plan, train
     from cxr_core.versions import registry_dir
 
     job_dir = Path(job_dir)
@@ -374,7 +378,7 @@ def run_job(job_dir: Path) -> int:
     write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=_group(), started=started, device=device)))
     try:
         config_ = _train_config(spec, staging)
-        data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in)
+        data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
         if spec.eval_dir:
             data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
         result, data = train(config_, job_dir / "run", data=data, stop=stop)

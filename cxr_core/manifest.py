@@ -19,6 +19,17 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
 SCHEMA_VERSION = 1
 HEAD_TYPES = ("softmax", "sigmoid")
+#: what a model folder's network does: classifiers serve Diagnose; a segmenter (the lung
+#: segmenter) is used by the pipeline and never offered as a model to read films with
+TASKS = ("classification", "segmentation")
+#: how a film's grey levels reach the network: "fixed" keeps them; "standardise" gives every
+#: film zero mean and unit spread first (then ``mean + std * z``, so a network normalised for
+#: [0, 1] films sees films of one exposure), which removes a site's brightness and contrast
+INTENSITY_MODES = ("fixed", "standardise")
+#: what part of the film the network sees: "film" the whole of it; "lungs" the box around
+#: both lung fields (the lung segmenter's), widened by ``crop_margin`` of its size per side,
+#: so borders, labels, collimation and the body's framing are out of sight
+CROP_MODES = ("film", "lungs")
 
 DEFAULT_INTENDED_USE = (
     "Decision support for trained clinicians reading frontal (PA/AP) adult chest radiographs. "
@@ -39,6 +50,12 @@ class InputSpec:
     #: burned-in text and markers were inpainted in training, so they are before every
     #: prediction too (cxr_core.annotations): the model has never seen them.
     mask_burned_in: bool = False
+    #: see INTENSITY_MODES
+    intensity: str = "fixed"
+    #: see CROP_MODES; ``crop_segmenter`` is the segmenter (id@version) the model was trained with
+    crop: str = "film"
+    crop_margin: float = 0.0
+    crop_segmenter: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,7 @@ class Manifest:
     intended_use: str = DEFAULT_INTENDED_USE
     weights_file: str = WEIGHTS_NAME
     created: str = ""
+    task: str = "classification"
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -159,6 +177,21 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest.json") -> Man
     mask_burned_in = raw_input.get("mask_burned_in", False)
     if not isinstance(mask_burned_in, bool):
         raise ManifestError(f"{where}: input.mask_burned_in must be true or false.")
+    intensity = raw_input.get("intensity", "fixed")
+    if intensity not in INTENSITY_MODES:
+        raise ManifestError(f"{where}: input.intensity must be one of {INTENSITY_MODES}, got {intensity!r}.")
+    crop = raw_input.get("crop", "film")
+    if crop not in CROP_MODES:
+        raise ManifestError(f"{where}: input.crop must be one of {CROP_MODES}, got {crop!r}.")
+    crop_margin = raw_input.get("crop_margin", 0.0)
+    if not isinstance(crop_margin, (int, float)) or isinstance(crop_margin, bool) or not 0.0 <= crop_margin <= 1.0:
+        raise ManifestError(f"{where}: input.crop_margin must be a number in [0, 1].")
+    crop_segmenter = raw_input.get("crop_segmenter", "")
+    if not isinstance(crop_segmenter, str) or (crop == "lungs" and "@" not in crop_segmenter):
+        raise ManifestError(f"{where}: a lung crop needs input.crop_segmenter (the segmenter's id@version).")
+    task = data.get("task", "classification")
+    if task not in TASKS:
+        raise ManifestError(f"{where}: task must be one of {TASKS}, got {task!r}.")
 
     thresholds = data.get("thresholds", {})
     if not isinstance(thresholds, Mapping) or not all(
@@ -200,7 +233,8 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest.json") -> Man
         classes=classes,
         head=head,
         weights_sha256=sha,
-        input=InputSpec(size=(size[0], size[1]), channels=channels, mean=mean, std=std, resize=resize, mask_burned_in=mask_burned_in),
+        input=InputSpec(size=(size[0], size[1]), channels=channels, mean=mean, std=std, resize=resize, mask_burned_in=mask_burned_in, intensity=intensity,
+                        crop=crop, crop_margin=float(crop_margin), crop_segmenter=crop_segmenter),
         class_labels=dict(labels),
         cam_target_layers=tuple(layers),
         thresholds={k: float(v) for k, v in thresholds.items()},
@@ -213,6 +247,7 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest.json") -> Man
         intended_use=str(data.get("intended_use") or DEFAULT_INTENDED_USE),
         weights_file=weights_file,
         created=str(data.get("created", "")),
+        task=task,
         schema_version=SCHEMA_VERSION,
     )
 

@@ -73,8 +73,9 @@ class ModelFolder:
         return self.manifest is not None and self.problem is None
 
 
-def discover_models(root: Path | None = None) -> list[ModelFolder]:
-    """Every sub-folder of ``root`` holding a manifest.json, valid or not, sorted by name.
+def discover_models(root: Path | None = None, task: str = "classification") -> list[ModelFolder]:
+    """Every sub-folder of ``root`` holding a manifest.json, valid or not, sorted by name,
+    but for valid ones of another ``task`` (the lung segmenter is no model to read films with).
 
     With the default root (the weights folder) the model registry applies: a model id
     whose active version was trained here resolves to that version's folder
@@ -107,6 +108,8 @@ def discover_models(root: Path | None = None) -> list[ModelFolder]:
         except ManifestError as exc:
             found.append(ModelFolder(folder, None, str(exc)))
             continue
+        if manifest.task != task:
+            continue
         if pointer.get(manifest.id) not in (None, manifest.version):
             continue  # another version of this model is the active one
         if manifest.id in seen:
@@ -135,8 +138,17 @@ def resolve_model(model_id: str | None = None, root: Path | None = None) -> Mode
             "Add a model folder (model.safetensors + manifest.json) there; see the README."
         )
     wanted = model_id or config.default_model_id()
+    if wanted is None and root is None:
+        from cxr_core.versions import RegistryError, default_model_id
+
+        try:
+            wanted = default_model_id()
+        except RegistryError as exc:
+            log.error("%s", exc)
     if wanted is None:
-        return models[0]
+        # Nothing chosen: the first model id by name, wherever its active version lives (a
+        # promoted version sits in the registry, after the shipped folders).
+        return min(models, key=lambda m: m.manifest.id if m.manifest else "")
     name, _, version = wanted.partition("@")
     for model in models:
         assert model.manifest is not None
@@ -170,21 +182,9 @@ class LoadedModel:
 def load_model(folder: Path | str, device: torch.device | str | None = None) -> LoadedModel:
     """Load and verify the model folder; raises a specific ModelError on any mismatch."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = _manifest_for(folder, "classification")
     arch = get_architecture(manifest.architecture)
-    weights = folder / manifest.weights_file
-    if not weights.is_file():
-        raise ModelError(f"{folder.name}: weights file {manifest.weights_file} is missing.")
-    actual = sha256_file(weights)
-    if actual != manifest.weights_sha256:
-        raise ChecksumMismatchError(
-            f"{folder.name}: the weights file does not match its manifest (sha256 {actual[:12]}... "
-            f"expected {manifest.weights_sha256[:12]}...). It may be corrupt or replaced; reinstall the model."
-        )
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{folder.name}: the weights file is not a readable safetensors file.") from exc
+    state = _verified_state(folder, manifest)
 
     fc = state.get("head.fc.weight")
     if fc is None or fc.ndim != 2:
@@ -225,14 +225,8 @@ def load_model(folder: Path | str, device: torch.device | str | None = None) -> 
     return LoadedModel(manifest=manifest, network=network, device=target, path=folder, feature_gate=feature_gate)
 
 
-def save_model_folder(
-    network: CxrNet, manifest: Manifest, folder: Path | str, *, half: bool = True
-) -> Manifest:
-    """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256) into ``folder``.
-
-    Floating tensors are stored as float16 when ``half`` (half the size, no measurable
-    change in outputs at inference in float32). Returns the manifest as written.
-    """
+def _write_folder(network: torch.nn.Module, manifest: Manifest, folder: Path | str, half: bool, **fields: Any) -> Manifest:
+    """Write the weights (float16 when ``half``) then ``manifest.json`` with their sha256."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -244,17 +238,96 @@ def save_model_folder(
     weights = folder / manifest.weights_file
     metadata = {"format": "pt", "id": manifest.id, "version": manifest.version, "architecture": manifest.architecture}
     atomic_write(weights, lambda p: save_file(state, str(p), metadata=metadata))
-    arch = get_architecture(manifest.architecture)
     final = replace(
         manifest,
         weights_sha256=sha256_file(weights),
-        cam_target_layers=manifest.cam_target_layers or (arch.default_cam_layer,),
         created=manifest.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **fields,
     )
     atomic_write(folder / MANIFEST_NAME, lambda p: p.write_text(final.to_json(), encoding="utf-8"))
     # Round-trip through the validator so a folder we write is always one we can read.
     read_manifest(folder)
     return final
+
+
+def save_model_folder(
+    network: CxrNet, manifest: Manifest, folder: Path | str, *, half: bool = True
+) -> Manifest:
+    """Write ``model.safetensors`` then ``manifest.json`` (with the weights' sha256) into ``folder``.
+
+    Floating tensors are stored as float16 when ``half`` (half the size, no measurable
+    change in outputs at inference in float32). Returns the manifest as written.
+    """
+    arch = get_architecture(manifest.architecture)
+    return _write_folder(network, manifest, folder, half, cam_target_layers=manifest.cam_target_layers or (arch.default_cam_layer,))
+
+
+def save_segmenter_folder(network: torch.nn.Module, manifest: Manifest, folder: Path | str, *, half: bool = True) -> Manifest:
+    """As :func:`save_model_folder`, for a segmentation network (no classifier head, no CAM layers)."""
+    if manifest.task != "segmentation":
+        raise ManifestError("a segmenter's manifest must say task: segmentation")
+    return _write_folder(network, manifest, folder, half)
+
+
+def _manifest_for(folder: Path, task: str) -> Manifest:
+    """The folder's manifest, refused (ModelError) when it is a model of another task."""
+    manifest = read_manifest(folder)
+    if manifest.task != task:
+        wanted = "a classifier" if task == "classification" else "a segmenter"
+        raise ModelError(f"{folder.name} is a {manifest.task} model, not {wanted}.")
+    return manifest
+
+
+def _verified_state(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, after its sha256 matched the manifest's."""
+    weights = folder / manifest.weights_file
+    if not weights.is_file():
+        raise ModelError(f"{folder.name}: weights file {manifest.weights_file} is missing.")
+    actual = sha256_file(weights)
+    if actual != manifest.weights_sha256:
+        raise ChecksumMismatchError(
+            f"{folder.name}: the weights file does not match its manifest (sha256 {actual[:12]}... "
+            f"expected {manifest.weights_sha256[:12]}...). It may be corrupt or replaced; reinstall the model."
+        )
+    try:
+        return load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{folder.name}: the weights file is not a readable safetensors file.") from exc
+
+
+@dataclass(eq=False)
+class LoadedSegmenter:
+    """A verified segmentation network on the CPU or GPU: film (N, 1, H, W) -> logits (N, 1, H, W)."""
+
+    manifest: Manifest
+    network: torch.nn.Module
+    device: torch.device
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
+
+
+def load_segmenter(folder: Path | str, device: torch.device | str | None = None) -> LoadedSegmenter:
+    """Load and verify a segmenter's model folder (manifest task ``segmentation``)."""
+    from cxr_core.registry import build_segmenter
+
+    folder = Path(folder)
+    manifest = _manifest_for(folder, "segmentation")
+    state = _verified_state(folder, manifest)
+    network = build_segmenter(manifest.architecture)
+    reference = network.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{folder.name}: the weights do not fit architecture {manifest.architecture}: {str(exc)[:300]}") from exc
+    target = select_device(str(device)) if device is not None else select_device()
+    network.requires_grad_(False)
+    network.eval().to(target)
+    log.info("loaded %s (%s) on %s", manifest.key, manifest.architecture, target)
+    return LoadedSegmenter(manifest=manifest, network=network, device=target, path=folder)
 
 
 def update_manifest(folder: Path | str, manifest: Manifest) -> Manifest:

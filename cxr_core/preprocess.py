@@ -33,11 +33,54 @@ def mask_burned_in(pixels: np.ndarray) -> np.ndarray:
     return mask_boxes(pixels, boxes) if boxes else pixels
 
 
-def to_input(pixels: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """(H, W) float in [0, 1] -> normalised (C, h, w) float32 tensor, C = ``spec.channels``."""
+#: a lung box as fractions of the film: (top, bottom, left, right)
+Box = tuple[float, float, float, float]
+WHOLE_FILM: Box = (0.0, 1.0, 0.0, 1.0)
+
+def lung_crop_boxes(films: Sequence[np.ndarray], spec: InputSpec) -> list[Box]:
+    """Where in each (H, W) film the network looks: the whole film, or (``spec.crop`` "lungs")
+    the lung box of ``spec.crop_segmenter`` with ``spec.crop_margin``.
+
+    A film without lungs the segmenter can find is seen whole (the input check warns about it).
+    """
+    if spec.crop != "lungs":
+        return [WHOLE_FILM] * len(films)
+    from cxr_core.lungs import lung_box, lung_views, segmenter_for
+
+    views = lung_views(films, segmenter_for(spec.crop_segmenter))
+    return [lung_box(view, spec.crop_margin) or WHOLE_FILM for view in views]
+
+
+def crop_box(pixels: np.ndarray, box: Box) -> np.ndarray:
+    """(H, W) -> the part of the film inside ``box`` (at least 8 px a side)."""
+    height, width = pixels.shape
+    top, bottom = int(box[0] * height), max(int(round(box[1] * height)), int(box[0] * height) + 8)
+    left, right = int(box[2] * width), max(int(round(box[3] * width)), int(box[2] * width) + 8)
+    return pixels[top : min(bottom, height), left : min(right, width)]
+
+
+def standardise_intensity(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) -> the film at zero mean and unit spread, placed at 0.5 +/- 0.25 (a film of
+    average exposure on the [0, 1] scale the normalisation constants expect)."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    return (pixels - pixels.mean()) / (pixels.std() + 1e-6) * 0.25 + 0.5
+
+
+def network_view(pixels: np.ndarray, spec: InputSpec, box: Box | None = None) -> np.ndarray:
+    """(H, W) film in [0, 1] -> the (h, w) float32 picture the network is given, before
+    normalisation: text masked, cropped to ``box`` (default: :func:`lung_crop_boxes`), resized,
+    intensity standardised, as ``spec`` says. Training, inference and CAMs all go through here."""
     if spec.mask_burned_in:
         pixels = mask_burned_in(pixels)
+    if spec.crop != "film":
+        pixels = crop_box(pixels, box if box is not None else lung_crop_boxes([pixels], spec)[0])
     small = resize_pixels(pixels, spec.size)
+    return standardise_intensity(small) if spec.intensity == "standardise" else small
+
+
+def to_input(pixels: np.ndarray, spec: InputSpec, box: Box | None = None) -> torch.Tensor:
+    """(H, W) float in [0, 1] -> normalised (C, h, w) float32 tensor, C = ``spec.channels``."""
+    small = network_view(pixels, spec, box)
     # XrayImage pixels are read-only; torch wants a writable buffer even to read it.
     grey = torch.from_numpy(small if small.flags.writeable and small.flags.c_contiguous else np.array(small, order="C"))
     mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
@@ -47,5 +90,6 @@ def to_input(pixels: np.ndarray, spec: InputSpec) -> torch.Tensor:
 
 
 def to_batch(pixel_arrays: Sequence[np.ndarray], spec: InputSpec) -> torch.Tensor:
-    """N arrays of shape (H_i, W_i) -> (N, C, h, w)."""
-    return torch.stack([to_input(p, spec) for p in pixel_arrays])
+    """N arrays of shape (H_i, W_i) -> (N, C, h, w). Lung boxes are found for the batch at once."""
+    boxes = lung_crop_boxes(pixel_arrays, spec)
+    return torch.stack([to_input(p, spec, box) for p, box in zip(pixel_arrays, boxes)])

@@ -7,7 +7,9 @@
                                        evaluations of shipped versions (weights/ stays as in git)
 
 Which version the app uses is a pointer in ``active.json``; without an entry, the shipped
-folder. Promotion and rollback only rewrite that small file (temporary file, fsync,
+folder (promoting or rolling back to the shipped version removes the entry). Which model
+Diagnose offers first is ``active.json``'s ``default``, set by an admin and audited, never
+an accident of sorting. Promotion and rollback only rewrite that small file (temporary file, fsync,
 rename): a crash leaves either the old or the new pointer, and both name complete,
 verified folders, so the app always has a working model. Versions are kept until an
 admin deletes them; the active and shipped versions cannot be deleted.
@@ -143,10 +145,20 @@ def _find(model_id: str, version: str) -> Version:
     raise RegistryError(f"No version {model_id}@{version} in the registry.")
 
 
+def not_evaluated(candidate: Version) -> str | None:
+    """Why ``candidate`` cannot be promoted at all: a trained version never measured on the
+    fixed evaluation set (a shipped version is a release with its own card and may always return)."""
+    if candidate.evaluation is None and not candidate.shipped:
+        return (f"{candidate.key} has not been evaluated on the fixed evaluation set, so it cannot be promoted: "
+                "evaluate it first")
+    return None
+
+
 def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
-    """Why the candidate is worse than the active model on the fixed evaluation set (empty: it is not)."""
+    """Why the candidate is measured worse than the active model on the fixed evaluation set
+    (empty: it is not, or there is nothing to compare; see :func:`not_evaluated` first)."""
     if candidate.evaluation is None:
-        return ["The candidate has no evaluation on the fixed evaluation set"]
+        return []
     if active is None:
         return []  # a new model id: nothing it would replace
     if active.evaluation is None:
@@ -167,10 +179,14 @@ def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
 
 
 def promote(model_id: str, version: str, *, user: str, override_reason: str | None = None, gate: bool = True) -> Version:
-    """Make ``version`` active. With ``gate``, refuse a candidate worse than the active one unless a reason is given."""
+    """Make ``version`` active. With ``gate``, refuse a candidate that was never evaluated, and
+    one measured worse than the active one unless a reason is given. (A rollback passes
+    ``gate=False``: it returns to a version that was active before.)"""
     from cxr_core.models import load_model
 
     candidate = _find(model_id, version)
+    if gate and (reason := not_evaluated(candidate)):
+        raise RegistryError(f"Promotion refused: {reason}.")
     load_model(candidate.path, device="cpu")  # verify it loads before anything points at it
     active = next((v for v in list_versions(model_id) if v.active), None)
     problems = promotion_problems(candidate, active) if gate else []
@@ -178,7 +194,11 @@ def promote(model_id: str, version: str, *, user: str, override_reason: str | No
         raise RegistryError("Promotion refused: " + "; ".join(problems) + ". Give a reason to override.")
     pointer = read_pointer()
     previous = pointer["active"].get(model_id) or (active.version if active else None)
-    pointer["active"][model_id] = version
+    if candidate.shipped:
+        # The shipped folder is what the app uses without an entry: no registry folder to name.
+        pointer["active"].pop(model_id, None)
+    else:
+        pointer["active"][model_id] = version
     pointer["history"].append(
         {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "user": user, "model": model_id, "from": previous,
          "to": version, "problems": problems, "override_reason": override_reason or None}
@@ -187,12 +207,22 @@ def promote(model_id: str, version: str, *, user: str, override_reason: str | No
     return _find(model_id, version)
 
 
+def rollback_target(model_id: str) -> str | None:
+    """The version a rollback of ``model_id`` returns to: the one active before its latest
+    promotion, if it still exists (a deleted version is nothing to go back to)."""
+    promotions = [h for h in read_pointer()["history"] if h["model"] == model_id and h.get("action", "promote") == "promote"]
+    target = promotions[-1].get("from") if promotions else None
+    if not target or not any(v.version == target for v in list_versions(model_id)):
+        return None
+    return str(target)
+
+
 def rollback(model_id: str, *, user: str) -> Version:
     """Back to the version active before the latest promotion of ``model_id``."""
-    history = [h for h in read_pointer()["history"] if h["model"] == model_id]
-    if not history or not history[-1].get("from"):
+    target = rollback_target(model_id)
+    if target is None:
         raise RegistryError(f"Nothing to roll back to for {model_id}.")
-    return promote(model_id, history[-1]["from"], user=user, gate=False)
+    return promote(model_id, target, user=user, gate=False)
 
 
 def delete_version(model_id: str, version: str) -> None:
@@ -202,3 +232,21 @@ def delete_version(model_id: str, version: str) -> None:
     if v.shipped:
         raise RegistryError("Shipped versions (in weights/) are not deleted from the app.")
     shutil.rmtree(v.path)
+
+
+def default_model_id() -> str | None:
+    """The model id an admin chose as the default for Diagnose (``active.json``'s ``default``), if any."""
+    value = read_pointer().get("default")
+    return str(value) if value else None
+
+
+def set_default_model(model_id: str, *, user: str) -> None:
+    """Make ``model_id`` (an installed model) the one clinicians get first; recorded in ``active.json``'s history."""
+    if not any(v.model_id == model_id and v.active for v in list_versions(model_id)):
+        raise RegistryError(f"No installed model {model_id!r} to make the default.")
+    pointer = read_pointer()
+    previous = pointer.get("default")
+    pointer["default"] = model_id
+    pointer["history"].append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "user": user, "model": model_id,
+                               "action": "default", "from": previous, "to": model_id})
+    _write_pointer(pointer)

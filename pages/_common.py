@@ -9,6 +9,7 @@ from typing import Iterator
 
 import streamlit as st
 
+from cxr_core import config
 from cxr_core.errors import CxrError
 from cxr_core.gate import GateResult
 from cxr_core.inference import DISCLAIMER
@@ -89,8 +90,37 @@ def current_user() -> tuple[str, str]:
     return str(st.session_state.get("user", "anonymous")), str(st.session_state.get("role", "anonymous"))
 
 
+def name_field(purpose: str) -> str:
+    """Inside a form: a "Your name" box when nobody is signed in (sign-in is optional), else nothing."""
+    if current_user()[0] != "anonymous":
+        return ""
+    return st.text_input("Your name (you are not signed in; it is recorded with this)", max_chars=100, key=f"name-{purpose}")
+
+
+def accountable_user(typed: str) -> tuple[str, str]:
+    """(user, role) to record a clinical decision against: the signed-in user, or the name typed
+    with it (marked as not signed in); ("", role) when neither is given."""
+    user, role = current_user()
+    if user != "anonymous":
+        return user, role
+    return (f"{typed.strip()} (not signed in)" if typed.strip() else ""), role
+
+
 def model_folders() -> list[ModelFolder]:
     return discover_models()
+
+
+def default_model_key() -> tuple[str | None, bool]:
+    """(id@version of the model Diagnose offers first, whether an admin chose it)."""
+    from cxr_core.models import resolve_model
+    from cxr_core.versions import default_model_id
+
+    try:
+        chosen = default_model_id() is not None or bool(config.default_model_id())
+        folder = resolve_model()
+    except CxrError:
+        return None, False
+    return (folder.manifest.key if folder.manifest else None), chosen
 
 
 def gate_override(subject: str, gate: GateResult, image_sha256: str, model_key: str) -> bool:
@@ -106,13 +136,16 @@ def gate_override(subject: str, gate: GateResult, image_sha256: str, model_key: 
     with st.form(f"override_{subject}_{model_key}"):
         st.markdown("A clinician may still look at the model's output, for example when the check is wrong. This is recorded.")
         reason = st.text_input("Why show the result anyway?", max_chars=300)
+        typed = name_field(f"override-{subject}-{model_key}")
         if st.form_submit_button("Show the result anyway"):
+            user, role = accountable_user(typed)
             if not reason.strip():
                 st.error("Give a reason to override the check.")
+            elif not user:
+                st.error("An override is a clinical decision: sign in, or type your name, so that it is recorded against you.")
             else:
                 from cxr_core import audit
 
-                user, role = current_user()
                 overridden.add((subject, model_key))
                 audit.record("override_gate", user=user, role=role, image_sha256=image_sha256, model=model_key,
                              details={"reasons": list(gate.reasons), "justification": reason.strip()})

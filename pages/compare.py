@@ -27,19 +27,21 @@ from cxr_core.compare import (
 )
 from cxr_core.errors import CxrError
 from cxr_core.export import Provenance, labelled_png
-from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
+from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from cxr_core.gate import GateResult
 from cxr_core.inference import predict
 from cxr_core.io import XrayImage, read_image
-from cxr_core.lungs import atlas_info
+from cxr_core.lungs import describe_lung_fields
 from cxr_core.overlay import COLORMAPS
 from pages._common import (
+    accountable_user,
     cached_model,
     current_user,
     enter_page,
     gate_override,
     guarded,
     model_folders,
+    name_field,
     render_disclaimer,
 )
 
@@ -227,11 +229,7 @@ if outside:
         + "; ".join(f"{p.spec.label} ({p.lung.share:.0%})" for p in outside)
         + ". Check for burned-in text, markers or borders driving the result."
     )
-info = atlas_info()
-st.caption(
-    f"Lung share: heatmap mass inside an atlas lung field (mean of {info['masks_used']} annotated masks; leave-one-out Dice "
-    f"{info['leave_one_out_dice']['mean']}). A flat map scores {panels[0].lung.lung_fraction:.0%}. The atlas does not adapt to the film."
-)
+st.caption(describe_lung_fields() + f" A flat map scores {panels[0].lung.lung_fraction:.0%}.")
 
 if with_faith:
     table = pd.DataFrame(
@@ -290,16 +288,22 @@ with st.form("compare_feedback", clear_on_submit=True):
     on_prediction = c1.radio("The prediction", list(choices), horizontal=True)
     on_heatmap = c2.radio("The heatmap", list(choices), horizontal=True)
     comment = st.text_area("Comment", max_chars=2000, placeholder="What you see, and why you agree or not. No patient identifiers, please.")
+    typed = name_field("review")
     if st.form_submit_button("Record review"):
-        with guarded("recording the review"):
-            record_feedback(
-                Feedback(
-                    model=manifest.key, image_sha256=studies[study_index].sha256, method=anchor.spec.method, target=anchor.spec.target,
-                    layer=anchor.spec.layer, predicted=anchor.predicted, agree_prediction=choices[on_prediction],
-                    agree_heatmap=choices[on_heatmap], comment=comment, user=st.session_state.get("user", "anonymous"),
+        reviewer, reviewer_role = accountable_user(typed)
+        if not reviewer:
+            st.error("Sign in, or type your name, so that the review is recorded against you.")
+        else:
+            with guarded("recording the review"):
+                record_feedback(
+                    Feedback(
+                        model=manifest.key, image_sha256=studies[study_index].sha256, method=anchor.spec.method, target=anchor.spec.target,
+                        layer=anchor.spec.layer, predicted=anchor.predicted, agree_prediction=choices[on_prediction],
+                        agree_heatmap=choices[on_heatmap], comment=comment, user=reviewer,
+                    ),
+                    role=reviewer_role,
                 )
-            )
-            st.success("Review recorded.")
+                st.success("Review recorded (and in the audit trail).")
 
 with guarded("listing reviews"):
     mine = list_feedback(studies[study_index].sha256)
@@ -307,7 +311,7 @@ with guarded("listing reviews"):
     if mine:
         st.dataframe(
             pd.DataFrame([{"when": f.created, "who": f.user, "model": f.model, "method": f.method, "class": f.target,
-                           "prediction": f.agree_prediction, "heatmap": f.agree_heatmap, "comment": f.comment} for f in mine]),
+                           "prediction": review_verdict(f.agree_prediction), "heatmap": review_verdict(f.agree_heatmap), "comment": f.comment} for f in mine]),
             hide_index=True, width="stretch",
         )
     else:

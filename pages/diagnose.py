@@ -13,7 +13,7 @@ from cxr_core.cam import CAM_METHODS, Explanation, explain
 from cxr_core.charts import probability_chart
 from cxr_core.errors import CxrError
 from cxr_core.export import Provenance, labelled_png
-from cxr_core.inference import DISCLAIMER, Prediction, predict
+from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
 from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
 from cxr_core.overlay import COLORMAPS, fit_within, render_overlay
@@ -22,6 +22,7 @@ from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view
 from pages._common import (
     cached_model,
     current_user,
+    default_model_key,
     enter_page,
     gate_override,
     guarded,
@@ -46,11 +47,15 @@ if not folders:
     st.stop()
 
 by_key = {f.manifest.key: f for f in folders if f.manifest}
+default_key, default_chosen = default_model_key()
 model_key = st.selectbox(
     "Model",
     list(by_key),
-    format_func=lambda k: f"{by_key[k].manifest.name} — {k}",  # type: ignore[union-attr]
-    help="Every installed model; the result always names the model and version that produced it.",
+    index=list(by_key).index(default_key) if default_key in by_key else 0,
+    format_func=lambda k: f"{by_key[k].manifest.name} — {k}" + (" (default)" if k == default_key else ""),  # type: ignore[union-attr]
+    help="Every installed model; the result always names the model and version that produced it. "
+    + ("The default was chosen by an administrator on the Models page." if default_chosen
+       else "No default has been chosen on the Models page: the first model by name is offered."),
 )
 folder = by_key[model_key]
 model: LoadedModel | None = None
@@ -218,7 +223,7 @@ else:
 
 # Offer the corrections the quality check suggests.
 fixes = st.columns(2)
-if view.quality.fixable and not key[1]:
+if view.quality.fixable and not key[1] and (gate is None or gate.correctable):
     what = " and ".join(w for w in (f"turn it by {90 * view.quality.rotation} degrees" if view.quality.rotation else "", "invert it" if view.quality.inverted else "") if w)
     if fixes[0].button(f"Correct the film ({what})", key=f"fix_{file_id}"):
         options[file_id]["correct"] = True
@@ -250,14 +255,7 @@ if gate is not None and gate.rejected:
 
 top = prediction.most_probable
 if prediction.predicted:
-    label = manifest.label(prediction.predicted)
-    headline = f"**Prediction: {label}** (p = {prediction.probability(prediction.predicted):.3f})"
-    if prediction.by_threshold and prediction.predicted != top:
-        headline += (
-            f" — called because its probability reaches the decision threshold "
-            f"{manifest.thresholds[prediction.predicted]:.3f} (chosen for sensitivity); "
-            f"the most probable class is {manifest.label(top)} (p = {prediction.probability(top):.3f})"
-        )
+    headline = call_headline(prediction, manifest)
 elif prediction.uncertain:
     headline = (
         f"**Uncertain** — the model does not favour one class clearly "

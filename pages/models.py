@@ -8,15 +8,19 @@ import plotly.io as pio
 import streamlit as st
 
 from cxr_core import audit
+from cxr_core.evaluation import external_rows
 from cxr_core.versions import (
     RegistryError,
     Version,
+    default_model_id,
     delete_version,
     list_versions,
+    not_evaluated,
     promote,
     promotion_problems,
-    read_pointer,
     rollback,
+    rollback_target,
+    set_default_model,
 )
 from pages._common import current_user, enter_page, guarded
 
@@ -34,6 +38,25 @@ if not versions:
     st.stop()
 
 
+model_ids = sorted({v.model_id for v in versions})
+chosen_default = default_model_id()
+st.subheader("Default model for Diagnose")
+left, right = st.columns([3, 1])
+new_default = left.selectbox(
+    "The model clinicians are offered first",
+    model_ids,
+    index=model_ids.index(chosen_default) if chosen_default in model_ids else 0,
+    key="default-model",
+)
+if chosen_default is None:
+    left.warning("No default has been chosen: Diagnose offers the first model by name. Choose one and save it.")
+if right.button("Save as default", disabled=new_default == chosen_default):
+    with guarded("setting the default model"):
+        set_default_model(new_default, user=user)
+        audit.record("set_default_model", user=user, role=role, model=new_default, details={"from": chosen_default})
+        st.rerun()
+
+
 def _row(v: Version) -> dict[str, object]:
     ev = v.evaluation or {}
     test = v.manifest.metrics.get("test", {}) if v.manifest.metrics else {}
@@ -45,7 +68,7 @@ def _row(v: Version) -> dict[str, object]:
     }
 
 
-for model_id in sorted({v.model_id for v in versions}):
+for model_id in model_ids:
     mine = [v for v in versions if v.model_id == model_id]
     active = next((v for v in mine if v.active), None)
     st.header(model_id)
@@ -73,12 +96,16 @@ for model_id in sorted({v.model_id for v in versions}):
     if others:
         pick = cols[0].selectbox("Version", [v.version for v in others], key=f"pick-{model_id}")
         candidate = next(v for v in others if v.version == pick)
+        unevaluated = not_evaluated(candidate)
         problems = promotion_problems(candidate, active)
         reason = ""
-        if problems:
-            cols[1].warning("Worse than the active model: " + "; ".join(problems) + ".")
+        if unevaluated:
+            cols[1].info(f"Not evaluated: {pick} has no figures on the fixed evaluation set, so it cannot be promoted. "
+                         "Evaluate it with a training job's evaluation set, or `python -m cxr_core evaluate`.")
+        elif problems:
+            cols[1].warning("Measured worse than the active model: " + "; ".join(problems) + ".")
             reason = cols[1].text_input("Reason to promote anyway", key=f"reason-{model_id}")
-        if cols[2].button("Promote", key=f"promote-{model_id}", type="primary"):
+        if cols[2].button("Promote", key=f"promote-{model_id}", type="primary", disabled=bool(unevaluated)):
             with guarded("promoting"):
                 try:
                     promote(model_id, pick, user=user, override_reason=reason or None)
@@ -88,7 +115,8 @@ for model_id in sorted({v.model_id for v in versions}):
                     audit.record("promote", user=user, role=role, model=f"{model_id}@{pick}", details={"from": active.version if active else None, "override_reason": reason or None, "problems": problems})
                     st.cache_resource.clear()
                     st.rerun()
-        if cols[3].button("Delete", key=f"delete-{model_id}"):
+        confirm = cols[3].checkbox(f"Delete {pick}", key=f"confirm-delete-{model_id}", help="Tick, then press Delete: a deleted version cannot be restored.")
+        if cols[3].button("Delete", key=f"delete-{model_id}", disabled=not confirm):
             with guarded("deleting the version"):
                 try:
                     delete_version(model_id, pick)
@@ -97,11 +125,11 @@ for model_id in sorted({v.model_id for v in versions}):
                 else:
                     audit.record("delete_version", user=user, role=role, model=f"{model_id}@{pick}")
                     st.rerun()
-    history = [h for h in read_pointer()["history"] if h["model"] == model_id]
-    if history and st.button(f"Roll back to {history[-1]['from']}", key=f"rollback-{model_id}"):
+    target = rollback_target(model_id)
+    if target and st.button(f"Roll back to {target}", key=f"rollback-{model_id}"):
         with guarded("rolling back"):
             restored = rollback(model_id, user=user)
-            audit.record("rollback", user=user, role=role, model=restored.key, details={"from": history[-1]["to"]})
+            audit.record("rollback", user=user, role=role, model=restored.key, details={"from": active.version if active else None})
             st.cache_resource.clear()
             st.rerun()
 
@@ -136,6 +164,10 @@ for model_id in sorted({v.model_id for v in versions}):
                 ood = dict(m.ood)
                 st.markdown(f"**Input gate.** {ood.get('method', 'fitted')}: warning above {ood.get('warn')}, rejection above {ood.get('reject')}"
                             + (f"; on the test split {ood['test_rates']}" if ood.get("test_rates") else "") + ".")
+            external = external_rows(v.path, m.key)
+            if external:
+                st.markdown("**Films called COVID-19, by source** (JSRT: a hospital no model here trained on)")
+                st.dataframe(pd.DataFrame(external), hide_index=True, width="stretch")
             card = v.path / "README.md"
             if card.is_file():
                 st.markdown("**Model card**")

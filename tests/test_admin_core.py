@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import stat
 import zipfile
@@ -234,3 +235,67 @@ def test_only_a_checked_and_confirmed_dataset_is_trainable(tmp_path: Path, monke
     assert [d.name for d in list_datasets() if d.trainable] == ["good"]
     validate_dataset(good)  # checked again: the old confirmation no longer holds
     assert not good.trainable
+
+
+def test_an_unevaluated_candidate_cannot_be_promoted_even_with_a_reason(registry_env: Path) -> None:
+    """Issue 33: a version never measured on the fixed evaluation set cannot go live at all."""
+    from cxr_core.versions import RegistryError, list_versions, not_evaluated, promote, registry_dir
+
+    target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
+    (target / "evaluation.json").unlink()
+    candidate = next(v for v in list_versions("dn") if v.version == "2.0.0")
+    assert "has not been evaluated" in (not_evaluated(candidate) or "")
+    with pytest.raises(RegistryError, match="has not been evaluated"):
+        promote("dn", "2.0.0", user="alice", override_reason="looks fine to me")
+    assert [v.version for v in list_versions("dn") if v.active] == ["1.0.0"]
+    assert not (registry_dir() / "active.json").exists()
+
+
+def test_rolling_back_to_the_shipped_version_is_a_clean_state(registry_env: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """Issue 33: after a rollback to the shipped version nothing logs an error, the check
+    passes, and a deleted version is no rollback target."""
+    from cxr_core.health import check_health
+    from cxr_core.models import installed_models
+    from cxr_core.versions import delete_version, promote, read_pointer, rollback, rollback_target
+
+    _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
+    promote("dn", "2.0.0", user="alice", gate=False)
+    assert rollback_target("dn") == "1.0.0"
+    rollback("dn", user="alice")
+    assert read_pointer()["active"] == {}  # the shipped folder: nothing to point at
+    with caplog.at_level(logging.ERROR):
+        assert [m.manifest.version for m in installed_models()] == ["1.0.0"]
+        report = check_health(models=False)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert next(c for c in report.checks if c.name == "model registry").ok
+    assert rollback_target("dn") == "2.0.0"
+    delete_version("dn", "2.0.0")
+    assert rollback_target("dn") is None
+
+
+def test_a_broken_pointer_fails_the_installation_check(registry_env: Path) -> None:
+    from cxr_core.health import check_health
+    from cxr_core.versions import promote
+
+    target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
+    promote("dn", "2.0.0", user="alice", gate=False)
+    (target / "manifest.json").unlink()
+    check = next(c for c in check_health(models=False).checks if c.name == "model registry")
+    assert not check.ok and "dn@2.0.0" in check.detail
+
+
+def test_the_default_model_is_an_explicit_recorded_setting(registry_env: Path) -> None:
+    """Issue 33: promoting a version must not change which model Diagnose offers first."""
+    from cxr_core.models import resolve_model
+    from cxr_core.versions import RegistryError, default_model_id, promote, read_pointer, set_default_model
+
+    make_model_folder(registry_env / "weights", "resnet50", ("covid", "other"), head="sigmoid", id="aa-binary", size=64)
+    assert default_model_id() is None and resolve_model().manifest.id == "aa-binary"  # type: ignore[union-attr]
+    set_default_model("dn", user="alice")
+    assert default_model_id() == "dn" and resolve_model().manifest.key == "dn@1.0.0"  # type: ignore[union-attr]
+    _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
+    promote("dn", "2.0.0", user="alice", gate=False)
+    assert resolve_model().manifest.key == "dn@2.0.0"  # type: ignore[union-attr]
+    assert read_pointer()["history"][0] == {**read_pointer()["history"][0], "action": "default", "user": "alice", "to": "dn"}
+    with pytest.raises(RegistryError, match="No installed model"):
+        set_default_model("nope", user="alice")

@@ -124,7 +124,8 @@ def test_models_page_needs_an_admin(use_weights: Path, tmp_path: Path, monkeypat
     at.run()
     assert not at.exception and any(s.value == "Every check passed." for s in at.success)
     check = at.dataframe[-1].value
-    assert list(check["check"][:4]) == ["state folder", "database", "audit trail", "input checks"] and check["ok"].all() and len(check) == 6
+    assert list(check["check"][:5]) == ["state folder", "database", "audit trail", "input checks", "model registry"]
+    assert check["ok"].all() and len(check) == 8 and list(check["check"][-1:]) == ["lung segmenter"]
 
 
 def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,7 +157,17 @@ def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data:
     at.text_area[0].set_value("the map sits on the heart border")
     at.button[0].click()
     at.run()
-    assert not at.exception and [s.value for s in at.success] == ["Review recorded."]
+    # Nobody is signed in: a review is recorded against a name, so one must be typed.
+    assert not at.exception and not at.success and any("type your name" in e.value for e in at.error)
+    at.radio[1].set_value("Disagree")
+    at.radio[2].set_value("Agree")
+    at.text_area[0].set_value("the map sits on the heart border")
+    at.text_input(key="name-review").set_value("Dr Reviewer")
+    at.button[0].click()
+    at.run()
+    assert not at.exception and [s.value for s in at.success] == ["Review recorded (and in the audit trail)."]
+    review = [e for e in entries() if e.action == "review"]
+    assert len(review) == 1 and review[0].user == "Dr Reviewer (not signed in)" and review[0].details["agree_prediction"] is False
 
     # A new app process (new AppTest, same database) lists the review.
     again = app().run()
@@ -165,7 +176,8 @@ def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data:
     again.run()
     reviews = again.dataframe[-1].value
     assert list(reviews["comment"]) == ["the map sits on the heart border"]
-    assert list(reviews["prediction"]) == [False] and list(reviews["heatmap"]) == [True]
+    assert list(reviews["prediction"]) == ["disagree"] and list(reviews["heatmap"]) == ["agree"]
+    assert list(reviews["who"]) == ["Dr Reviewer (not signed in)"]
 
 
 def _png_bytes(pixels) -> bytes:  # type: ignore[no-untyped-def]
@@ -192,9 +204,17 @@ def test_rejected_input_needs_a_recorded_override(use_weights: Path, dicom_data:
     at.text_input[0].set_value("testing the viewer on a CT scout")
     at.button[0].click()
     at.run()
+    # An override is a clinical decision: without a signed-in user, a typed name is required.
+    assert not at.exception and any("sign in, or type your name" in e.value for e in at.error)
+    assert not entries(action="override_gate")
+    at.text_input[0].set_value("testing the viewer on a CT scout")
+    next(t for t in at.text_input if t.label.startswith("Your name")).set_value("Dr Who")
+    at.button[0].click()
+    at.run()
     assert not at.exception and any("Shown after an override" in c.value for c in at.caption)
     overrides = entries(action="override_gate")
     assert len(overrides) == 1 and overrides[0].details["justification"] == "testing the viewer on a CT scout"
+    assert overrides[0].user == "Dr Who (not signed in)"
     assert any(e.action == "prediction" for e in entries())
 
 
@@ -211,6 +231,7 @@ def test_compare_gates_its_input_too(use_weights: Path, dicom_data: Path, tmp_pa
     assert any("no heatmaps" in e.value and "CT image" in e.value for e in at.error)
     assert not at.get("plotly_chart") and not [e for e in entries() if e.action == "compare"]
     at.text_input[0].set_value("reviewing a scout image")
+    next(t for t in at.text_input if t.label.startswith("Your name")).set_value("Dr Reviewer")
     at.button[0].click()
     at.run()
     assert not at.exception and at.get("plotly_chart")

@@ -73,11 +73,16 @@ def test_trained_with_an_auxiliary_class_exported_without_it(
     got = torch.softmax(torch.as_tensor(exported, dtype=torch.float64) / model.manifest.temperature, 1).numpy()
     np.testing.assert_allclose(got, expected, atol=2e-2)  # fp16 weights
 
-    # evaluate ignores the auxiliary folder, as it ignores any folder that is not a model class.
+    # evaluate scores the model's classes only, and reports apart how the films of the
+    # auxiliary folder (as of any folder that is not a model class) were called.
     monkeypatch.setenv("CXR_WEIGHTS_DIR", str(out.parent))
     capsys.readouterr()
     assert main(["evaluate", str(four_labels / "test"), "--model", "aux-model", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 18
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 18
+    calls = summary["other_labels"]["bacterial_pneumonia"]
+    assert sum(calls.values()) == len(list((four_labels / "test" / "bacterial_pneumonia").iterdir()))
+    assert set(calls) <= set(CLASSES)
 
 
 def test_cross_validation_judges_folds_on_the_model_classes(four_labels: Path, tmp_path: Path) -> None:

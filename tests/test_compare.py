@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from cxr_core.compare import (
 )
 from cxr_core.errors import CxrError, ExplanationError
 from cxr_core.faithfulness import faithfulness, random_map
-from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback
+from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from cxr_core.io import read_image
 from cxr_core.lungs import lung_field, lung_overlap
 from cxr_core.models import load_model
@@ -179,6 +180,15 @@ def test_feedback_persists_across_restarts(tmp_path: Path) -> None:
     assert text.splitlines()[0].startswith("id,created,user,model,image_sha256") and sha in text
     with pytest.raises(CxrError, match="Nothing to record"):
         record_feedback(Feedback("m@1", sha, "gradcam", "covid", "x", None, None, None, "  "), db=path)
+    # Every review is in the audit trail too: the verdicts, not the free-text comment.
+    from cxr_core.audit import entries, verify_chain
+
+    reviews = entries(action="review", db=path)
+    assert len(reviews) == 2 and {e.image_sha256 for e in reviews} == {sha, "cd" * 32}
+    first = next(e for e in reviews if e.image_sha256 == sha)
+    assert first.details["agree_prediction"] is True and first.details["agree_heatmap"] is False
+    assert "heatmap on the label" not in json.dumps(first.details) and verify_chain(db=path).ok
+    assert [review_verdict(v) for v in (True, False, None)] == ["agree", "disagree", "no opinion"]
 
 
 def test_grid_png_export() -> None:

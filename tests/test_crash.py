@@ -75,8 +75,10 @@ def _check_state(env: dict[str, str]) -> dict[str, object]:
         integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
         chain = verify_chain()
         reviews = conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+        # A review writes its audit row too: the loop's rows are its predictions.
+        predictions = conn.execute("SELECT COUNT(*) FROM audit WHERE action = 'prediction'").fetchone()[0]
         print(json.dumps({"version": model.manifest.version, "finite": bool(torch.isfinite(out).all()), "integrity": integrity,
-                          "chain_ok": chain.ok, "rows": chain.rows, "reviews": reviews, "pointer": read_pointer().get("active", {})}))
+                          "chain_ok": chain.ok, "rows": predictions, "reviews": reviews, "pointer": read_pointer().get("active", {})}))
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -250,3 +250,54 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
             assert action in actions, actions
     finally:
         os.environ["CXR_VAR_DIR"] = previous_var
+
+
+def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidate(use_weights: Path, tmp_path: Path) -> None:
+    """Issue 33, in a browser: the model Diagnose offers first is an explicit, audited choice
+    made on the Models page; a candidate never evaluated cannot be promoted; Delete needs a tick."""
+    from cxr_core.audit import entries
+    from cxr_core.users import add_user
+    from cxr_core.versions import registry_dir
+    from tests.conftest import make_model_folder
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    var = tmp_path / "var"
+    env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu"}
+    previous_var = os.environ["CXR_VAR_DIR"]
+    os.environ["CXR_VAR_DIR"] = str(var)  # add_user, the registry and entries below use the same files
+    try:
+        add_user("alice", "a long enough password", "admin")
+        staged = make_model_folder(registry_dir() / "densenet121-test", "densenet121", ("covid", "normal", "viral_pneumonia"),
+                                   id="densenet121-test", version="0.0.2", size=64, seed=5)
+        staged.rename(registry_dir() / "densenet121-test" / "0.0.2")  # trained here, never evaluated
+        with running_app(env, tmp_path / "streamlit.log") as url, playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            open_app(page, url)
+            page.get_by_role("link", name="Sign in").first.click()
+            page.get_by_label("User name", exact=True).fill("alice")
+            page.get_by_label("Password", exact=True).fill("a long enough password")
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_text("Signed in as").wait_for(timeout=60_000)
+            page.get_by_role("link", name="Models").click()
+            page.get_by_text("No default has been chosen").wait_for(timeout=60_000)
+            page.get_by_text("Not evaluated: 0.0.2").wait_for(timeout=60_000)
+            assert page.get_by_role("button", name="Promote").first.is_disabled()
+            assert page.get_by_role("button", name="Delete").first.is_disabled()
+            page.locator("[data-testid=stSelectbox]").filter(has_text="The model clinicians are offered first").click()
+            page.get_by_role("option", name="resnet50-test").click()
+            _streamlit_idle(page)
+            page.get_by_role("button", name="Save as default").click()
+            _streamlit_idle(page)
+            page.get_by_role("link", name="Diagnose").click()
+            page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
+            _streamlit_idle(page)
+            box = page.locator("[data-testid=stSelectbox]").filter(has=page.get_by_text("Model", exact=True)).first
+            chosen = (box.text_content() or "") + " " + " ".join(box.locator("input").evaluate_all("els => els.map(e => e.value)"))
+            assert "resnet50-test@0.0.1 (default)" in chosen, chosen
+            assert "Traceback" not in page.inner_text("body")
+            browser.close()
+        defaults = entries(action="set_default_model")
+        assert len(defaults) == 1 and defaults[0].model == "resnet50-test" and defaults[0].user == "alice"
+    finally:
+        os.environ["CXR_VAR_DIR"] = previous_var

@@ -37,7 +37,8 @@ def test_a_working_installation_passes(use_weights: Path, tmp_path: Path, monkey
     # The plain form: one tab-separated line per check.
     assert main(["check", "--no-models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[:2] for line in lines] == [["ok", "state folder"], ["ok", "database"], ["ok", "audit trail"], ["ok", "input checks"]]
+    assert [line.split("\t")[:2] for line in lines] == [["ok", "state folder"], ["ok", "database"], ["ok", "audit trail"], ["ok", "input checks"],
+                                                         ["ok", "model registry"]]
 
 
 def test_tampered_weights_fail_their_model(weights_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -164,3 +164,19 @@ def test_records_of_one_split_group_by_source_and_label_in_file_order() -> None:
     groups = by_source_and_label(records, "test")
     assert list(groups) == ["c19rdb/covid", "kermany/normal"]
     assert [r.path.name for r in groups["kermany/normal"]] == ["b1", "b2"]
+
+
+def test_several_folders_are_one_set_checked_across_all_of_them(tmp_path: Path) -> None:
+    """`train A B`: duplicates and patients are checked across the folders, not within each."""
+    first = make_labelled_folder(tmp_path / "first", seed=1)
+    second = make_labelled_folder(tmp_path / "second", classes=("normal",), per_class={"train": 5, "val": 2}, seed=2)
+    # The same film in the second folder's training split as in the first's test split.
+    test_film = sorted((first / "test" / "normal").iterdir())[0]
+    shutil.copy(test_film, second / "train" / "normal" / "copied-from-first.png")
+    data = prepare_data([first, second], PLAN3, 32)
+    assert data.report.root == f"{first} + {second}"
+    assert [Path(a).name for a, _ in data.report.exact_duplicates_removed] == ["copied-from-first.png"]
+    assert data.report.counts["train"]["normal"] == 16 + 5
+    assert data.report.counts["val"]["normal"] == 6 + 2
+    with pytest.raises(DatasetError, match="No data folder"):
+        prepare_data([], PLAN3, 32)

@@ -230,9 +230,20 @@ def test_appearance_check_without_any_header(chest: XrayImage, dicom_data: Path,
     turned = _image(np.rot90(chest.pixels, 1))
     report = assess_quality(turned)
     verdict = judge(turned.metadata, None, None, report)
-    assert verdict.outcome == REJECTED and "correct the film" in " ".join(verdict.reasons)
+    assert verdict.outcome == REJECTED and "correct the film" in " ".join(verdict.reasons) and verdict.correctable
     fixed = fix_orientation(turned, report)
     assert assess_quality(fixed).film_distance <= space.warn
+
+
+def test_a_rejected_mr_is_not_asked_chest_film_questions(dicom_data: Path) -> None:
+    """Issue 33: an MR slice rejected by its header is not also told it "looks rotated" or
+    "inverted", nor offered a correction; quality checks are for films that passed the gate."""
+    image = read_image(dicom_data / "MR2_UNCR.dcm")
+    report = assess_quality(image)
+    assert report.warnings  # the quality check alone would have had something to say
+    verdict = judge(image.metadata, None, None, report)
+    assert verdict.outcome == REJECTED and not verdict.correctable
+    assert not any(w in verdict.reasons for w in report.warnings)
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")
@@ -451,3 +462,17 @@ def test_a_large_near_white_marker_on_the_body_edge_is_found(chest: XrayImage) -
     truth = Box(110, 60, tw, th + base_line)
     assert th > 120  # taller than the old size limit (60 px at the 512 px working size)
     assert _found(truth, detect_burned_in(marked.astype(np.float32) / 255.0))
+
+
+def test_a_threshold_call_reads_as_a_flag_beside_the_most_probable_class() -> None:
+    """Issue 33: "COVID-19 (p = 0.298)" beside "most probable: Normal" was easy to misread."""
+    from cxr_core.inference import call_headline
+
+    manifest = _manifest(thresholds={"covid": 0.2}, class_labels={"covid": "COVID-19", "normal": "Normal"})
+    flagged = make_prediction(manifest, (0.30, 0.68, 0.02))
+    assert flagged.predicted == "covid" and flagged.by_threshold
+    text = call_headline(flagged, manifest)
+    assert text.startswith("**Prediction: COVID-19 flagged for review** (p = 0.30, at or above its threshold 0.20")
+    assert "most probable: **Normal** (p = 0.68)" in text
+    plain = make_prediction(manifest, (0.02, 0.96, 0.02))
+    assert call_headline(plain, manifest) == "**Prediction: Normal** (p = 0.960)"

@@ -62,6 +62,19 @@ class TrainConfig:
     #: the average (batch-norm statistics recomputed) is the model exported (0: off, the
     #: best final-phase epoch on validation is)
     average_every: int = 0
+    #: more labelled folders merged with ``data_dir`` (checked across all of them as one set)
+    extra_data_dirs: tuple[str, ...] = ()
+    #: "film" or "lungs": what the network sees (cxr_core.manifest.CROP_MODES); a lung crop
+    #: uses the installed lung segmenter, recorded in the model's manifest
+    crop: str = "film"
+    crop_margin: float = 0.1
+    #: "fixed" or "standardise": per-film intensity standardisation (cxr_core.manifest.INTENSITY_MODES)
+    intensity: str = "fixed"
+
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        """Every labelled folder the run reads, ``data_dir`` first."""
+        return (self.data_dir, *self.extra_data_dirs)
 
     @property
     def total_epochs(self) -> int:
@@ -112,6 +125,7 @@ class TrainConfig:
         values = {k: v for k, v in data.items() if k in known}
         values["classes"] = tuple(values.get("classes", ()))
         values["aux_classes"] = tuple(values.get("aux_classes", ()))
+        values["extra_data_dirs"] = tuple(values.get("extra_data_dirs", ()))
         values["schedule"] = tuple(tuple(p) for p in values.get("schedule", ((224, 10),)))
         aug = dict(values.get("augment") or {})
         if "scale" in aug:
@@ -139,5 +153,9 @@ class TrainConfig:
             raise ValueError("auxiliary classes must differ from the model's classes and from each other")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2")
+        if self.crop not in ("film", "lungs") or not 0.0 <= self.crop_margin <= 1.0:
+            raise ValueError("crop must be film or lungs, with a margin in [0, 1]")
+        if self.intensity not in ("fixed", "standardise"):
+            raise ValueError("intensity must be fixed or standardise")
         if self.average_every < 0:
             raise ValueError("average_every must be 0 (off) or a number of steps")

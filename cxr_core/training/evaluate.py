@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +54,11 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
         records = [r for r in records if r.split == split]
         if not records:
             raise DatasetError(f"No images in split {split!r} under {root}.")
-    records, excluded = apply_plan(records, model_plan(model, {r.label for r in records}))
+    plan = model_plan(model, {r.label for r in records})
+    others = [r for r in records if plan.target(r.label) is None]
+    records, excluded = apply_plan(records, plan)
     if excluded:
-        log.info("not model classes, skipped: %s", excluded)
+        log.info("not model classes, reported apart: %s", excluded)
     if not records:
         raise DatasetError(f"No folder under {root} is named after a class of {model.key} ({', '.join(model.manifest.classes)}).")
     source_of = _sources(root, metadata)
@@ -68,14 +72,19 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
 
     classes = model.manifest.classes
     labels, predicted, probs, sources, answered = [], [], [], [], []
+    other_calls: dict[str, Counter[str]] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
+        todo = records + others
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
             images = list(pool.map(read, chunk))
             kept = [(r, im) for r, im in zip(chunk, images) if im is not None]
             if not kept:
                 continue
             for (record, _), result in zip(kept, predict(model, [im for _, im in kept], batch_size=batch_size)):
+                if record.label not in classes:  # a label the model has no class for: how it was called
+                    other_calls.setdefault(record.label, Counter())[result.decision or classes[0]] += 1
+                    continue
                 labels.append(classes.index(record.label))
                 # Metrics judge the decision on every film; abstention is reported beside them. The input gate is not scored here.
                 predicted.append(classes.index(result.decision or classes[0]))
@@ -83,4 +92,5 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
                 answered.append(not result.uncertain)
                 sources.append(record.source or source_of.get(record.path.resolve()))
     has_sources = any(s for s in sources)
-    return compute_metrics(np.array(labels), np.array(predicted), np.array(probs), classes, sources if has_sources else None, answered=answered)
+    metrics = compute_metrics(np.array(labels), np.array(predicted), np.array(probs), classes, sources if has_sources else None, answered=answered)
+    return replace(metrics, other_labels={label: dict(sorted(c.items())) for label, c in sorted(other_calls.items())})

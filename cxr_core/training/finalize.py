@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from cxr_core.evaluation import Metrics, compute_metrics, reliability_bins
+from cxr_core.evaluation import EXTERNAL_MEASUREMENT, Metrics, compute_metrics, reliability_bins
 from cxr_core.inference import abstention_rule, make_prediction
 from cxr_core.manifest import Manifest, read_manifest
 from cxr_core.models import load_model, save_model_folder, select_device, update_manifest
@@ -185,10 +185,11 @@ def model_card(
     gate_measurement: Mapping[str, Any] | None = None,
     reviewer_note: str = "",
     shortcut_probe: Mapping[str, Any] | None = None,
+    external: Mapping[str, Any] | None = None,
 ) -> str:
     """A model card (Mitchell et al. 2019 in spirit) from the manifest's own facts; with the
-    reports of ``scripts/measure_gate.py`` and ``scripts/probe_shortcuts.py`` and a
-    hand-written reviewer's note when given."""
+    reports of ``scripts/measure_gate.py``, ``scripts/probe_shortcuts.py`` and
+    ``scripts/measure_external.py`` and a hand-written reviewer's note when given."""
     m = manifest
     lines = [f"# {m.name} ({m.key})", "", f"**Intended use.** {m.intended_use}", ""]
     lines += [
@@ -196,6 +197,7 @@ def model_card(
         f"- Architecture: {m.architecture}, {m.head} head over classes {', '.join(m.classes)} (output order).",
         f"- Input: {m.input.size[0]}x{m.input.size[1]} px greyscale repeated to {m.input.channels} channels, "
         f"ImageNet mean/std, aspect ratio not kept (as in training).",
+        *_view_lines(m),
         f"- Calibration: temperature {m.temperature:g} fitted on validation NLL.",
         f"- Decision: {'; '.join(f'{c} is called when p >= {t:g} (chosen on validation for sensitivity)' for c, t in m.thresholds.items()) or 'most probable class'}.",
         f"- Weights: `model.safetensors` (fp16), sha256 `{m.weights_sha256}`.",
@@ -266,6 +268,7 @@ def model_card(
                 recalls = ", ".join(f"{c} recall {v['recall']:.3f} (n {v['n']})" for c, v in sm["per_class"].items() if v["n"])
                 lines.append(f"- source `{source}`: accuracy {sm['accuracy']:.4f} (n = {sm['n']}); {recalls}")
             lines.append("")
+    lines += _external_lines(external)
     lines += [
         "## Known limits",
         "- Every COVID-19 film is an adult (COVID-19 Radiography Database) and every viral/bacterial pneumonia film a child (Kermany): "
@@ -277,6 +280,9 @@ def model_card(
         "- Not trained on lateral views, CT, children with COVID-19, adults with non-COVID viral pneumonia, or devices/lines in "
         "unusual numbers." + (" The input gate flags films far from the training data, but a film close to it can still be wrong." if m.ood else " It cannot say a film is outside what it knows."),
     ]
+    if "viral_pneumonia" in m.classes:
+        lines.append("- The viral-pneumonia class was learned from children's films only: an adult with a viral pneumonia other "
+                     "than COVID-19 is likely to be called COVID-19.")
     lines += _shift_notes(m.metrics)
     lines += _probe_lines(shortcut_probe)
     lines += ["- Decision support only: not a diagnosis.", ""]
@@ -286,6 +292,34 @@ def model_card(
 
 
 REVIEWER_HEADING = "## Reviewer's note (added by hand after training)"
+
+
+def _view_lines(m: Manifest) -> list[str]:
+    lines = []
+    if m.input.crop == "lungs":
+        lines.append(f"- What it sees: the box around both lung fields found by {m.input.crop_segmenter}, widened by "
+                     f"{m.input.crop_margin:.0%} of its size on each side; borders, labels and collimation outside it are not seen. "
+                     "Heatmaps cover that box only.")
+    if m.input.intensity == "standardise":
+        lines.append("- Intensity: every film standardised to one mean and spread before the network (a site's overall brightness "
+                     "and contrast are removed).")
+    return lines
+
+
+def _external_lines(external: Mapping[str, Any] | None) -> list[str]:
+    """The per-source table of films called COVID-19 (scripts/measure_external.py)."""
+    if not external:
+        return []
+    lines = ["## Films called COVID-19, by source", "",
+             "Measured with `scripts/measure_external.py` through the app's own prediction path (`external_measurement.json`). "
+             "JSRT is a hospital no model here trained, calibrated or was chosen on.", "",
+             "| source / label | films | called COVID-19 |", "|---|---|---|"]
+    for group, row in external.get("groups", {}).items():
+        rate = row.get("called_covid_rate")
+        lines.append(f"| {group} | {row['n']} | {row['called_covid']} ({rate:.1%}) |" if rate is not None else f"| {group} | {row['n']} | n/a |")
+    for note in external.get("notes", []):
+        lines.append(f"- {note}")
+    return lines + [""]
 
 
 def refresh_model_card(folder: Path) -> str:
@@ -307,7 +341,11 @@ def refresh_model_card(folder: Path) -> str:
     manifest = read_manifest(folder)
     if probe and probe.get("model") != manifest.key:
         probe = None  # measured on another version: stale
-    card = model_card(manifest, notes, gate, reviewer, probe)
+    external_path = folder / EXTERNAL_MEASUREMENT
+    external = json.loads(external_path.read_text(encoding="utf-8")) if external_path.exists() else None
+    if external and external.get("model") != manifest.key:
+        external = None
+    card = model_card(manifest, notes, gate, reviewer, probe, external)
     card_path.write_text(card, encoding="utf-8")
     return card
 

@@ -12,12 +12,14 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
+from cxr_core.manifest import InputSpec
 from cxr_core.training.dataset import (
     SPLITS,
     DatasetError,
     LabelPlan,
+    Record,
     apply_plan,
     assign_splits,
     remove_patient_leaks,
@@ -115,8 +117,21 @@ def _dedupe_across_splits(images: ImageSet, min_correlation: float) -> tuple[lis
     return keep, exact_removed, near_removed, within
 
 
+def scan_folders(roots: Path | str | Sequence[Path | str]) -> list[Record]:
+    """The records of one labelled folder or of several, merged (each with its own metadata.csv)."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    if not roots:
+        raise DatasetError("No data folder was given.")
+    return [record for root in roots for record in scan_folder(root)]
+
+
+def describe_roots(roots: Path | str | Sequence[Path | str]) -> str:
+    """How a report names the data: the folder, or the folders joined by " + "."""
+    return str(roots) if isinstance(roots, (str, Path)) else " + ".join(str(r) for r in roots)
+
+
 def prepare_data(
-    root: Path | str,
+    root: Path | str | Sequence[Path | str],
     plan: LabelPlan | None,
     size: int,
     *,
@@ -125,9 +140,12 @@ def prepare_data(
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
     mask_text: bool = False,
+    crop: InputSpec | None = None,
 ) -> PreparedData:
-    """Scan, check and decode a labelled folder. Raises DatasetError when it cannot be trained on."""
-    records = scan_folder(root)
+    """Scan, check and decode a labelled folder, or several merged into one set (duplicates,
+    patients and splits checked across all of them). Raises DatasetError when it cannot be
+    trained on. ``crop``: see :func:`~cxr_core.training.images.load_images`."""
+    records = scan_folders(root)
     labels = sorted({r.label for r in records})
     plan = plan or LabelPlan.multiclass(labels)
     records, excluded = apply_plan(records, plan)
@@ -142,7 +160,7 @@ def prepare_data(
     records = assign_splits(records, val_fraction=val_fraction)
     records, leaks = remove_patient_leaks(records)
 
-    images = load_images(records, size, workers=workers, progress=progress, mask_text=mask_text)
+    images = load_images(records, size, workers=workers, progress=progress, mask_text=mask_text, crop=crop)
     keep, exact_removed, near_removed, within = _dedupe_across_splits(images, near_duplicate_correlation)
     kept = images.subset(keep)
 
@@ -163,6 +181,8 @@ def prepare_data(
         notes.append(f"Classes are imbalanced (largest/smallest = {ratio:.1f}); class weighting is advised.")
     if images.unreadable:
         notes.append(f"{len(images.unreadable)} unreadable file(s) skipped.")
+    if crop is not None and crop.crop == "lungs":
+        notes.append(f"Every film was cropped to its lung fields ({crop.crop_segmenter}, margin {crop.crop_margin:.0%}).")
     if mask_text:
         notes.append("Burned-in text and markers were masked (inpainted) on every film before training.")
     if leaks:
@@ -170,7 +190,7 @@ def prepare_data(
     if exact_removed or near_removed:
         notes.append(f"Duplicates across splits removed from the earlier split: {len(exact_removed)} exact, {len(near_removed)} near.")
     report = ValidationReport(
-        root=str(root),
+        root=describe_roots(root),
         classes=plan.classes,
         counts=counts,
         sources=sources,

@@ -30,9 +30,9 @@ from cxr_core.registry import CxrNet, build_network, get_architecture
 from cxr_core.training.augment import augment
 from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
 from cxr_core.training.config import TrainConfig
-from cxr_core.training.dataset import LabelPlan, scan_folder
+from cxr_core.training.dataset import LabelPlan
 from cxr_core.training.images import ImageSet
-from cxr_core.training.prepare import PreparedData, prepare_data
+from cxr_core.training.prepare import PreparedData, prepare_data, scan_folders
 from cxr_core.training.run import RunDir, atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class TrainResult:
 
 def label_plan(config: TrainConfig) -> LabelPlan:
     if config.binary_positive:
-        labels = sorted({r.label for r in scan_folder(config.data_dir)})
+        labels = sorted({r.label for r in scan_folders(config.data_dirs)})
         return LabelPlan.binary(config.binary_positive, labels)
     return LabelPlan.multiclass(config.training_classes)
 
@@ -110,6 +110,11 @@ def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
 
 def to_network_input(pixels01: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """(N, 1, S, S) in [0, 1] -> normalised (N, C, S, S): the same maths as cxr_core.preprocess.to_input."""
+    if spec.intensity == "standardise":
+        # cxr_core.preprocess.standardise_intensity, per film (population spread, as numpy's std)
+        mu = pixels01.mean(dim=(2, 3), keepdim=True)
+        sigma = pixels01.std(dim=(2, 3), keepdim=True, correction=0)
+        pixels01 = (pixels01 - mu) / (sigma + 1e-6) * 0.25 + 0.5
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
     return (pixels01.expand(-1, spec.channels, -1, -1) - mean) / std
@@ -296,13 +301,14 @@ def train(
     if data is None:
         run.event("preparing", message="reading and checking the data")
         data = prepare_data(
-            config.data_dir,
+            config.data_dirs,
             label_plan(config),
             max(size for size, _ in config.schedule),
             val_fraction=config.val_fraction,
             workers=config.workers,
             progress=lambda i, n: run.event("preparing", done=i, total=n) if i % 2048 == 0 or i == n else None,
             mask_text=config.mask_burned_in,
+            crop=spec,
         )
     if world.main:
         write_json(run.validation, data.report.as_dict())
@@ -497,6 +503,17 @@ def manifest_for(config: TrainConfig, spec: InputSpec) -> Manifest:
 
 
 def final_spec(config: TrainConfig) -> InputSpec:
+    """The exported model's input spec; a lung crop names the installed segmenter (ModelError without one)."""
+    segmenter = ""
+    if config.crop == "lungs":
+        from cxr_core.errors import ModelError
+        from cxr_core.lungs import load_default_segmenter
+
+        loaded = load_default_segmenter()
+        if loaded is None:
+            raise ModelError("Training on lung crops needs the lung segmenter (weights/lung-segmenter), which is not installed.")
+        segmenter = loaded.key
     return InputSpec(size=(config.final_size, config.final_size), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     mask_burned_in=config.mask_burned_in)
+                     mask_burned_in=config.mask_burned_in, intensity=config.intensity,
+                     crop=config.crop, crop_margin=config.crop_margin if config.crop == "lungs" else 0.0, crop_segmenter=segmenter)
 
