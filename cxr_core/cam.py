@@ -35,7 +35,7 @@ from cxr_core.inference import Prediction, logits_to_probabilities, make_predict
 from cxr_core.io import XrayImage
 from cxr_core.manifest import Manifest
 from cxr_core.models import LoadedModel
-from cxr_core.preprocess import WHOLE_FILM, Box, lung_crop_boxes, to_input
+from cxr_core.preprocess import WHOLE_FILM, Box, box_pixels, lung_crop_boxes, to_input
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,8 @@ class Heatmap:
         if self.box == WHOLE_FILM:
             raw = resize_maps(self.low[None], shape)
         else:
-            height, width = shape
-            top, left = int(self.box[0] * height), int(self.box[2] * width)
-            bottom = max(top + 1, min(height, int(round(self.box[1] * height))))
-            right = max(left + 1, min(width, int(round(self.box[3] * width))))
-            raw = np.zeros((1, height, width), np.float32)
+            top, bottom, left, right = box_pixels(self.box, shape)
+            raw = np.zeros((1, *shape), np.float32)
             raw[:, top:bottom, left:right] = resize_maps(self.low[None], (bottom - top, right - left))
         return raw[0], scale_minmax(raw)[0]
 

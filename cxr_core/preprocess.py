@@ -37,6 +37,7 @@ def mask_burned_in(pixels: np.ndarray) -> np.ndarray:
 Box = tuple[float, float, float, float]
 WHOLE_FILM: Box = (0.0, 1.0, 0.0, 1.0)
 
+
 def lung_crop_boxes(films: Sequence[np.ndarray], spec: InputSpec) -> list[Box]:
     """Where in each (H, W) film the network looks: the whole film, or (``spec.crop`` "lungs")
     the lung box of ``spec.crop_segmenter`` with ``spec.crop_margin``.
@@ -51,12 +52,20 @@ def lung_crop_boxes(films: Sequence[np.ndarray], spec: InputSpec) -> list[Box]:
     return [lung_box(view, spec.crop_margin) or WHOLE_FILM for view in views]
 
 
+def box_pixels(box: Box, shape: tuple[int, int], min_side: int = 1) -> tuple[int, int, int, int]:
+    """``box`` (fractions) on an image of ``shape`` (H, W): (top, bottom, left, right) in pixels,
+    at least ``min_side`` a side, within the image. The crop and its heatmap's place share it."""
+    height, width = shape
+    top, left = int(box[0] * height), int(box[2] * width)
+    bottom = min(height, max(int(round(box[1] * height)), top + min_side))
+    right = min(width, max(int(round(box[3] * width)), left + min_side))
+    return top, bottom, left, right
+
+
 def crop_box(pixels: np.ndarray, box: Box) -> np.ndarray:
     """(H, W) -> the part of the film inside ``box`` (at least 8 px a side)."""
-    height, width = pixels.shape
-    top, bottom = int(box[0] * height), max(int(round(box[1] * height)), int(box[0] * height) + 8)
-    left, right = int(box[2] * width), max(int(round(box[3] * width)), int(box[2] * width) + 8)
-    return pixels[top : min(bottom, height), left : min(right, width)]
+    top, bottom, left, right = box_pixels(box, pixels.shape, min_side=8)
+    return pixels[top:bottom, left:right]
 
 
 def standardise_intensity(pixels: np.ndarray) -> np.ndarray:

@@ -34,24 +34,24 @@ def measure(model_id: str | None, targets: list[str], batch_size: int = 32) -> d
     model = load_model(resolve_model(model_id).path)
     positive = "covid"
     groups: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def read(record):  # type: ignore[no-untyped-def]
+        try:
+            return read_image(record.path)
+        except CxrError:
+            return None
+
     for target in targets:
         folder, _, split = target.partition(":")
         records = [r for r in scan_folder(folder) if not split or r.split == split]
         with ThreadPoolExecutor(max_workers=2) as pool:
             for start in range(0, len(records), batch_size):
                 chunk = records[start : start + batch_size]
-
-                def read(record):  # type: ignore[no-untyped-def]
-                    try:
-                        return read_image(record.path)
-                    except CxrError:
-                        return None
-
-                images = list(pool.map(read, chunk))
-                kept = [(r, im) for r, im in zip(chunk, images) if im is not None]
-                for record in chunk:
-                    if all(record is not r for r, _ in kept):
-                        groups[f"{record.source}/{record.label}"]["unreadable"] += 1
+                pairs = list(zip(chunk, pool.map(read, chunk)))
+                for record, image in pairs:
+                    if image is None:
+                        groups[f"{record.source or Path(folder).name}/{record.label}"]["unreadable"] += 1
+                kept = [(r, im) for r, im in pairs if im is not None]
                 for (record, _), result in zip(kept, predict(model, [im for _, im in kept], batch_size=batch_size)):
                     counts = groups[f"{record.source or Path(folder).name}/{record.label}"]
                     counts["n"] += 1

@@ -150,8 +150,7 @@ def load_images(
         pixels = mask_burned_in(image.pixels) if mask_text else image.pixels
         return pixels, image.sha256, thumbnail_signature(image.pixels)
 
-    cropping = crop is not None and crop.crop != "film"
-    boxes_cache = LungBoxCache(crop.crop_segmenter) if crop is not None and cropping else None
+    boxes_cache = LungBoxCache(crop.crop_segmenter) if crop is not None and crop.crop != "film" else None
     kept: list[Record] = []
     arrays: list[np.ndarray] = []
     digests: list[str] = []
@@ -167,8 +166,7 @@ def load_images(
             readable = [(r, res) for r, res in zip(chunk, results) if not isinstance(res, str)]
             unreadable.extend((str(r.path), res) for r, res in zip(chunk, results) if isinstance(res, str))
             films = [res[0] for _, res in readable]
-            if cropping and films:
-                assert crop is not None and boxes_cache is not None
+            if boxes_cache is not None and crop is not None and films:
                 boxes = boxes_cache.boxes(films, [res[1] for _, res in readable], crop)
             else:
                 boxes = [None] * len(films)
