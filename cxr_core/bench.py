@@ -177,8 +177,8 @@ def bench_batch(model: LoadedModel, folder: Path, batch: int, repeats: int) -> t
 
 
 def bench_train(model: LoadedModel, steps: int, batch: int) -> dict[str, float]:
+    from cxr_core.preprocess import normalise, to_network_input
     from cxr_core.training.augment import AugmentConfig, augment
-    from cxr_core.training.trainer import normalise, to_network_input
 
     network = copy.deepcopy(model.network).train().requires_grad_(True)
     device = model.device

@@ -6,6 +6,7 @@ or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -37,3 +38,11 @@ def write_text(path: Path, text: str, mode: int | None = None) -> None:
 
 def write_json(path: Path, data: Any, mode: int | None = None) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n", mode)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -222,7 +222,7 @@ def judge(
 
 def load_gate_for(folder: Path, ood: dict[str, object]) -> FeatureGate | None:
     """The folder's fitted gate, verified against the manifest's digest; None when none is fitted."""
-    from cxr_core.models import sha256_file
+    from cxr_core.fileio import sha256_file
 
     name = str(ood.get("file") or "")
     if not name:

@@ -141,7 +141,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def segmenter_input(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W) film in [0, 1] -> (size, size) float32, standardised per film (zero mean, unit spread)."""
-    from cxr_core.preprocess import resize_pixels
+    from cxr_core.film import resize_pixels
 
     small = resize_pixels(pixels, spec.size)
     return ((small - small.mean()) / (small.std() + 1e-6)).astype(np.float32)

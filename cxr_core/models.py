@@ -9,7 +9,6 @@ safetensors: no pickle, nothing executable.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -31,7 +30,7 @@ from cxr_core.errors import (
     ModelNotFoundError,
     NoModelInstalledError,
 )
-from cxr_core.fileio import atomic_write
+from cxr_core.fileio import atomic_write, sha256_file  # noqa: F401 - sha256_file re-exported
 from cxr_core.manifest import MANIFEST_NAME, Manifest, read_manifest
 from cxr_core.registry import CxrNet, build_network, get_architecture
 
@@ -50,14 +49,6 @@ def select_device(preference: str | None = None) -> torch.device:
             raise ModelError(f"Device {wanted!r} was asked for but CUDA is not available on this machine.")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -86,7 +77,7 @@ def discover_models(root: Path | None = None, task: str = "classification") -> l
     root = Path(root) if root is not None else config.weights_dir()
     pointer: dict[str, str] = {}
     if use_registry:
-        from cxr_core.versions import RegistryError, read_pointer, registry_dir
+        from cxr_core.pointer import RegistryError, read_pointer, registry_dir
 
         try:
             pointer = dict(read_pointer()["active"])
@@ -139,7 +130,7 @@ def resolve_model(model_id: str | None = None, root: Path | None = None) -> Mode
         )
     wanted = model_id or config.default_model_id()
     if wanted is None and root is None:
-        from cxr_core.versions import RegistryError, default_model_id
+        from cxr_core.pointer import RegistryError, default_model_id
 
         try:
             wanted = default_model_id()

@@ -8,21 +8,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
+from cxr_core.film import resize_pixels  # noqa: F401 - re-exported: callers import it from here
 from cxr_core.manifest import InputSpec
-
-
-def resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) float32 -> (h, w) float32. Area filter when shrinking (anti-aliased), bilinear when growing."""
-    height, width = size
-    if pixels.shape == (height, width):
-        return np.asarray(pixels, dtype=np.float32)
-    shrinking = pixels.shape[0] > height or pixels.shape[1] > width
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(np.asarray(pixels, dtype=np.float32), (width, height), interpolation=interpolation)
 
 
 def mask_burned_in(pixels: np.ndarray) -> np.ndarray:
@@ -102,3 +92,20 @@ def to_batch(pixel_arrays: Sequence[np.ndarray], spec: InputSpec) -> torch.Tenso
     """N arrays of shape (H_i, W_i) -> (N, C, h, w). Lung boxes are found for the batch at once."""
     boxes = lung_crop_boxes(pixel_arrays, spec)
     return torch.stack([to_input(p, spec, box) for p, box in zip(pixel_arrays, boxes)])
+
+
+def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, S, S) uint8 -> (N, 1, S, S) float in [0, 1]."""
+    return batch_uint8.unsqueeze(1).float().div_(255.0)
+
+
+def to_network_input(pixels01: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """(N, 1, S, S) in [0, 1] -> normalised (N, C, S, S): the same maths as cxr_core.preprocess.to_input."""
+    if spec.intensity == "standardise":
+        # cxr_core.preprocess.standardise_intensity, per film (population spread, as numpy's std)
+        mu = pixels01.mean(dim=(2, 3), keepdim=True)
+        sigma = pixels01.std(dim=(2, 3), keepdim=True, correction=0)
+        pixels01 = (pixels01 - mu) / (sigma + 1e-6) * 0.25 + 0.5
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels01.expand(-1, spec.channels, -1, -1) - mean) / std

@@ -18,27 +18,18 @@ admin deletes them; the active and shipped versions cannot be deleted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cxr_core import config
-from cxr_core.errors import CxrError, ModelError
-from cxr_core.fileio import write_json
+from cxr_core.errors import ModelError
 from cxr_core.manifest import Manifest, read_manifest
+from cxr_core.pointer import RegistryError, default_model_id, read_pointer, registry_dir, write_pointer  # noqa: F401 - re-exported
 
 EVALUATION_NAME = "evaluation.json"
-
-
-class RegistryError(CxrError):
-    """A registry operation was refused."""
-
-
-def registry_dir() -> Path:
-    return Path(os.environ.get("CXR_REGISTRY_DIR", config.var_dir() / "registry"))
 
 
 @dataclass(frozen=True)
@@ -50,37 +41,22 @@ class Version:
     shipped: bool  # lives in weights/ (in git)
     active: bool
     evaluation: dict[str, Any] | None  # metrics on the fixed evaluation set, if measured
+    #: a site adaptation's before/after (cxr_core.jobs), when this version is one
+    site_adaptation: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
         return f"{self.model_id}@{self.version}"
 
 
-def _pointer_path() -> Path:
-    return registry_dir() / "active.json"
-
-
-def read_pointer() -> dict[str, Any]:
-    path = _pointer_path()
-    if not path.exists():
-        return {"active": {}, "history": []}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RegistryError(f"{path} is unreadable; the shipped models are used until it is repaired.") from exc
-    data.setdefault("active", {})
-    data.setdefault("history", [])
-    return data
-
-
-def _write_pointer(data: dict[str, Any]) -> None:
-    write_json(_pointer_path(), data)  # atomic: readers see the old pointer or the new one
-
-
 def evaluation_path(folder: Path, manifest: Manifest, shipped: bool) -> Path:
     """Where a version's evaluation lives: in its registry folder, or under var/ for a
     shipped folder (weights/ is part of the checkout and stays untouched)."""
     return registry_dir() / "evaluations" / f"{manifest.key}.json" if shipped else folder / EVALUATION_NAME
+
+
+#: the file in an adapted candidate's folder with its before/after figures on the site
+SITE_ADAPTATION_NAME = "site_adaptation.json"
 
 
 def _evaluation(path: Path) -> dict[str, Any] | None:
@@ -117,12 +93,12 @@ def list_versions(model_id: str | None = None) -> list[Version]:
         if model_id and manifest.id != model_id:
             continue
         versions.append(Version(manifest.id, manifest.version, folder, manifest, shipped, False,
-                                _evaluation(evaluation_path(folder, manifest, shipped))))
+                                _evaluation(evaluation_path(folder, manifest, shipped)), _evaluation(folder / SITE_ADAPTATION_NAME)))
     out = []
     for v in versions:
         wanted = pointer.get(v.model_id)
         active = (v.version == wanted) if wanted else v.shipped
-        out.append(Version(v.model_id, v.version, v.path, v.manifest, v.shipped, active, v.evaluation))
+        out.append(replace(v, active=active))
     return sorted(out, key=lambda v: (v.model_id, v.manifest.created, v.version))
 
 
@@ -155,19 +131,18 @@ def not_evaluated(candidate: Version) -> str | None:
 
 
 def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
-    """Why the candidate is measured worse than the active model on the fixed evaluation set
-    (empty: it is not, or there is nothing to compare; see :func:`not_evaluated` first)."""
-    if candidate.evaluation is None:
-        return []
-    if active is None:
-        return []  # a new model id: nothing it would replace
+    """Why the candidate is measured worse than the active model on the fixed evaluation set,
+    and, for an adapted model, :func:`site_adaptation_problems` (empty: none; see
+    :func:`not_evaluated` first)."""
+    problems = site_adaptation_problems(candidate)
+    if candidate.evaluation is None or active is None:
+        return problems  # nothing measured, or a new model id: nothing it would replace
     if active.evaluation is None:
-        return [f"The active version {active.key} has no evaluation to compare with"]
+        return problems + [f"The active version {active.key} has no evaluation to compare with"]
     where = lambda e: (e.get("evaluation_set"), e.get("split"))  # noqa: E731
     if where(candidate.evaluation) != where(active.evaluation):
-        return [f"The candidate and the active version were evaluated on different sets ({where(candidate.evaluation)} vs "
-                f"{where(active.evaluation)}): their figures are not comparable"]
-    problems = []
+        return problems + [f"The candidate and the active version were evaluated on different sets ({where(candidate.evaluation)} vs "
+                           f"{where(active.evaluation)}): their figures are not comparable"]
     ca, aa = candidate.evaluation.get("accuracy"), active.evaluation.get("accuracy")
     if ca is not None and aa is not None and ca < aa:
         problems.append(f"accuracy {ca:.4f} is below the active model's {aa:.4f}")
@@ -175,6 +150,38 @@ def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
     as_ = active.evaluation.get("per_class", {}).get("covid", {}).get("recall")
     if cs is not None and as_ is not None and cs < as_:
         problems.append(f"COVID sensitivity {cs:.4f} is below the active model's {as_:.4f}")
+    return problems
+
+
+#: an adapted model must keep this COVID-19 sensitivity on the shared test split
+SHARED_TEST_SENSITIVITY = 0.95
+
+
+def _balanced(figures: dict[str, Any]) -> float | None:
+    """Mean of COVID-19 sensitivity and specificity (either alone when the other is not measurable)."""
+    parts = [figures[k]["value"] for k in ("covid_sensitivity", "non_covid_specificity") if figures[k]["value"] is not None]
+    return sum(parts) / len(parts) if parts else None
+
+
+def site_adaptation_problems(candidate: Version) -> list[str]:
+    """For an adapted model: not better than its base on the site's held-out films (the mean of
+    COVID-19 sensitivity and specificity), or COVID-19 sensitivity on the shared test split below
+    SHARED_TEST_SENSITIVITY or not measured. Empty for any other version."""
+    record = candidate.site_adaptation
+    if not record:
+        return []
+    problems = []
+    before, after = record.get("before"), record["after"]
+    b, a = (_balanced(before) if before else None), _balanced(after)
+    if a is None or (b is not None and a <= b):
+        problems.append(f"on the site's held-out films it is not better than before (sensitivity and specificity averaged: "
+                        f"{'n/a' if b is None else f'{b:.3f}'} before, {'n/a' if a is None else f'{a:.3f}'} after)")
+    shared = record.get("shared_test") or {}
+    sensitivity = shared.get("covid_sensitivity")
+    if sensitivity is None:
+        problems.append("its COVID-19 sensitivity on the shared test split was not measured (no replay data with a test split)")
+    elif sensitivity < SHARED_TEST_SENSITIVITY:
+        problems.append(f"its COVID-19 sensitivity on the shared test split is {sensitivity:.3f}, below {SHARED_TEST_SENSITIVITY}")
     return problems
 
 
@@ -203,7 +210,7 @@ def promote(model_id: str, version: str, *, user: str, override_reason: str | No
         {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "user": user, "model": model_id, "from": previous,
          "to": version, "problems": problems, "override_reason": override_reason or None}
     )
-    _write_pointer(pointer)
+    write_pointer(pointer)
     return _find(model_id, version)
 
 
@@ -234,12 +241,6 @@ def delete_version(model_id: str, version: str) -> None:
     shutil.rmtree(v.path)
 
 
-def default_model_id() -> str | None:
-    """The model id an admin chose as the default for Diagnose (``active.json``'s ``default``), if any."""
-    value = read_pointer().get("default")
-    return str(value) if value else None
-
-
 def set_default_model(model_id: str, *, user: str) -> None:
     """Make ``model_id`` (an installed model) the one clinicians get first; recorded in ``active.json``'s history."""
     if not any(v.model_id == model_id and v.active for v in list_versions(model_id)):
@@ -249,4 +250,4 @@ def set_default_model(model_id: str, *, user: str) -> None:
     pointer["default"] = model_id
     pointer["history"].append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "user": user, "model": model_id,
                                "action": "default", "from": previous, "to": model_id})
-    _write_pointer(pointer)
+    write_pointer(pointer)

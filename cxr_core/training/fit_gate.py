@@ -12,8 +12,8 @@ import torch
 from cxr_core.gate import fit_feature_gate
 from cxr_core.manifest import Manifest
 from cxr_core.models import LoadedModel, load_model, sha256_file, update_manifest
+from cxr_core.preprocess import normalise, to_network_input
 from cxr_core.training.prepare import PreparedData
-from cxr_core.training.trainer import normalise, to_network_input
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from cxr_core.errors import CxrError
 from cxr_core.evaluation import compute_metrics
 from cxr_core.manifest import InputSpec, Manifest
 from cxr_core.models import select_device
+from cxr_core.preprocess import normalise, to_network_input  # noqa: F401 - re-exported
 from cxr_core.registry import CxrNet, build_network, get_architecture
 from cxr_core.training.augment import augment
 from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
@@ -101,23 +102,6 @@ def load_exported(config: TrainConfig, run_dir: Path | str) -> CxrNet:
     """The run's best (or averaged) weights as the model to export: auxiliary outputs dropped."""
     network = load_best(build_network(config.arch, config.n_outputs), run_dir)
     return drop_outputs(network, len(config.model_classes)) if config.aux_classes else network
-
-
-def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """(N, S, S) uint8 -> (N, 1, S, S) float in [0, 1]."""
-    return batch_uint8.unsqueeze(1).float().div_(255.0)
-
-
-def to_network_input(pixels01: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """(N, 1, S, S) in [0, 1] -> normalised (N, C, S, S): the same maths as cxr_core.preprocess.to_input."""
-    if spec.intensity == "standardise":
-        # cxr_core.preprocess.standardise_intensity, per film (population spread, as numpy's std)
-        mu = pixels01.mean(dim=(2, 3), keepdim=True)
-        sigma = pixels01.std(dim=(2, 3), keepdim=True, correction=0)
-        pixels01 = (pixels01 - mu) / (sigma + 1e-6) * 0.25 + 0.5
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (pixels01.expand(-1, spec.channels, -1, -1) - mean) / std
 
 
 def param_groups(network: CxrNet, arch_name: str, lr: float, layer_decay: float) -> list[dict[str, Any]]:
