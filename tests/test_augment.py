@@ -146,3 +146,39 @@ def test_edge_crop_keeps_the_random_stream_of_the_other_options() -> None:
     tiny = augment(film, replace(base, edge_crop=1e-6), torch.Generator().manual_seed(3))
     torch.testing.assert_close(tiny, plain, atol=1e-3, rtol=0)
     assert not torch.equal(augment(film, replace(base, edge_crop=0.2), torch.Generator().manual_seed(3)), plain)
+
+
+def test_acquisition_artefacts_are_drawn_from_the_generator_and_reach_every_kind() -> None:
+    from cxr_core.training.augment import MAX_FRAME
+
+    film = _film(96).repeat(16, 1, 1, 1)
+    config = replace(AugmentConfig.none(), acquisition=1.0)
+    out = augment(film, config, torch.Generator().manual_seed(3))
+    again = augment(film, config, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again) and out.shape == film.shape and out.dtype == film.dtype
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    # Every film got a black frame (the synthetic film is nowhere black), at most MAX_FRAME deep.
+    border_black = (out[:, 0, :, 0] == 0).float().mean(dim=1) + (out[:, 0, 0, :] == 0).float().mean(dim=1)
+    assert bool((border_black > 0).any())
+    centre = out[:, 0, int(96 * MAX_FRAME) + 2 : -int(96 * MAX_FRAME) - 2, int(96 * MAX_FRAME) + 2 : -int(96 * MAX_FRAME) - 2]
+    assert float((centre == 0).float().mean()) < 0.1
+    # CLAHE and the rest change the films beyond the frame.
+    assert float((out - film).abs().mean()) > 0.02
+
+
+def test_acquisition_off_keeps_the_random_stream_and_probability_zero_is_identity() -> None:
+    film = _film(64)
+    base = augment(film, AugmentConfig(), torch.Generator().manual_seed(5))
+    assert torch.equal(base, augment(film, replace(AugmentConfig(), acquisition=0.0), torch.Generator().manual_seed(5)))
+    with_it = augment(film, replace(AugmentConfig(), acquisition=0.5), torch.Generator().manual_seed(5))
+    assert not torch.equal(base, with_it)
+    # The artefacts are drawn after every other option: before them, the stream is the same.
+    from cxr_core.training.augment import acquire
+
+    assert torch.equal(with_it, acquire(base, 0.5, _generator_after(film, AugmentConfig(), 5)))
+
+
+def _generator_after(film: torch.Tensor, config: AugmentConfig, seed: int) -> torch.Generator:
+    generator = torch.Generator().manual_seed(seed)
+    augment(film, config, generator)
+    return generator

@@ -102,6 +102,10 @@ def test_the_probes_crops_cut_the_named_rows_and_keep_the_size() -> None:
     assert top[0, 0] in (30, 31) and top[-1, 0] in (198, 199)  # 15% (30 rows) off the top only
     assert bottom[0, 0] in (0, 1) and bottom[-1, 0] in (168, 169)
     assert (probe.zoom_in(film) != film).any()
+    framed = probe.black_frame(film + 10)
+    assert framed.shape == film.shape and (framed[:16] == 0).all() and (framed[:, :12] == 0).all()  # 8% of 200 rows, of 150 columns
+    assert (framed[16:-16, 12:-12] == (film + 10)[16:-16, 12:-12]).all()
+    assert probe.clahe(film).shape == film.shape and (probe.clahe(film) != film).any()
 
 
 def test_a_probe_report_under_its_old_name_and_without_zoom_still_reaches_the_card(tmp_path) -> None:  # type: ignore[no-untyped-def]

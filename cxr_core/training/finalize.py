@@ -376,7 +376,9 @@ def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
         parts.append(f"{group} {g['flipped_by_blur']}/{g['n']} by blur, {g['flipped_by_sharpening']}/{g['n']} by sharpening"
                      + (f", {g['flipped_by_zoom']}/{g['n']} by zoom" if "flipped_by_zoom" in g else "")
                      + (f", {g['flipped_by_crop_top_bottom']}/{g['n']} by cropping top and bottom, {g['flipped_by_crop_top']}/{g['n']} "
-                        f"the top, {g['flipped_by_crop_bottom']}/{g['n']} the bottom" if "flipped_by_crop_top_bottom" in g else ""))
+                        f"the top, {g['flipped_by_crop_bottom']}/{g['n']} the bottom" if "flipped_by_crop_top_bottom" in g else "")
+                     + (f", {g['flipped_by_frame']}/{g['n']} by a black frame, {g['flipped_by_clahe']}/{g['n']} by CLAHE"
+                        if "flipped_by_frame" in g else ""))
     zoom, crop = probe.get("zoom"), probe.get("crop")
     return [
         f"- Shortcut probe (`scripts/probe_shortcuts.py`, {probe['split']} split): decisions changed when the "
@@ -385,6 +387,8 @@ def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
            if zoom else " or sharpened (unsharp mask)")
         + (f"; or cropped ({crop['top_and_bottom']:.0%} of the rows off top and bottom, or {crop['one_edge']:.0%} off one edge, "
            "resized back: neck or abdomen left out)" if crop else "")
+        + (f"; or given a black frame ({probe['frame']:.0%} of the side on each edge) or CLAHE local-contrast processing"
+           if probe.get("frame") else "")
         + ": " + "; ".join(parts) + ". "
         "A film from a softer or crisper detector, or framed differently from the training films, can change the answer by this much."
     ]
