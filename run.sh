@@ -2,6 +2,7 @@
 # cxr: set up and run.  Works on a fresh clone: creates .venv and installs pinned packages on first use.
 #
 #   ./run.sh            set up, then start the app (streamlit run app.py) on http://localhost:8501
+#   ./run.sh --server.port 8611   options (anything starting with -) go to Streamlit, as with ./run.sh app ...
 #   ./run.sh test       set up, then run the test suite (CPU only; what CI runs)
 #   ./run.sh test-all   set up, then run every test, the slow ones included
 #   ./run.sh cli ...    set up, then run the command line (python -m cxr_core ...)
@@ -40,7 +41,11 @@ setup() {
 }
 
 command=${1:-app}
-[ $# -gt 0 ] && shift
+case "$command" in
+    # Streamlit options without the word "app" (./run.sh --server.port 8611) start the app with them.
+    -*) command=app ;;
+    *) [ $# -gt 0 ] && shift ;;
+esac
 case "$command" in
     app)
         setup ""
@@ -59,7 +64,7 @@ case "$command" in
         exec "$VENV/bin/python" -m cxr_core "$@"
         ;;
     *)
-        echo "usage: ./run.sh [app|test|test-all|cli ...]" >&2
+        echo "usage: ./run.sh [app] [STREAMLIT OPTIONS...] | test [PYTEST ARGS...] | test-all | cli COMMAND ..." >&2
         exit 2
         ;;
 esac

@@ -1,6 +1,6 @@
 """Command line: ``python -m cxr_core {models,predict,explain}``.
 
-Other tools parse this output, so it is part of the interface (see README, "Command line"):
+Other tools parse this output, so it is part of the interface (see docs/cli.md):
 
 * ``predict --json`` prints one JSON object per line and per file, in input order:
   ``{"file", "model", "probabilities", "prediction", "warnings", "error", "gate",
@@ -90,6 +90,22 @@ def _load(model_id: str | None):  # type: ignore[no-untyped-def]
     from cxr_core.models import load_model, resolve_model
 
     return load_model(resolve_model(model_id).path)
+
+
+def _load_any_version(model_id: str | None):  # type: ignore[no-untyped-def]
+    """``ID`` (its active version), ``ID@VERSION`` (any registered version, shipped or trained), or the default."""
+    from cxr_core.errors import ModelNotFoundError
+    from cxr_core.models import load_model
+    from cxr_core.versions import list_versions
+
+    if model_id and "@" in model_id:
+        name, _, version = model_id.partition("@")
+        found = next((v for v in list_versions(name) if v.version == version), None)
+        if found is None:
+            raise ModelNotFoundError(f"Model {model_id!r} is not registered. Versions of {name}: "
+                                     + (", ".join(v.version for v in list_versions(name)) or "none") + ".")
+        return load_model(found.path)
+    return _load(model_id)
 
 
 def _emit_line(text: str) -> None:
@@ -271,7 +287,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     augment = AugmentConfig.none() if args.no_augment else AugmentConfig(
         hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom),
         aspect=_fraction("--aspect", args.aspect, "A", MAX_ASPECT, "0.15 stretches by up to 15%"),
-        edge_crop=_fraction("--edge-crop", args.edge_crop, "F", MAX_EDGE_CROP, "0.15 crops up to 15% off each edge"))
+        edge_crop=_fraction("--edge-crop", args.edge_crop, "F", MAX_EDGE_CROP, "0.15 crops up to 15% off each edge"),
+        acquisition=_fraction("--acquisition", args.acquisition, "P", 1.0, "0.3 gives each film each artefact 30% of the time"))
     config = TrainConfig(
         data_dir=str(args.data_dir[0]),
         extra_data_dirs=tuple(str(d) for d in args.data_dir[1:]),
@@ -373,6 +390,68 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  source {source}: n={m['n']} accuracy={m['accuracy']}")
     for label, calls in summary.get("other_labels", {}).items():  # type: ignore[union-attr]
         print(f"  label {label} (not a class of this model): n={sum(calls.values())} called " + ", ".join(f"{c}={n}" for c, n in calls.items()))
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cxr_core.validation import validate_site
+
+    if not 0.5 <= args.target_sensitivity < 1.0:
+        raise UsageError(f"--target-sensitivity {args.target_sensitivity}: need 0.5 <= S < 1 (e.g. 0.95)")
+    model = _load_any_version(args.model)
+    result = validate_site(model, Path(args.data_dir), target_sensitivity=args.target_sensitivity)
+    data = result.as_dict()
+    if args.record:
+        from cxr_core.validation import record_validation
+
+        record_validation(result, user=args.record, role="cli", data_name=Path(args.data_dir).name)
+    if args.json:
+        _emit_line(json.dumps(data))
+        return EXIT_OK
+    lines = [f"{result.model} on {args.data_dir}: {result.n} films (" + ", ".join(f"{k} {v}" for k, v in result.counts.items()) + ")",
+             f"  COVID-19 sensitivity   {result.covid_sensitivity.words()}",
+             f"  non-COVID specificity  {result.non_covid_specificity.words()}",
+             f"  PPV                    {result.ppv.words()}",
+             f"  NPV                    {result.npv.words()}"]
+    a = result.auroc
+    lines.append(f"  AUROC (COVID-19 vs not) {a['value']:.3f} (95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}, bootstrap)" if a["value"] is not None
+                 else "  AUROC: not measurable (needs COVID-19 and other films)")
+    lines.append(f"  ECE {result.ece}" if result.ece is not None else "  ECE: no film of the model's own classes")
+    lines.append(f"  at the model's threshold {result.threshold}; confusion (rows: {', '.join(result.labels)}; columns: {', '.join(result.classes)}) "
+                 + json.dumps(result.confusion_matrix))
+    if result.suggested_threshold:
+        t = result.suggested_threshold
+        lines.append(f"  a site threshold of {t['value']} would reach sensitivity {t['sensitivity']} here, at specificity {t['specificity']} "
+                     "(offered, not applied)")
+    lines.append("  input check: " + ", ".join(f"{k} {v}" for k, v in result.gate.items()) + f"; uncertain {result.uncertain}")
+    lines += [f"  warning: {w}" for w in result.warnings]
+    for line in lines:
+        _emit_line(line)
+    return EXIT_OK
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from cxr_core.training.adapt import adapt
+
+    model = _load_any_version(args.model)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: the folder exists and is not empty; adapted models go to a new folder")
+    result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=[Path(r) for r in args.replay],
+                   replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                   run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed)
+    if args.json:
+        from dataclasses import asdict
+
+        _emit_line(json.dumps(asdict(result)))
+        return EXIT_OK
+    _emit_line(f"wrote {result.out} ({result.model}) from {result.base} in {result.seconds:.0f} s; films: "
+               + ", ".join(f"{k} {v}" for k, v in result.films.items()))
+    for name, key in (("COVID-19 sensitivity", "covid_sensitivity"), ("specificity", "non_covid_specificity")):
+        b, a = result.before[key], result.after[key]
+        _emit_line(f"  held-out {name}: {b['value']} {b['ci95']} -> {a['value']} {a['ci95']} ({a['successes']}/{a['n']})")
+    for note in result.notes:
+        _emit_line(f"  note: {note}")
     return EXIT_OK
 
 
@@ -523,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aspect-ratio augmentation: width/height stretched by up to 1+A either way (default: off)")
     p.add_argument("--edge-crop", type=float, default=0.0, metavar="F",
                    help="collimation augmentation: each edge cropped by up to F of the side, independently (default: off)")
+    p.add_argument("--acquisition", type=float, default=0.0, metavar="P",
+                   help="acquisition augmentation: each film gets, each with probability P, a black frame, CLAHE "
+                        "processing, a burned-in box, a lower resolution and a JPEG re-encode, whatever its class "
+                        "(default: off)")
     p.add_argument("--no-cpu-bf16", action="store_true",
                    help="train in fp32 on a CPU with native bf16 (AMX / AVX512-BF16), where bf16 autocast is the default")
     p.add_argument("--mask-text", action="store_true",
@@ -606,6 +689,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("validate", help="local validation: COVID-19 sensitivity, specificity, PPV, NPV (95%% CIs), AUROC, "
+                                        "calibration and a site threshold, on a hospital's own labelled films")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="one folder per label (covid, normal, nodule, ...), optionally under train/val/test")
+    p.add_argument("--model", help="ID (its active version) or ID@VERSION (default: the default model)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95, help="for the suggested site threshold (default: %(default)s)")
+    p.add_argument("--record", metavar="USER", help="also store the result in the app's records (and audit trail) as USER: "
+                                                    "the Models page lists it and Diagnose shows it beside the model")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("adapt", help="fine-tune a model on a site's films (split by patient: half held out to judge "
+                                     "before and after), optionally mixing in the original training films")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="the site's labelled films (one folder per label)")
+    p.add_argument("--model", required=True, help="ID (its active version) or ID@VERSION")
+    p.add_argument("--out", required=True, help="the adapted model's folder, e.g. weights/densenet121-site-b")
+    p.add_argument("--version", default="1.0.0-site")
+    p.add_argument("--replay", nargs="*", default=[], metavar="DATA_DIR", help="the model's training data folders, to mix in")
+    p.add_argument("--replay-share", type=float, default=0.5, help="share of training films from --replay (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--run-dir", help="checkpoints and the adaptation's data view (default runs/adapt-<out name>)")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_cmd_adapt)
     return parser
 
 

@@ -35,6 +35,7 @@ class PanelSpec:
     target: str
     layer: str  # module path
     label: str  # what this column shows (the varied value)
+    row_label: str = ""  # what this row shows, when rows vary something too ("" otherwise)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,8 +95,9 @@ def grid_specs(
     row_axis: str | None = None,
     row_values: Sequence[str] = (),
 ) -> list[PanelSpec]:
-    """Panels row by row: one column per value of ``axis``; rows are the studies when there
-    are two, else the values of ``row_axis`` (e.g. 3 methods x 3 classes), else one row."""
+    """Panels row by row: one column per value of ``axis``; rows are the values of ``row_axis``
+    (e.g. 3 methods x 3 classes), one block of them per study (studies are the outer grouping),
+    else one row per study."""
     for a in (axis, row_axis):
         if a is not None and a not in AXES:
             raise ExplanationError(f"Unknown axis {a!r}; choose one of {', '.join(AXES)}.")
@@ -103,10 +105,10 @@ def grid_specs(
         raise ExplanationError("Pick at least one value to compare.")
     if row_axis == axis:
         raise ExplanationError("Rows and columns must vary different things.")
-    if studies > 1 or row_axis is None or not row_values:
+    if row_axis is None or not row_values:
         rows: list[tuple[int, str | None]] = [(s, None) for s in range(studies)]
     else:
-        rows = [(0, v) for v in row_values]
+        rows = [(s, v) for s in range(studies) for v in row_values]
     specs = []
     for study, row_value in rows:
         for value in values:
@@ -124,15 +126,46 @@ def grid_specs(
                 "class": loaded.manifest.label(cls),
                 "depth": value,
             }[axis]
+            row_label = ""
             if row_value is not None and row_axis is not None:
-                label = f"{row_value if row_axis != 'method' else CAM_METHODS[row_value].label} / {label}"
+                row_label = {"method": CAM_METHODS[row_value].label if row_value in CAM_METHODS else row_value,
+                             "class": models[model].manifest.label(row_value)}.get(row_axis, row_value)
             # Say so when a model shows another class or layer than the row or column names.
             if target_ != cls:
                 label += f" → {loaded.manifest.label(target_)}"
             if setting["layer"] is not None and layer_ != setting["layer"]:
                 label += f" → {layer_}"
-            specs.append(PanelSpec(study, str(setting["model"]), str(setting["method"]), target_, layer_, label))
+            specs.append(PanelSpec(study, str(setting["model"]), str(setting["method"]), target_, layer_, label, row_label))
     return specs
+
+
+def row_titles(specs: Sequence[PanelSpec], columns: int, study_names: Sequence[str]) -> list[str]:
+    """One title per row of the grid (``columns`` panels a row): the study's name when there
+    are several, and what the row varies, when it varies something."""
+    several = len({s.study for s in specs}) > 1
+    titles = []
+    for first in specs[::columns]:
+        parts = ([study_names[first.study]] if several else []) + ([first.row_label] if first.row_label else [])
+        titles.append(" · ".join(parts))
+    return titles
+
+
+def describe_panel(spec: PanelSpec, study_names: Sequence[str]) -> str:
+    """A panel in words that stand alone (a warning, a table): study, row and column."""
+    parts = [study_names[spec.study]] if len(study_names) > 1 else []
+    return " · ".join(parts + [p for p in (spec.row_label, spec.label) if p])
+
+
+#: a class whose probability is below this is not worth a lung-field warning: its heatmap
+#: explains a class the model does not see in the film, and may lie anywhere
+NEGLIGIBLE_PROBABILITY = 0.05
+
+
+def lung_warnings(panels: Sequence[Panel], study_names: Sequence[str], min_probability: float = NEGLIGIBLE_PROBABILITY) -> list[str]:
+    """The panels whose heatmap lies mostly outside the lung fields, each named with its study
+    and its share, leaving out classes the model gives less than ``min_probability``."""
+    return [f"{describe_panel(p.spec, study_names)} ({p.lung.share:.0%})" for p in panels
+            if p.lung.mostly_outside and p.probability >= min_probability]
 
 
 def compute_grid(
@@ -225,17 +258,21 @@ def describe_scales(scales: Sequence[Scale]) -> str:
         return "Each map scaled to its own range."
     if len(scales) == 1:
         return f"Shared scale: 0 to {scales[0].top:.3g} (raw CAM units)."
-    differ = [i for i in range(3) if len({_units(s)[i] for s in scales}) > 1]
-
-    def name(s: Scale) -> str:
-        parts = [s.model, CAM_METHODS[s.method].label if s.method in CAM_METHODS else s.method, s.layer]
-        return " / ".join(parts[i] for i in differ)
-
     return (
         "One scale per model, method and layer (their raw CAM units are not comparable), shared across studies and classes: "
-        + "; ".join(f"{name(s)} 0 to {s.top:.3g}" for s in scales)
+        + "; ".join(f"{name} 0 to {s.top:.3g}" for s, name in zip(scales, _scale_names(scales)))
         + "."
     )
+
+
+def _scale_names(scales: Sequence[Scale]) -> list[str]:
+    """Each scale named by what tells it apart from the others (model, method and/or layer)."""
+    differ = [i for i in range(3) if len({_units(s)[i] for s in scales}) > 1]
+    names = []
+    for s in scales:
+        parts = [s.model, CAM_METHODS[s.method].label if s.method in CAM_METHODS else s.method, s.layer]
+        names.append(" / ".join(parts[i] for i in differ) or "shared scale")
+    return names
 
 
 def panel_title(panel: Panel, manifest_label: Callable[[str], str] = str) -> str:
@@ -256,24 +293,66 @@ def overlays(panels: Sequence[Panel], studies: Sequence[XrayImage], scaled: Sequ
     return out
 
 
-def grid_png(tiles: Sequence[np.ndarray], titles: Sequence[str], columns: int, tile_side: int = 384) -> Image.Image:
-    """Tile overlays into one image with a caption under each, for export."""
+@dataclass(frozen=True)
+class ColourBar:
+    """One colour scale to draw beside a grid: what it covers, and the value of its top colour."""
+
+    name: str
+    top: float | None  # raw CAM units; None: every map stretched to its own range (0 to 1)
+
+
+def colour_bars(scales: Sequence[Scale]) -> list[ColourBar]:
+    """A bar per shared scale, named by what tells the scales apart; one 0-to-1 bar when maps are not shared."""
+    if not scales:
+        return [ColourBar("each map's own range", None)]
+    return [ColourBar(name, s.top) for s, name in zip(scales, _scale_names(scales))]
+
+
+def grid_png(
+    tiles: Sequence[np.ndarray],
+    titles: Sequence[str],
+    columns: int,
+    tile_side: int = 384,
+    *,
+    rows_titled: Sequence[str] = (),
+    bars: Sequence[ColourBar] = (),
+    colormap: str = "jet",
+) -> Image.Image:
+    """Tile overlays into one image with a caption under each, for export: row titles in a
+    left margin when given, and a colour bar per scale under the grid."""
+    from cxr_core.overlay import colorize
+
     rows = (len(tiles) + columns - 1) // columns
     caption_h = 44
     # White space between cells: square tiles fill their cells, and two films side by side
     # with no gap read as one picture.
     gap = 8
     font = ImageFont.load_default(size=13)
-    canvas = Image.new("RGB", (columns * tile_side + (columns - 1) * gap, rows * (tile_side + caption_h) + (rows - 1) * gap), "white")
+    margin = 150 if any(rows_titled) else 0
+    bar_h = 40 if bars else 0
+    width = margin + columns * tile_side + (columns - 1) * gap
+    height = rows * (tile_side + caption_h) + (rows - 1) * gap
+    canvas = Image.new("RGB", (width, height + bar_h * len(bars)), "white")
     draw = ImageDraw.Draw(canvas)
+    for r, title in enumerate(rows_titled[:rows]):
+        y0 = r * (tile_side + caption_h + gap) + tile_side // 2 - 20
+        for k, text in enumerate(wrap_text(draw, title, font, margin - 12)[:4]):
+            draw.text((4, y0 + 15 * k), text, fill="black", font=font)
     for i, (tile, title) in enumerate(zip(tiles, titles)):
         r, c = divmod(i, columns)
         picture = Image.fromarray(tile)
         # Fit the tile either way: a 224 px JPEG beside a 2k DICOM should fill its cell too.
         fit = tile_side / max(picture.size)
         picture = picture.resize((max(1, round(picture.width * fit)), max(1, round(picture.height * fit))), Image.Resampling.LANCZOS)
-        x0, y0 = c * (tile_side + gap), r * (tile_side + caption_h + gap)
+        x0, y0 = margin + c * (tile_side + gap), r * (tile_side + caption_h + gap)
         canvas.paste(picture, (x0 + (tile_side - picture.width) // 2, y0 + (tile_side - picture.height) // 2))
         for k, text in enumerate(wrap_text(draw, title, font, tile_side - 8)[:3]):
             draw.text((x0 + 4, y0 + tile_side + 2 + 14 * k), text, fill="black", font=font)
+    ramp_w = min(360, width - margin - 200)
+    for k, bar in enumerate(bars):
+        y0 = height + k * bar_h + 8
+        ramp = colorize(np.tile(np.linspace(0.0, 1.0, ramp_w, dtype=np.float32), (14, 1)), colormap)
+        canvas.paste(Image.fromarray(ramp), (margin + 4, y0))
+        top = "1 (each map's maximum)" if bar.top is None else f"{bar.top:.3g}"
+        draw.text((margin + 8 + ramp_w, y0), f"0 to {top}: {bar.name}", fill="black", font=font)
     return canvas

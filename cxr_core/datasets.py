@@ -139,3 +139,28 @@ def validate_dataset(dataset: Dataset, eval_dir: Path | None = None, eval_split:
 
 def delete_dataset(dataset: Dataset) -> None:
     shutil.rmtree(dataset.folder)
+
+
+@dataclass(frozen=True)
+class EvaluationChoice:
+    """A folder that can serve as the fixed evaluation set, as an admin picks it."""
+
+    label: str
+    path: Path
+
+
+def evaluation_choices(exclude: str | None = None) -> list[EvaluationChoice]:
+    """Where an evaluation set can come from: the server's ``CXR_EVAL_DIR`` when it is a
+    folder, then every uploaded dataset that passed its check (newest first), except the
+    dataset ``exclude`` (the one being trained on)."""
+    import os
+
+    choices: list[EvaluationChoice] = []
+    server = os.environ.get("CXR_EVAL_DIR", "").strip()
+    if server and Path(server).is_dir():
+        choices.append(EvaluationChoice(f"The server's evaluation set ({server})", Path(server)))
+    for dataset in list_datasets():
+        report = dataset.report()
+        if dataset.id != exclude and report and report.get("ok"):
+            choices.append(EvaluationChoice(f"{dataset.name} (uploaded {dataset.created[:10]} by {dataset.uploaded_by})", dataset.root))
+    return choices

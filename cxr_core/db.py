@@ -53,6 +53,19 @@ SCHEMA: dict[int, str] = {
     CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
     """,
+    3: """
+    CREATE TABLE IF NOT EXISTS site_validation (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created TEXT NOT NULL,
+        user TEXT NOT NULL,
+        model TEXT NOT NULL,
+        data_name TEXT NOT NULL,
+        data_sha256 TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        result TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS site_validation_model ON site_validation (model);
+    """,
 }
 
 _init_lock = threading.Lock()

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 from cxr_core import config
 from cxr_core.errors import CxrError
@@ -72,11 +72,18 @@ class JobSpec:
     zoom: tuple[float, float] = (0.9, 1.1)  # zoom augmentation range (above 1: framed tighter)
     aspect: float = 0.0  # aspect-ratio augmentation: stretched by up to 1 + aspect
     edge_crop: float = 0.0  # collimation augmentation: each edge cropped by up to this fraction
+    acquisition: float = 0.0  # acquisition augmentation: probability of each artefact (frame, CLAHE, box, resolution, JPEG)
     average_every: int = 0  # export the average of the weights every N steps of the run (SWA); 0: best epoch
     eval_dir: str | None = None
     eval_split: str | None = "test"
     device: str | None = None
     mask_burned_in: bool = False
+    #: site adaptation: ``dataset`` is one hospital's films, split by patient (half held out,
+    #: scored before and after; the candidate is evaluated there), with ``replay`` folders of
+    #: the model's training data mixed in, ``replay_share`` of the films (cxr_core.training.adapt)
+    site_adaptation: bool = False
+    replay: tuple[str, ...] = ()
+    replay_share: float = 0.5
     job_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -85,10 +92,87 @@ class JobSpec:
         data = dict(data)
         data["classes"] = tuple(data.get("classes", ()))
         data["aux_classes"] = tuple(data.get("aux_classes", ()))
+        data["replay"] = tuple(data.get("replay", ()))
         data["schedule"] = tuple(tuple(p) for p in data.get("schedule", ()))
         if "zoom" in data:
             data["zoom"] = tuple(data["zoom"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainingPreset:
+    """A named starting point for a job on the Training page; every value can still be changed
+    under "Advanced". ``fine_tune``: starts from a registered model's weights (the active
+    version of the model chosen), keeping its classes, input size and view."""
+
+    name: str
+    description: str
+    fine_tune: bool
+    epochs: int
+    lr: float
+    freeze_epochs: int
+    layer_decay: float
+    patience: int
+    zoom: tuple[float, float] = (0.85, 1.35)
+    aspect: float = 0.2
+    edge_crop: float = 0.0
+    acquisition: float = 0.0
+    balance: str = "source"
+    #: the dataset is one hospital's films: split by patient, half held out (cxr_core.training.adapt)
+    site_adaptation: bool = False
+
+
+#: the Training page's presets. Augmentation and balance as the shipped DenseNet121 (1.3.0) was
+#: trained: a wide zoom and an aspect stretch, so a collection's framing and body proportions
+#: cannot stand in for the disease, and every (source, label) group weighted alike. Edge crops
+#: and acquisition artefacts stay off: neither has been measured to help a held-out source yet
+#: (docs/experiments/2026-12-05-acquisition-augmentation-loso.md)
+PRESETS: tuple[TrainingPreset, ...] = (
+    TrainingPreset("Fine-tune the active model (quick)",
+                   "Two epochs from the active version's weights: its head first, then the whole network at a low rate. "
+                   "Minutes on a GPU, about 10 minutes per 1,000 films on a laptop CPU.",
+                   fine_tune=True, epochs=2, lr=3e-4, freeze_epochs=1, layer_decay=0.7, patience=0),
+    TrainingPreset("Fine-tune (thorough)",
+                   "Eight epochs from the active version's weights, stopping early when validation stops improving. "
+                   "For a few thousand films of this hospital.",
+                   fine_tune=True, epochs=8, lr=3e-4, freeze_epochs=1, layer_decay=0.7, patience=3),
+    TrainingPreset("Adapt to this site",
+                   "Three epochs from the active version on this hospital's films: half of its patients held out and scored "
+                   "before and after, the original training films mixed in so that the model does not forget them. Promotion "
+                   "needs it better on the held-out films and COVID-19 sensitivity kept at 0.95 on the shared test split.",
+                   fine_tune=True, epochs=3, lr=3e-4, freeze_epochs=0, layer_decay=0.7, patience=0, site_adaptation=True),
+    TrainingPreset("Train from scratch",
+                   "A new network from random weights: needs thousands of films per class and hours to days on a CPU.",
+                   fine_tune=False, epochs=20, lr=2e-3, freeze_epochs=0, layer_decay=1.0, patience=5),
+)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """How far a running job is, for a progress bar: ``fraction`` in [0, 1] and the words beside it."""
+
+    fraction: float
+    text: str
+
+
+def describe_progress(events: Sequence[Mapping[str, Any]], total_epochs: int) -> JobProgress:
+    """A running job's progress from its run's events: reading the data (films done of all),
+    then steps, or whole epochs when an epoch has fewer steps than are logged (a small dataset)."""
+    total_epochs = max(1, total_epochs)
+    last_step = next((e for e in reversed(events) if e["event"] == "step"), None)
+    done_epochs = sum(e["event"] == "epoch" for e in events)
+    if last_step is not None and last_step["epoch"] >= done_epochs:
+        eta = last_step.get("eta_s")
+        return JobProgress(
+            min(1.0, (last_step["epoch"] + last_step["step"] / last_step["steps"]) / total_epochs),
+            f"Training: epoch {last_step['epoch'] + 1}/{total_epochs}, step {last_step['step']}/{last_step['steps']}, "
+            f"{last_step.get('images_per_s', 0):.1f} images/s" + (f", about {eta / 60:.0f} min left" if eta else ""))
+    if any(e["event"] == "start" for e in events):
+        return JobProgress(min(1.0, done_epochs / total_epochs), f"Training: {done_epochs} of {total_epochs} epochs done")
+    reading = next((e for e in reversed(events) if e["event"] == "preparing" and e.get("total")), None)
+    if reading is not None:
+        return JobProgress(0.0, f"Reading and checking the data: {reading['done']} of {reading['total']} films")
+    return JobProgress(0.0, "Reading and checking the data…")
 
 
 @dataclass(frozen=True)
@@ -286,11 +370,50 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
         data_dir=spec.dataset, arch=spec.arch, out=str(out), model_id=spec.model_id, version=spec.version,
         name=f"{spec.model_id} (trained {spec.created[:10]} by {spec.user})", classes=spec.classes,
         binary_positive=spec.binary_positive, aux_classes=tuple(spec.aux_classes), schedule=spec.schedule, batch_size=spec.batch_size, lr=spec.lr,
-        balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect, edge_crop=spec.edge_crop) if spec.augment else AugmentConfig.none(),
+        balance=spec.balance, augment=AugmentConfig(hflip=spec.hflip, scale=spec.zoom, aspect=spec.aspect, edge_crop=spec.edge_crop,
+                              acquisition=spec.acquisition) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
         target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,
         average_every=spec.average_every, **view,
     )
+
+
+def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:
+    """(training folder, evaluation folder, split) for a site adaptation: the site's films split
+    by patient with replay films mixed in, and the held-out half as the evaluation set (built
+    once; a resumed job reuses it)."""
+    from cxr_core.training.adapt import build_adapt_folder
+
+    view = job_dir / "site-view"
+    if not (view / "metadata.csv").is_file():
+        counts = build_adapt_folder(Path(spec.dataset), view, [Path(r) for r in spec.replay], spec.replay_share)
+        write_json(job_dir / "site-films.json", counts)
+    return str(view), str(job_dir / "site-view-held-out"), None
+
+
+def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None:
+    """Before/after on the site's held-out films (the figures of a site validation) and the
+    candidate's COVID-19 sensitivity on the first replay folder's test split, in the candidate's
+    folder (site_adaptation.json): what its promotion is judged by."""
+    from cxr_core.models import load_model
+    from cxr_core.training.evaluate import evaluate_folder
+    from cxr_core.validation import validate_site
+    from cxr_core.versions import SITE_ADAPTATION_NAME, list_versions
+
+    held_out = job_dir / "site-view-held-out"
+    name, _, version = (spec.base_model or "").partition("@")
+    base = next((v for v in list_versions(name) if v.version == version), None)
+    candidate = load_model(staging)
+    record: dict[str, Any] = {
+        "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),
+        "before": validate_site(load_model(base.path), held_out).as_dict() if base else None,
+        "after": validate_site(candidate, held_out).as_dict(), "shared_test": None,
+    }
+    if spec.replay:
+        shared = evaluate_folder(candidate, Path(spec.replay[0]), split="test").as_dict()
+        covid = (shared.get("per_class") or {}).get("covid", {})  # type: ignore[union-attr]
+        record["shared_test"] = {"folder": spec.replay[0], "n": shared["n"], "covid_sensitivity": covid.get("recall")}
+    write_json(staging / SITE_ADAPTATION_NAME, record)
 
 
 def _staging_folder(spec: JobSpec) -> Path:
@@ -377,16 +500,21 @@ def run_job(job_dir: Path) -> int:
     device = str(select_device(spec.device))
     write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=_group(), started=started, device=device)))
     try:
-        config_ = _train_config(spec, staging)
-        data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
-        if spec.eval_dir:
-            data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
+        dataset, eval_dir, eval_split = spec.dataset, spec.eval_dir, spec.eval_split
+        if spec.site_adaptation:
+            dataset, eval_dir, eval_split = _site_view(job_dir, spec)
+        config_ = _train_config(replace(spec, dataset=dataset), staging)
+        data = prepare_data(dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
+        if eval_dir:
+            data = exclude_evaluation_overlap(data, Path(eval_dir), eval_split)
         result, data = train(config_, job_dir / "run", data=data, stop=stop)
         distributed.stop()
         finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}")
-        if spec.eval_dir:
-            evaluate_candidate(staging, Path(spec.eval_dir), spec.eval_split)
-            evaluate_active_alongside(spec.model_id, Path(spec.eval_dir), spec.eval_split)
+        if eval_dir:
+            evaluate_candidate(staging, Path(eval_dir), eval_split)
+            evaluate_active_alongside(spec.model_id, Path(eval_dir), eval_split)
+        if spec.site_adaptation:
+            _record_site_adaptation(job_dir, spec, staging)
         try:
             os.rename(staging, out)  # atomic; refuses an existing non-empty folder
         except OSError as exc:

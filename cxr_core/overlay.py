@@ -23,6 +23,13 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(levels, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
 
 
+def colorscale(colormap: str = "jet", steps: int = 11) -> list[tuple[float, str]]:
+    """The colormap as a plotly colorscale (``steps`` stops from 0 to 1), for colour bars that
+    match the overlays exactly."""
+    ramp = colorize(np.linspace(0.0, 1.0, steps, dtype=np.float32).reshape(1, -1), colormap)[0]
+    return [(i / (steps - 1), f"rgb({r},{g},{b})") for i, (r, g, b) in enumerate(ramp.tolist())]
+
+
 def render_overlay(
     pixels: np.ndarray,
     heatmap: np.ndarray,

@@ -9,9 +9,12 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cxr_core.inference import DISCLAIMER, Prediction
+
+#: a class key -> the name shown to people (Manifest.label); the key itself when none is given
+Labeller = Callable[[str], str]
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,58 @@ class StudyResult:
     error: str | None = None
 
 
-def result_rows(results: Sequence[StudyResult], *, include_names: bool = False) -> list[dict[str, object]]:
-    """One dict per study, columns in a stable order: study, [file], image_sha256, model, prediction,
-    p_<class>..., gate, uncertain, warnings, error. A rejected image's probabilities are left empty."""
+def study_status(result: StudyResult) -> tuple[str, str]:
+    """(status, reason): why a study needs a look, in words a clinician reads.
+
+    status is one of "unreadable", "rejected", "check" (the gate or the reader warned),
+    "uncertain" (the model will not name a class) and "ok"; reason says why ("" when ok).
+    """
+    prediction = result.prediction
+    if result.error or prediction is None:
+        return "unreadable", result.error or "not read"
+    gate = prediction.gate
+    if gate is not None and gate.rejected:
+        return "rejected", "; ".join(gate.reasons) or "not a frontal chest radiograph"
+    if (gate is not None and gate.outcome == "warning") or result.warnings:
+        return "check", "; ".join(result.warnings) or "; ".join(gate.reasons if gate else ())
+    if prediction.uncertain:
+        return "uncertain", "the model's top classes are too close to call"
+    return "ok", ""
+
+
+def _classes(results: Sequence[StudyResult]) -> list[str]:
     classes: list[str] = []
     for result in results:
         if result.prediction:
             classes.extend(c for c in result.prediction.classes if c not in classes)
+    return classes
+
+
+def worklist_rows(results: Sequence[StudyResult], label: Labeller = str) -> list[dict[str, object]]:
+    """The on-screen worklist: one dict per study with why it needs a look next to its number
+    (Study, File, Status, Why, Call, one "<class name> %" column per class, Model), class names
+    as ``label`` gives them and no empty-value placeholders ("" where a value does not apply)."""
+    classes = _classes(results)
+    rows: list[dict[str, object]] = []
+    for number, result in enumerate(results, start=1):
+        status, reason = study_status(result)
+        prediction = result.prediction
+        shown = prediction is not None and status != "rejected"
+        row: dict[str, object] = {"Study": number, "File": result.name, "Status": status, "Why": reason,
+                                  "Call": label(prediction.predicted) if prediction and prediction.predicted else ""}
+        for cls in classes:
+            has = shown and prediction is not None and cls in prediction.classes
+            row[f"{label(cls)} %"] = f"{100 * prediction.probability(cls):.1f}" if has and prediction else ""
+        row["Model"] = prediction.model if prediction else ""
+        rows.append(row)
+    return rows
+
+
+def result_rows(results: Sequence[StudyResult], *, include_names: bool = False, label: Labeller = str) -> list[dict[str, object]]:
+    """One dict per study, columns in a stable order: study, [file], image_sha256, model, prediction,
+    status, reason, p_<class>..., gate, uncertain, warnings, error. ``prediction`` is the class as
+    ``label`` names it; a rejected image's probabilities are left empty."""
+    classes = _classes(results)
     rows: list[dict[str, object]] = []
     for number, result in enumerate(results, start=1):
         row: dict[str, object] = {"study": number}
@@ -39,7 +87,8 @@ def result_rows(results: Sequence[StudyResult], *, include_names: bool = False) 
             row["file"] = result.name
         row["image_sha256"] = result.sha256 or ""
         row["model"] = result.prediction.model if result.prediction else ""
-        row["prediction"] = (result.prediction.predicted or "") if result.prediction else ""
+        row["prediction"] = label(result.prediction.predicted) if result.prediction and result.prediction.predicted else ""
+        row["status"], row["reason"] = study_status(result)
         for cls in classes:
             rejected = result.prediction is not None and result.prediction.gate is not None and result.prediction.gate.rejected
             has = result.prediction is not None and cls in result.prediction.classes and not rejected
@@ -53,11 +102,11 @@ def result_rows(results: Sequence[StudyResult], *, include_names: bool = False) 
     return rows
 
 
-def results_csv(results: Sequence[StudyResult], *, include_names: bool = False) -> str:
+def results_csv(results: Sequence[StudyResult], *, include_names: bool = False, label: Labeller = str) -> str:
     """The rows of :func:`result_rows` as CSV, each with the decision-support disclaimer in a last
     column: a row copied on its own into a report or a spreadsheet still says what it is (a
     comment line above the header would break CSV readers)."""
-    rows = [{**row, "disclaimer": DISCLAIMER} for row in result_rows(results, include_names=include_names)]
+    rows = [{**row, "disclaimer": DISCLAIMER} for row in result_rows(results, include_names=include_names, label=label)]
     if not rows:
         return ""
     buffer = io.StringIO()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import streamlit as st
 
@@ -151,6 +152,65 @@ def gate_override(subject: str, gate: GateResult, image_sha256: str, model_key: 
                              details={"reasons": list(gate.reasons), "justification": reason.strip()})
                 st.rerun()
     return False
+
+
+def choose_evaluation_set(key: str, exclude: str | None = None) -> Path | None:
+    """A picker for the fixed evaluation set: the server's, an uploaded dataset that passed its
+    check, another folder typed in, or none. Returns the folder, or None."""
+    from cxr_core.datasets import evaluation_choices
+
+    choices = evaluation_choices(exclude)
+    other, nothing = "Another folder on the server…", "None"
+    labels = [c.label for c in choices] + [other, nothing]
+    picked = st.selectbox("Evaluation set (fixed; never trained on)", labels, key=key,
+                          help="Labelled films of this hospital that no model is trained on: every candidate is measured on "
+                               "them, and images also found there are left out of training.")
+    if picked == other:
+        typed = st.text_input("Folder of the evaluation set, on the server", key=f"{key}-path").strip()
+        return Path(typed) if typed else None
+    return next((c.path for c in choices if c.label == picked), None)
+
+
+def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.replace("_", " ")) -> None:
+    """A site validation's figures (``SiteValidation.as_dict()``): the four rates with their
+    intervals, AUROC, calibration, the confusion matrix (classes as ``label`` names them), the
+    suggested threshold, warnings."""
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    def cell(e: dict) -> str:
+        return "not measurable" if e["value"] is None else f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}); {e['successes']}/{e['n']}"
+
+    st.markdown(f"**{result['model']}** on {result['n']} films: " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    for warning in result["warnings"]:
+        st.warning(warning)
+    rows = [("COVID-19 sensitivity", result["covid_sensitivity"]), ("Specificity (not COVID-19 left alone)", result["non_covid_specificity"]),
+            ("PPV", result["ppv"]), ("NPV", result["npv"])]
+    table = [{"figure": name, "value (95% CI); films": cell(e)} for name, e in rows]
+    a = result["auroc"]
+    table.append({"figure": "AUROC, COVID-19 vs not (bootstrap CI)",
+                  "value (95% CI); films": "not measurable" if a["value"] is None else f"{a['value']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})"})
+    table.append({"figure": "ECE on the model's own classes", "value (95% CI); films": "—" if result["ece"] is None else f"{result['ece']:.3f}"})
+    st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
+    st.caption(f"At the model's COVID-19 threshold {result['threshold']}. Intervals: Wilson score (rates), percentile bootstrap (AUROC).")
+    left, right = st.columns(2)
+    confusion = pd.DataFrame(result["confusion_matrix"], index=[f"folder {name}" for name in result["labels"]],
+                             columns=[f"called {label(c)}" for c in result["classes"]])
+    left.dataframe(confusion, width="stretch")
+    if result["reliability"]:
+        fig = go.Figure()
+        fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect", line=dict(dash="dot", color="grey"))
+        bins = result["reliability"]
+        fig.add_scatter(x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers", name="this site",
+                        text=[f"{b['n']} films" for b in bins])
+        fig.update_layout(height=300, title="Reliability on this site's films", xaxis_title="confidence", yaxis_title="accuracy",
+                          margin=dict(t=40), xaxis_range=[0, 1], yaxis_range=[0, 1])
+        right.plotly_chart(fig, width="stretch")
+    t = result.get("suggested_threshold")
+    if t:
+        st.info(f"A site threshold of {t['value']} would reach COVID-19 sensitivity {t['sensitivity']:.3f} on these films, at "
+                f"specificity {t['specificity']:.3f} (target {t['target_sensitivity']}). Offered, not applied: a site setting "
+                "needs its own decision, and these films were used to choose it.")
 
 
 def render_disclaimer() -> None:

@@ -16,13 +16,16 @@ from cxr_core import audit, config
 from cxr_core.cam import CAM_METHODS
 from cxr_core.compare import (
     AXES,
+    colour_bars,
     compute_grid,
     depth_layers,
     describe_scales,
     grid_png,
     grid_specs,
+    lung_warnings,
     overlays,
     panel_title,
+    row_titles,
     scale_panels,
 )
 from cxr_core.errors import CxrError
@@ -32,7 +35,7 @@ from cxr_core.gate import GateResult
 from cxr_core.inference import predict
 from cxr_core.io import XrayImage, read_image
 from cxr_core.lungs import describe_lung_fields
-from cxr_core.overlay import COLORMAPS
+from cxr_core.overlay import COLORMAPS, colorscale
 from pages._common import (
     accountable_user,
     cached_model,
@@ -105,8 +108,14 @@ top = st.columns([1.2, 1, 1, 1])
 axis = top[0].radio("Compare across", list(AXES), format_func=AXES.get, horizontal=False, key="compare_axis")
 model_key = top[1].selectbox("Model", list(models), key="compare_model")
 base = models[model_key]
-method = top[2].selectbox("Method", list(CAM_METHODS), format_func=lambda m: CAM_METHODS[m].label, key="compare_method")
-target = top[3].selectbox("Class", list(base.manifest.classes), format_func=base.manifest.label, key="compare_target")
+# A selector whose value the grid varies anyway only says what a review refers to: its label says so.
+varied = {axis, st.session_state.get(f"compare_rows_{axis}")}
+method = top[2].selectbox("Method (for your review)" if "method" in varied else "Method", list(CAM_METHODS),
+                          format_func=lambda m: CAM_METHODS[m].label, key="compare_method",
+                          help="The grid shows several methods; this one is what your review below refers to." if "method" in varied else None)
+target = top[3].selectbox("Class (for your review)" if "class" in varied else "Class", list(base.manifest.classes),
+                          format_func=base.manifest.label, key="compare_target",
+                          help="The grid shows several classes; this one is what your review below refers to." if "class" in varied else None)
 
 
 
@@ -125,12 +134,13 @@ def axis_choices(which: str) -> tuple[list[str], list[str], Callable[[str], str]
 options, default, label = axis_choices(axis)
 values = st.multiselect(f"Columns: {AXES[axis].lower()}", options, default=default, format_func=label, key=f"compare_values_{axis}_{model_key}")
 row_axis, row_values = None, []
-if len(studies) == 1:
-    rows_choice = st.columns([1, 3])
-    row_axis = rows_choice[0].selectbox("Rows", [None] + [a for a in AXES if a != axis], format_func=lambda a: "one row" if a is None else AXES[a], key=f"compare_rows_{axis}")
-    if row_axis is not None:
-        r_options, _, r_label = axis_choices(row_axis)
-        row_values = rows_choice[1].multiselect(f"Rows: {AXES[row_axis].lower()}", r_options, default=r_options[:3], format_func=r_label, key=f"compare_row_values_{row_axis}_{model_key}")
+rows_choice = st.columns([1, 3])
+row_axis = rows_choice[0].selectbox("Rows" + (" (within each study)" if len(studies) > 1 else ""), [None] + [a for a in AXES if a != axis],
+                                    format_func=lambda a: ("one row" + (" per study" if len(studies) > 1 else "")) if a is None else AXES[a],
+                                    key=f"compare_rows_{axis}")
+if row_axis is not None:
+    r_options, _, r_label = axis_choices(row_axis)
+    row_values = rows_choice[1].multiselect(f"Rows: {AXES[row_axis].lower()}", r_options, default=r_options[:3], format_func=r_label, key=f"compare_row_values_{row_axis}_{model_key}")
 
 display = st.columns(5)
 shared = display[0].toggle("Shared colour scale", value=True, help="Raw CAM values on one scale wherever they are comparable (same model, method and layer: across studies and classes), so a weak map looks weak. Off: every map stretched to its own range.")
@@ -203,7 +213,10 @@ titles = [panel_title(p, models[p.spec.model].manifest.label) for p in panels]
 
 columns = len(values)
 rows = len(panels) // columns
-fig = make_subplots(rows=rows, cols=columns, subplot_titles=[t.replace(" · ", "<br>", 1) for t in titles], horizontal_spacing=0.01, vertical_spacing=0.08)
+labels_of_rows = row_titles([p.spec for p in panels], columns, names)
+bars = colour_bars(scales)
+fig = make_subplots(rows=rows, cols=columns, subplot_titles=[t.replace(" · ", "<br>", 1) for t in titles], horizontal_spacing=0.01,
+                    vertical_spacing=0.08, row_titles=labels_of_rows if any(labels_of_rows) else None)
 for i, tile in enumerate(tiles):
     buffer = io.BytesIO()
     Image.fromarray(tile).save(buffer, format="JPEG", quality=90)
@@ -214,20 +227,35 @@ for i, tile in enumerate(tiles):
 fig.update_xaxes(matches="x", showticklabels=False)
 fig.update_yaxes(matches="y", showticklabels=False)
 fig.update_annotations(font_size=11)
-fig.update_layout(height=380 * rows + 60, margin=dict(l=5, r=5, t=70, b=5), dragmode="zoom")
+# Row titles on the left, where a row is read from (plotly puts them on the right).
+for annotation in fig.layout.annotations:
+    if annotation.text in labels_of_rows and annotation.textangle == 90:
+        annotation.update(x=-0.01, xanchor="right", textangle=-90, font_size=12)
+# A colour bar per shared scale, under the grid, in the overlays' own colours.
+for k, bar in enumerate(bars):
+    top_value = bar.top or 1.0  # each map's own range (None), or an empty map (0): a 0-to-1 bar
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                             marker=dict(colorscale=colorscale(colormap), cmin=0.0, cmax=top_value, color=[0.0], showscale=True,
+                                         colorbar=dict(orientation="h", x=0.5, xanchor="center", y=-0.01 - k * 60 / (380 * rows),
+                                                       yanchor="top", len=0.6, thickness=12,
+                                                       title=dict(text=bar.name + {None: " (0 to each map's maximum)", 0.0: " (every map empty)"}.get(bar.top, ""),
+                                                                  side="top")))),
+                  row=1, col=1)
+fig.update_layout(height=380 * rows + 60 + 60 * len(bars), margin=dict(l=40 if any(labels_of_rows) else 5, r=5, t=70, b=10 + 60 * len(bars)),
+                  dragmode="zoom")
 st.plotly_chart(fig, width="stretch", key="compare_grid", config={"scrollZoom": True})
 st.caption(
     describe_scales(scales)
     + " Zoom or pan any panel: the others follow."
-    + (f" Rows: {', '.join(names)}." if len(studies) > 1 else "")
+    + (f" Studies, top to bottom: {', '.join(names)}." if len(studies) > 1 else "")
 )
 
-outside = [p for p in panels if p.lung.mostly_outside]
+outside = lung_warnings(panels, names)
 if outside:
     st.warning(
         "Most of the heatmap lies outside the lung fields for: "
-        + "; ".join(f"{p.spec.label} ({p.lung.share:.0%})" for p in outside)
-        + ". Check for burned-in text, markers or borders driving the result."
+        + "; ".join(outside)
+        + ". Check for burned-in text, markers or borders driving the result. (Classes the model gives under 5% are not checked.)"
     )
 st.caption(describe_lung_fields() + f" A flat map scores {panels[0].lung.lung_fraction:.0%}.")
 
@@ -260,7 +288,7 @@ def _png_bytes() -> bytes:
         f"Heatmaps across: {AXES[axis]}; {len(studies)} stud{'y' if len(studies) == 1 else 'ies'}. {describe_scales(scales)}",
         studies[0].sha256 if len(studies) == 1 else None,
     )
-    return labelled_png(grid_png(tiles, titles, columns), provenance)
+    return labelled_png(grid_png(tiles, titles, columns, rows_titled=labels_of_rows, bars=bars, colormap=colormap), provenance)
 
 
 st.download_button(

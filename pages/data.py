@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -12,7 +11,7 @@ from cxr_core import audit
 from cxr_core.datasets import Dataset, confirm_dataset, delete_dataset, list_datasets, store_upload, validate_dataset
 from cxr_core.io import read_image
 from cxr_core.overlay import fit_within
-from pages._common import current_user, enter_page, guarded
+from pages._common import choose_evaluation_set, current_user, enter_page, guarded
 
 enter_page(role="admin")
 st.title("Training data")
@@ -37,7 +36,7 @@ with st.expander("Upload a labelled dataset", expanded=not list_datasets()):
                 dataset = store_upload(name.strip(), user, files=[(f.name, f.getvalue()) for f in files or []])
             audit.record("upload_dataset", user=user, role=role, details={"dataset": dataset.id, "name": dataset.name,
                                                                             "files": sum(1 for _ in dataset.root.rglob("*") if _.is_file())})
-            st.success(f"Stored as {dataset.id}. Checking it…")
+            st.success(f"Stored as {dataset.id}; its check follows below.")
             st.session_state["data_selected"] = dataset.id
 
 datasets = list_datasets()
@@ -52,18 +51,33 @@ selected = st.selectbox(
     format_func=lambda i: f"{by_id[i].name} — uploaded {by_id[i].created[:16]} by {by_id[i].uploaded_by} ({i})",
 )
 dataset: Dataset = by_id[selected]
-eval_dir = st.text_input("Evaluation set (never trained on)", value=os.environ.get("CXR_EVAL_DIR", ""), help="Folder of the fixed evaluation set; images also found there are reported and left out of training.")
+eval_dir = choose_evaluation_set("data_eval_set", exclude=dataset.id)
+
+
+def offer_delete(where: object) -> None:
+    """Delete, behind a confirmation: offered for every dataset, refused ones included."""
+    sure = where.checkbox(f"Yes, delete {dataset.name!r} and its files", key=f"delete-sure-{dataset.id}")  # type: ignore[attr-defined]
+    if where.button("Delete this dataset", disabled=not sure, key=f"delete-{dataset.id}"):  # type: ignore[attr-defined]
+        with guarded("deleting the dataset"):
+            delete_dataset(dataset)
+            audit.record("delete_dataset", user=user, role=role, details={"dataset": dataset.id})
+            st.session_state.pop("data_selected", None)
+            st.rerun()
+
 
 report = dataset.report()
 if report is None or st.button("Check again"):
     with guarded("checking the dataset"), st.spinner("Reading every image, looking for duplicates and overlaps…"):
-        report = validate_dataset(dataset, Path(eval_dir) if eval_dir else None)
+        report = validate_dataset(dataset, eval_dir)
 if report is None:
+    offer_delete(st)
     st.stop()
 
 if not report.get("ok"):
     for problem in report.get("problems", []):
         st.error(problem)
+    st.info("This dataset cannot be used for training as it is. Fix the folders and upload it again, or delete it.")
+    offer_delete(st)
     st.stop()
 for problem in report.get("problems", []):
     st.error(problem)
@@ -107,8 +121,4 @@ if left.button("Use this dataset for training", type="primary", disabled=not rep
         st.session_state["training_dataset"] = dataset.id
         audit.record("confirm_dataset", user=user, role=role, details={"dataset": dataset.id})
         st.switch_page("pages/training.py")
-if right.button("Delete this dataset"):
-    with guarded("deleting the dataset"):
-        delete_dataset(dataset)
-        audit.record("delete_dataset", user=user, role=role, details={"dataset": dataset.id})
-        st.rerun()
+offer_delete(right)

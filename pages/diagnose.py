@@ -7,6 +7,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 import streamlit as st
+import streamlit.components.v1 as components
 
 from cxr_core import audit, config
 from cxr_core.cam import CAM_METHODS, Explanation, explain
@@ -16,9 +17,11 @@ from cxr_core.export import Provenance, labelled_png
 from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
 from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
-from cxr_core.overlay import COLORMAPS, fit_within, render_overlay
-from cxr_core.report import StudyResult, result_rows, results_csv, short_status, worklist_order
+from cxr_core.overlay import COLORMAPS, colorize, fit_within, render_overlay
+from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows
 from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view
+from cxr_core.validation import site_badge
+from cxr_core.viewer import heat_layer, viewer_html
 from pages._common import (
     cached_model,
     current_user,
@@ -31,6 +34,7 @@ from pages._common import (
 )
 
 DISPLAY_SIDE = 1024  # px: films are shown at most this large; downloads are full resolution
+VIEWER_HEIGHT = 560  # px: each pane of the film viewer
 KEEP_EXPLANATIONS = 4  # full-resolution maps are large: keep only the most recent per session
 
 enter_page()
@@ -145,9 +149,11 @@ for upload in uploads:
 
 if len(uploads) > 1 or results[0].error:
     st.subheader(f"Worklist ({len(uploads)} file(s))")
-    table = pd.DataFrame(result_rows(results, include_names=True))
-    table["image_sha256"] = table["image_sha256"].str[:12]
-    st.dataframe(table.iloc[worklist_order(results)], hide_index=True, width="stretch")
+    table = pd.DataFrame(worklist_rows(results, manifest.label))
+    # Why a study needs a look sits beside its number, where a narrow screen still shows it.
+    st.dataframe(table.iloc[worklist_order(results)], hide_index=True, width="stretch",
+                 column_config={"Why": st.column_config.TextColumn("Why", width="large"),
+                                "Status": st.column_config.TextColumn("Status", width="small")})
     include_names = st.checkbox(
         "Include file names in the CSV",
         value=False,
@@ -155,7 +161,7 @@ if len(uploads) > 1 or results[0].error:
     )
     st.download_button(
         "Download results (CSV)",
-        results_csv(results, include_names=include_names),
+        results_csv(results, include_names=include_names, label=manifest.label),
         file_name="cxr-results.csv",
         mime="text/csv",
         on_click=lambda: audit.record("export_csv", user=user, role=role, model=model.key, details={"studies": len(results), "file_names": include_names}),
@@ -198,6 +204,10 @@ if len(readable) > 1:
 
 st.divider()
 if len(readable) > 1:
+    # The first study needing a look opens by default (worklist order: rejected, warned, uncertain, the rest).
+    if st.session_state.get("diagnose_study", 0) >= len(readable):
+        del st.session_state["diagnose_study"]  # fewer studies than before: start again
+    st.session_state.setdefault("diagnose_study", worklist_order([r for _, r in readable])[0])
     index = st.selectbox(
         "Study", range(len(readable)), format_func=lambda i: f"{numbers[i]}. {readable[i][0].name}", key="diagnose_study"
     )
@@ -265,6 +275,8 @@ elif prediction.uncertain:
 else:
     headline = f"**Rejected input** — the model would have said {manifest.label(prediction.decision or '')}."
 st.markdown(headline + f"  \nModel: **{manifest.name}**, version **{manifest.version}** (`{manifest.key}`)")
+with guarded("reading the site validation"):
+    st.caption(site_badge(manifest.key))
 st.caption(f"⚠️ {DISCLAIMER}")
 for warning in image.warnings:
     st.warning(warning)
@@ -304,26 +316,27 @@ if explanation is None:
 else:
     explanations.move_to_end(cache_key)
 
-left, right = st.columns(2)
 film = fit_within(image.to_uint8(), DISPLAY_SIDE)
 window = image.metadata.window
-shown = draw_boxes(np.stack([film] * 3, axis=2), view.boxes, film.shape[0] / image.shape[0]) if view.boxes and not view.masked else film
-left.image(
-    shown,
-    caption="Image" + (f" (window C {window.center:g} / W {window.width:g}, {window.source})" if window else "")
-    + (f"; {len(view.boxes)} burned-in text/marker region(s) outlined" if view.boxes and not view.masked else "")
-    + ("; text masked" if view.masked else ""),
-    width="stretch",
-)
-if explanation is not None:
-    heatmap = explanation.heatmap(target)
-    small_film = fit_within(image.pixels, DISPLAY_SIDE)
-    shows = explanation.describe(target, manifest.label)
-    right.image(
-        render_overlay(small_film, heatmap.at(small_film.shape)[1], colormap=colormap, opacity=opacity),
-        caption=shows,
-        width="stretch",
-    )
+marks = None
+if view.boxes and not view.masked:
+    outline = draw_boxes(np.zeros((*film.shape, 3), np.uint8), view.boxes, film.shape[0] / image.shape[0])
+    marks = np.dstack([outline, np.where(outline.any(axis=2), 255, 0).astype(np.uint8)])
+film_caption = ("Image" + (f" (window C {window.center:g} / W {window.width:g}, {window.source})" if window else "")
+                + (f"; {len(view.boxes)} burned-in text/marker region(s) outlined" if view.boxes and not view.masked else "")
+                + ("; text masked" if view.masked else ""))
+heatmap = explanation.heatmap(target) if explanation is not None else None
+shows = explanation.describe(target, manifest.label) if explanation is not None else "No heatmap"
+heat = None
+if heatmap is not None:
+    on_film = heatmap.at(film.shape)[1]
+    heat = heat_layer(colorize(on_film, colormap), on_film, opacity)
+# One viewer for both panes: windowing and zoom on the film, and the overlay follows.
+components.html(viewer_html(film, heat, marks=marks, height=VIEWER_HEIGHT), height=VIEWER_HEIGHT + 60)
+under = st.columns(2)
+under[0].caption(film_caption)
+under[1].caption(shows)
+if heatmap is not None:
 
     def full_resolution_png() -> bytes:
         rgb = render_overlay(image.pixels, heatmap.scaled, colormap=colormap, opacity=opacity)
@@ -332,13 +345,13 @@ if explanation is not None:
         audit.record("export_overlay", user=user, role=role, image_sha256=image.sha256, model=model.key, details={"method": method, "target": target})
         return labelled_png(rgb, provenance)
 
-    right.download_button(
+    st.download_button(
         "Download overlay (full resolution PNG)",
         full_resolution_png,
         file_name=f"cxr-{method}-{target}-{image.sha256[:12]}.png",
         mime="image/png",
     )
-    right.caption("The heatmap shows which regions drove the model's score for this class. It is not a segmentation of disease.")
+    st.caption("The heatmap shows which regions drove the model's score for this class. It is not a segmentation of disease.")
 
 st.plotly_chart(probability_chart(prediction, manifest.label), width="stretch", key=f"chart_{file_id}")
 captions = ["Probabilities are calibrated (temperature scaling on the validation set)." if manifest.temperature != 1.0 else "Probabilities are not calibrated for this model."]

@@ -8,7 +8,9 @@ import plotly.io as pio
 import streamlit as st
 
 from cxr_core import audit
+from cxr_core.datasets import list_datasets
 from cxr_core.evaluation import external_rows
+from cxr_core.validation import list_validations
 from cxr_core.versions import (
     RegistryError,
     Version,
@@ -22,7 +24,7 @@ from cxr_core.versions import (
     rollback_target,
     set_default_model,
 )
-from pages._common import current_user, enter_page, guarded
+from pages._common import current_user, enter_page, guarded, render_validation
 
 enter_page(role="admin")
 st.title("Models")
@@ -68,6 +70,25 @@ def _row(v: Version) -> dict[str, object]:
     }
 
 
+def render_site_adaptation(record: dict) -> None:
+    """An adapted candidate's before and after on the site's held-out films, side by side."""
+    films = record.get("films", {})
+    st.markdown(f"**Site adaptation** on {record.get('site')}: {films.get('adapt', 0)} films adapted on, {films.get('validation', 0)} "
+                f"validated on, {films.get('held_out', 0)} held out (patients never trained on), {films.get('replay_train', 0)} "
+                "replayed training films.")
+    rows = []
+    for name, key in (("COVID-19 sensitivity", "covid_sensitivity"), ("Specificity", "non_covid_specificity"), ("PPV", "ppv"), ("NPV", "npv")):
+        row = {"on the held-out films": name}
+        for side in ("before", "after"):
+            e = (record.get(side) or {}).get(key)
+            row[side] = "—" if not e or e["value"] is None else f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}); {e['successes']}/{e['n']}"
+        rows.append(row)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    shared = record.get("shared_test")
+    st.caption(f"COVID-19 sensitivity on the shared test split ({shared['folder']}, {shared['n']} films): {shared['covid_sensitivity']}"
+               if shared and shared.get("covid_sensitivity") is not None else "COVID-19 sensitivity on the shared test split: not measured.")
+
+
 for model_id in model_ids:
     mine = [v for v in versions if v.model_id == model_id]
     active = next((v for v in mine if v.active), None)
@@ -98,12 +119,15 @@ for model_id in model_ids:
         candidate = next(v for v in others if v.version == pick)
         unevaluated = not_evaluated(candidate)
         problems = promotion_problems(candidate, active)
+        if candidate.site_adaptation:
+            render_site_adaptation(candidate.site_adaptation)
         reason = ""
         if unevaluated:
             cols[1].info(f"Not evaluated: {pick} has no figures on the fixed evaluation set, so it cannot be promoted. "
                          "Evaluate it with a training job's evaluation set, or `python -m cxr_core evaluate`.")
         elif problems:
-            cols[1].warning("Measured worse than the active model: " + "; ".join(problems) + ".")
+            cols[1].warning(("Not shown to be better: " if candidate.site_adaptation else "Measured worse than the active model: ")
+                            + "; ".join(problems) + ".")
             reason = cols[1].text_input("Reason to promote anyway", key=f"reason-{model_id}")
         if cols[2].button("Promote", key=f"promote-{model_id}", type="primary", disabled=bool(unevaluated)):
             with guarded("promoting"):
@@ -172,6 +196,44 @@ for model_id in model_ids:
             if card.is_file():
                 st.markdown("**Model card**")
                 st.markdown(card.read_text(encoding="utf-8"))
+
+st.divider()
+st.subheader("Validate at this site")
+st.caption(
+    "Before clinical use: score a model on this hospital's own labelled films (upload them on the Training data page; "
+    "any folder names, e.g. covid, normal, nodule; every film that is not in covid counts as not COVID-19). The result "
+    "is recorded, listed here and shown on Diagnose beside the model."
+)
+checked = [d for d in list_datasets() if (d.report() or {}).get("ok")]
+if not checked:
+    st.info("No checked dataset yet: upload the site's labelled films on the Training data page first.")
+else:
+    by_dataset = {d.id: d for d in checked}
+    c = st.columns([2, 2, 1])
+    dataset_id = c[0].selectbox("Site films", list(by_dataset), format_func=lambda i: f"{by_dataset[i].name} ({i})", key="validate-data")
+    version_key = c[1].selectbox("Model version", [v.key for v in versions], key="validate-model",
+                                 format_func=lambda k: k + (" (active)" if any(v.key == k and v.active for v in versions) else ""))
+    target_sensitivity = c[2].number_input("Target sensitivity", 0.5, 0.99, 0.95, step=0.01, key="validate-target")
+    if st.button("Validate", type="primary", key="validate-run"):
+        from cxr_core.models import load_model
+        from cxr_core.validation import record_validation, validate_site
+
+        with guarded("validating the model"), st.spinner("Scoring every film through the app's own prediction path…"):
+            version = next(v for v in versions if v.key == version_key)
+            result = validate_site(load_model(version.path), by_dataset[dataset_id].root, target_sensitivity=float(target_sensitivity))
+            record_validation(result, user=user, role=role, data_name=by_dataset[dataset_id].name)
+            st.session_state["validation-shown"] = result.as_dict()
+    shown = st.session_state.get("validation-shown")
+    if shown:
+        validated = next((v for v in versions if v.key == shown["model"]), None)
+        render_validation(shown, validated.manifest.label) if validated else render_validation(shown)
+    past = list_validations()
+    if past:
+        st.markdown("**Recorded validations** (newest first)")
+        st.dataframe(pd.DataFrame([{
+            "when": v.created, "who": v.user, "model": v.model, "films": v.data_name, "n": v.n,
+            "COVID-19 sensitivity": v.result["covid_sensitivity"]["value"], "specificity": v.result["non_covid_specificity"]["value"],
+            "AUROC": v.result["auroc"]["value"], "data sha256": v.data_sha256[:12]} for v in past]), hide_index=True, width="stretch")
 
 st.divider()
 st.subheader("Installation check")

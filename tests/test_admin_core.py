@@ -299,3 +299,25 @@ def test_the_default_model_is_an_explicit_recorded_setting(registry_env: Path) -
     assert read_pointer()["history"][0] == {**read_pointer()["history"][0], "action": "default", "user": "alice", "to": "dn"}
     with pytest.raises(RegistryError, match="No installed model"):
         set_default_model("nope", user="alice")
+
+
+def test_evaluation_sets_to_choose_from_are_the_servers_and_the_checked_uploads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.datasets import evaluation_choices, store_upload, validate_dataset
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    server_set = make_labelled_folder(tmp_path / "server-eval", per_class={"test": 2}, size=48)
+    monkeypatch.setenv("CXR_EVAL_DIR", str(server_set))
+    source = make_labelled_folder(tmp_path / "src", per_class={"train": 4, "val": 2}, size=64)
+    files = [(str(p.relative_to(source)), p.read_bytes()) for p in sorted(source.rglob("*.png"))]
+    site = store_upload("Site B films", "alice", files=files)
+    refused = store_upload("one class", "alice", files=[f for f in files if "/covid/" in f[0]])
+    unchecked = store_upload("not yet checked", "alice", files=files)
+    validate_dataset(site)
+    validate_dataset(refused)
+    choices = evaluation_choices()
+    assert [c.path for c in choices] == [server_set, site.root]
+    assert choices[0].label.startswith("The server's evaluation set") and choices[1].label.startswith("Site B films (uploaded ")
+    assert [c.path for c in evaluation_choices(exclude=site.id)] == [server_set]
+    assert unchecked.id not in {c.path.parent.name for c in choices}
+    monkeypatch.setenv("CXR_EVAL_DIR", str(tmp_path / "missing"))
+    assert [c.path for c in evaluation_choices()] == [site.root]

@@ -45,12 +45,14 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     assert "densenet121 random-weight test model" in body and "version **0.0.1**" in body
     assert "Decision support only" in body
     assert any("broken.dcm" in e.value and "not an image" in e.value for e in at.error)
-    table = at.dataframe[0].value.set_index("file")
-    # The worklist puts problems first: the unreadable file, then flagged studies.
+    table = at.dataframe[0].value.set_index("File")
+    # The worklist puts problems first: the unreadable file, then flagged studies, each with why.
     assert list(table.index) == ["broken.dcm", "RG1_J2KR.dcm", "IMG0002"]
-    assert table.loc["RG1_J2KR.dcm", "p_covid"] == pytest.approx(table.loc["IMG0002", "p_covid"], abs=1e-4)
-    assert set(table["gate"]) == {"", "warning"}  # random test models have no fitted gate: warned
-    captions = [c for image in at.get("image") for c in image.captions]
+    covid = next(c for c in table.columns if c.endswith(" %") and "COVID" in c.upper())
+    assert float(table.loc["RG1_J2KR.dcm", covid]) == pytest.approx(float(table.loc["IMG0002", covid]), abs=0.1)
+    assert list(table["Status"]) == ["unreadable", "check", "check"]  # random test models have no fitted gate: warned
+    assert "not an image" in table.loc["broken.dcm", "Why"] and table.loc["RG1_J2KR.dcm", "Why"]
+    captions = [c.value for c in at.caption]
     assert any(c.startswith("Image (window C 15000 / W 30000") for c in captions)
     assert any(c.startswith("Grad-CAM for") for c in captions)
     # RG1 is brighter than the training films (its own window): the page says so, and shows what
@@ -66,7 +68,7 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     assert any("Image metadata" in e.label for e in at.expander)
     # The thumbnail strip: one per readable study, with its status; "Open" switches the study.
     # Each study keeps its worklist number (the unreadable upload is study 2), in the strip and the picker.
-    assert table.loc["RG1_J2KR.dcm", "study"] == 1 and table.loc["IMG0002", "study"] == 3
+    assert table.loc["RG1_J2KR.dcm", "Study"] == 1 and table.loc["IMG0002", "Study"] == 3
     thumbs = [c for image in at.get("image") for c in image.captions if c[:2] in ("1.", "2.", "3.")]
     assert sorted(c[:2] for c in thumbs) == ["1.", "3."] and all(c.endswith("⚠") for c in thumbs), thumbs
     assert at.selectbox(key="diagnose_study").options == ["1. RG1_J2KR.dcm", "3. IMG0002"]
@@ -81,7 +83,7 @@ def test_upload_gives_probabilities_overlay_and_errors(use_weights: Path, dicom_
     at.selectbox(key="diagnose_study").set_value(1)
     at.run()
     assert not at.exception
-    assert any(c.startswith("Eigen-CAM (class-agnostic) for") and c.endswith("the same map for every class") for image in at.get("image") for c in image.captions)
+    assert any(c.value.startswith("Eigen-CAM (class-agnostic) for") and c.value.endswith("the same map for every class") for c in at.caption)
 
 
 def test_switching_model(use_weights: Path, dicom_data: Path) -> None:
@@ -313,8 +315,12 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
 
     at.switch_page("pages/training.py").run()
     assert not at.exception
-    at.radio[0].set_value("An architecture (from scratch)")
+    recipe = next(r for r in at.radio if r.label == "Recipe")
+    from cxr_core.jobs import PRESETS
+
+    recipe.set_value(next(i for i, p in enumerate(PRESETS) if p.name == "Train from scratch"))
     at.run()
+    assert any("random weights" in c.value for c in at.caption)
     arch = next(s for s in at.selectbox if s.label == "Architecture")
     arch.set_value("cnn5")
     at.run()
@@ -335,7 +341,8 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     assert not at.exception and any("started" in s.value for s in at.success)
     job_dir = list_jobs()[0][0]
     job = json.loads((job_dir / "job.json").read_text())
-    assert job["zoom"] == [0.9, 1.3] and job["aspect"] == 0.15 and job["edge_crop"] == 0.1 and job["average_every"] == 3 and job["aux_classes"] == ["bacterial_pneumonia"]
+    assert job["acquisition"] == 0.0 and job["eval_dir"] == str(eval_dir)  # the preset's, and the server's evaluation set
+    assert job["zoom"] == [0.85, 1.3] and job["aspect"] == 0.15 and job["edge_crop"] == 0.1 and job["average_every"] == 3 and job["aux_classes"] == ["bacterial_pneumonia"]
     deadline = time.time() + 600
     while time.time() < deadline and list_jobs()[0][2].state not in (FINISHED, FAILED):
         time.sleep(1)
@@ -375,3 +382,104 @@ def test_audit_page_filters_verifies_and_exports(use_weights: Path, tmp_path: Pa
     assert list(at.dataframe[0].value["user"]) == ["dr.a"]
     assert [b.label for b in at.get("download_button")] == ["Download CSV"]
     assert len(entries()) == 2  # viewing records nothing; downloading would
+
+
+def test_a_refused_upload_says_why_and_can_be_deleted(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import zipfile
+
+    from cxr_core.datasets import list_datasets
+    from cxr_core.users import add_user
+    from tests.synthetic import make_labelled_folder
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    add_user("alice", "a long enough password", "admin")
+    source = make_labelled_folder(tmp_path / "set", ("covid",), per_class={"all": 3}, splits=False)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in source.rglob("*.png"):
+            archive.write(path, path.relative_to(source).as_posix())
+    at = app().run()
+    at.session_state["user"], at.session_state["role"] = "alice", "admin"
+    at.switch_page("pages/data.py").run()
+    at.text_input[0].set_value("only covid")
+    at.file_uploader(key="data_zip").set_value(("one.zip", buffer.getvalue(), "application/zip"))
+    at.run()
+    next(b for b in at.button if b.label == "Store the upload").click()
+    at.run()
+    assert not at.exception
+    assert any("at least two classes" in e.value for e in at.error)
+    assert not any("Checking it" in s.value for s in at.success)
+    delete = next(b for b in at.button if b.label == "Delete this dataset")
+    assert delete.disabled  # behind a confirmation
+    next(c for c in at.checkbox if c.label.startswith("Yes, delete")).check()
+    at.run()
+    next(b for b in at.button if b.label == "Delete this dataset").click()
+    at.run()
+    assert not at.exception and list_datasets() == []
+
+
+def test_admin_validates_a_model_on_site_films_and_diagnose_shows_it(use_weights: Path, dicom_data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.datasets import store_upload, validate_dataset
+    from cxr_core.validation import list_validations
+    from tests.synthetic import make_labelled_folder
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"train": 4, "val": 2}, size=64)
+    files = [(str(p.relative_to(source)), p.read_bytes()) for p in sorted(source.rglob("*.png"))]
+    dataset = store_upload("Site B films", "alice", files=files)
+    validate_dataset(dataset)
+    at = app().run()
+    at.session_state["user"], at.session_state["role"] = "alice", "admin"
+    at.switch_page("pages/models.py").run()
+    assert not at.exception
+    at.selectbox(key="validate-model").set_value("densenet121-test@0.0.1")
+    at.button(key="validate-run").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("too few to conclude" in w.value for w in at.warning)
+    figures = next(d.value for d in at.dataframe if "figure" in d.value.columns)
+    assert list(figures["figure"][:2]) == ["COVID-19 sensitivity", "Specificity (not COVID-19 left alone)"]
+    assert figures["value (95% CI); films"][0].endswith("/6")  # 6 COVID-19 films (train and val)
+    (stored,) = list_validations()
+    assert stored.model == "densenet121-test@0.0.1" and stored.user == "alice" and stored.data_name == "Site B films"
+
+    at.switch_page("pages/diagnose.py").run()
+    at.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/dicom"))
+    at.run()
+    assert not at.exception
+    badges = [c.value for c in at.caption if c.value.startswith(("Validated at this site", "Not validated at this site"))]
+    assert badges and badges[0].startswith("Validated at this site on 12 films (Site B films, ")
+
+
+def test_models_page_shows_an_adapted_candidates_before_and_after(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from cxr_core.versions import SITE_ADAPTATION_NAME, registry_dir
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    staged = make_model_folder(registry_dir() / "densenet121-test", "densenet121", ("covid", "normal", "viral_pneumonia"),
+                               id="densenet121-test", version="0.0.2-site", size=64, seed=5)
+    folder = staged.rename(registry_dir() / "densenet121-test" / "0.0.2-site")
+
+    def figures(sensitivity: float, specificity: float) -> dict:
+        return {"covid_sensitivity": {"value": sensitivity, "ci95": [0.5, 0.99], "successes": 9, "n": 10},
+                "non_covid_specificity": {"value": specificity, "ci95": [0.4, 0.9], "successes": 14, "n": 20},
+                "ppv": {"value": None, "ci95": None, "successes": 0, "n": 0}, "npv": {"value": None, "ci95": None, "successes": 0, "n": 0}}
+
+    (folder / SITE_ADAPTATION_NAME).write_text(json.dumps({
+        "site": "Site B", "films": {"adapt": 20, "validation": 6, "held_out": 30, "replay_train": 20},
+        "before": figures(0.9, 0.7), "after": figures(0.9, 0.65), "shared_test": {"folder": "cxr", "n": 1293, "covid_sensitivity": 0.97}}))
+    (folder / "evaluation.json").write_text(json.dumps({"n": 30, "accuracy": 0.8, "evaluation_set": "x", "split": None}))
+    at = app().run()
+    at.session_state["user"], at.session_state["role"] = "alice", "admin"
+    at.switch_page("pages/models.py").run()
+    assert not at.exception
+    body = texts(at)
+    assert "**Site adaptation** on Site B: 20 films adapted on" in body
+    before_after = next(d.value for d in at.dataframe if "on the held-out films" in d.value.columns)
+    assert list(before_after.columns) == ["on the held-out films", "before", "after"]
+    assert before_after["after"][1].startswith("0.650")
+    assert any("not better than before" in w.value for w in at.warning)

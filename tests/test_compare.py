@@ -205,3 +205,66 @@ def test_grid_png_export() -> None:
     square = grid_png([np.full((50, 50, 3), 90, np.uint8) for _ in range(2)], ["a", "b"], columns=2, tile_side=120)
     pixels = np.asarray(square)[:120]
     assert np.all(pixels[:, :120] == 90) and np.all(pixels[:, 120:128] == 255) and np.all(pixels[:, 128:248] == 90)
+
+
+def test_two_studies_keep_their_rows_as_an_outer_grouping(densenet) -> None:  # type: ignore[no-untyped-def]
+    from cxr_core.compare import row_titles
+
+    models = {densenet.key: densenet}
+    specs = grid_specs("method", ["gradcam", "hirescam"], models, studies=2, model=densenet.key, method="gradcam",
+                       target="covid", row_axis="class", row_values=["covid", "viral_pneumonia"])
+    assert [(s.study, s.target, s.method) for s in specs] == [
+        (0, "covid", "gradcam"), (0, "covid", "hirescam"), (0, "viral_pneumonia", "gradcam"), (0, "viral_pneumonia", "hirescam"),
+        (1, "covid", "gradcam"), (1, "covid", "hirescam"), (1, "viral_pneumonia", "gradcam"), (1, "viral_pneumonia", "hirescam")]
+    # Column labels say the column; the row says the rest, with display names.
+    assert {s.label for s in specs} == {"Grad-CAM", "HiResCAM"}
+    covid, viral = densenet.manifest.label("covid"), densenet.manifest.label("viral_pneumonia")
+    assert viral != "viral_pneumonia"
+    assert row_titles(specs, 2, ["prior.dcm", "current.dcm"]) == [
+        f"prior.dcm · {covid}", f"prior.dcm · {viral}", f"current.dcm · {covid}", f"current.dcm · {viral}"]
+    one = grid_specs("method", ["gradcam"], models, studies=1, model=densenet.key, method="gradcam", target="covid")
+    assert row_titles(one, 1, ["film.dcm"]) == [""]
+    two = grid_specs("method", ["gradcam"], models, studies=2, model=densenet.key, method="gradcam", target="covid")
+    assert row_titles(two, 1, ["a.dcm", "b.dcm"]) == ["a.dcm", "b.dcm"]
+
+
+def test_lung_warning_names_the_study_and_skips_negligible_classes() -> None:
+    from cxr_core.compare import lung_warnings
+
+    corner = np.zeros((64, 64), np.float32)
+    corner[:10, :10] = 1.0
+    likely = Panel(PanelSpec(1, "m@1", "gradcam", "covid", "backbone.x", "Grad-CAM", "COVID-19"), corner, 0.6, "covid", lung_overlap(corner))
+    negligible = Panel(PanelSpec(0, "m@1", "gradcam", "viral_pneumonia", "backbone.x", "Grad-CAM", "Viral pneumonia"), corner, 0.01,
+                       "covid", lung_overlap(corner))
+    inside = _panel(lung_field((64, 64)).astype(np.float32))
+    warnings = lung_warnings([likely, negligible, inside], ["prior.dcm", "current.dcm"])
+    assert len(warnings) == 1 and warnings[0].startswith("current.dcm · COVID-19 · Grad-CAM (")
+
+
+def test_exported_grid_has_row_titles_and_a_colour_bar_per_scale() -> None:
+    from cxr_core.compare import colour_bars
+
+    grid = [_panel(_bump() * 0.6, method="gradcam++"), _panel(_bump() * 0.02, method="gradcam")]
+    _, scales = scale_panels(grid, shared=True)
+    bars = colour_bars(scales)
+    assert [(b.name, round(b.top or 0, 3)) for b in bars] == [("Grad-CAM++", 0.6), ("Grad-CAM", 0.02)]
+    assert [b.top for b in colour_bars(())] == [None]
+    tiles = [np.full((64, 64, 3), 128, np.uint8)] * 2
+    plain = grid_png(tiles, ["a", "b"], 2, tile_side=100)
+    titled = grid_png(tiles, ["a", "b"], 2, tile_side=100, rows_titled=["prior.dcm"], bars=bars, colormap="jet")
+    assert titled.width == plain.width + 150 and titled.height == plain.height + 2 * 40
+    pixels = np.asarray(titled)
+    # The left margin holds dark text; each bar runs from the colormap's blue to its red.
+    assert (pixels[:, :150].min(axis=2) < 100).any()
+    bar_row = pixels[plain.height + 8 + 7, 150:]
+    coloured = bar_row[(bar_row.max(axis=1) - bar_row.min(axis=1)) > 60]
+    assert coloured[0][2] > coloured[0][0] and coloured[-1][0] > coloured[-1][2]
+
+
+def test_colour_bar_colours_are_the_overlay_colours() -> None:
+    from cxr_core.overlay import colorize, colorscale
+
+    stops = colorscale("inferno", steps=5)
+    assert [t for t, _ in stops] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    r, g, b = colorize(np.array([[1.0]], np.float32), "inferno")[0, 0].tolist()
+    assert stops[-1][1] == f"rgb({r},{g},{b})"

@@ -7,6 +7,7 @@ skipped cleanly when either is missing. Marked ``e2e``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -74,6 +75,18 @@ def running_app(env_extra: dict[str, str], log_path: Path) -> Iterator[str]:
         log.close()
 
 
+@contextmanager
+def diagnose_page(url: str) -> Iterator:  # type: ignore[type-arg]
+    """A 1400 x 1600 headless Chromium page on the app's first page (Diagnose)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        open_app(page, url)
+        yield page
+        browser.close()
+
+
 @pytest.fixture()
 def server(use_weights: Path, tmp_path: Path) -> Iterator[str]:
     with running_app({"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(tmp_path / "var")}, tmp_path / "streamlit.log") as url:
@@ -81,14 +94,9 @@ def server(use_weights: Path, tmp_path: Path) -> Iterator[str]:
 
 
 def test_radiologist_uploads_dicom_and_png_and_sees_probabilities(server: str, dicom_data: Path, tmp_path: Path) -> None:
-    playwright = pytest.importorskip("playwright.sync_api")
     png = tmp_path / "chest.png"
     png.write_bytes(_film_png(dicom_data))
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(server)
-        page.get_by_text("Diagnose").first.wait_for(timeout=180_000)
+    with diagnose_page(server) as page:
         started = time.time()
         page.set_input_files("input[type=file]", [str(dicom_data / "RG1_J2KR.dcm"), str(png)])
         page.get_by_text("Prediction:").wait_for(timeout=180_000)
@@ -101,8 +109,84 @@ def test_radiologist_uploads_dicom_and_png_and_sees_probabilities(server: str, d
         page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some(e => e.textContent.includes('%'))", timeout=60_000)
         assert "Traceback" not in body
         page.screenshot(path=str(tmp_path / "diagnose.png"), full_page=True)
-        browser.close()
     print(f"prediction visible {elapsed:.1f} s after upload")
+
+
+def test_worklist_shows_why_a_study_was_rejected_and_opens_it_first(server: str, dicom_data: Path, dicom_tests: Path, tmp_path: Path) -> None:
+    """At 1400 px the reason a study needs a look is on screen beside its number, in words and
+    display names (no raw keys, no "None"), and the first flagged study is the one opened."""
+    png = tmp_path / "chest.png"
+    png.write_bytes(_film_png(dicom_data))
+    with diagnose_page(server) as page:
+        page.set_input_files("input[type=file]", [str(png), str(dicom_tests / "MR_small.dcm")])
+        page.get_by_text("Worklist (2 file(s))").wait_for(timeout=180_000)
+        _streamlit_idle(page)
+        # The MR (uploaded second) needs a look, so it is the study opened below the worklist.
+        page.get_by_role("heading", name="MR_small.dcm").wait_for(timeout=60_000)
+        grid = page.locator("[data-testid=stDataFrame]").first
+        grid.wait_for(timeout=60_000)
+        box = grid.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= 1400
+        # The grid draws on a canvas: read what it shows through its own "Download as CSV".
+        # Without the File System Access API the grid falls back to an ordinary download.
+        page.evaluate("() => { delete window.showSaveFilePicker; }")
+        grid.hover()
+        with page.expect_download() as download:
+            grid.get_by_role("button", name="Download as CSV").click()
+        import csv as _csv
+
+        rows = list(_csv.DictReader(open(download.value.path(), encoding="utf-8-sig")))
+        assert list(rows[0])[:5] == ["Study", "File", "Status", "Why", "Call"]
+        shown = " ".join(" ".join(r.values()) for r in rows)
+        assert "viral_pneumonia" not in shown and "None" not in shown
+        mr = next(r for r in rows if r["File"] == "MR_small.dcm")
+        assert mr["Status"] == "rejected" and "MR" in mr["Why"], mr
+        assert rows[0]["File"] == "MR_small.dcm"  # flagged first
+        assert "Traceback" not in page.inner_text("body")
+        _shot(page, tmp_path, "worklist")
+
+
+def test_radiologist_windows_and_zooms_the_film_and_the_overlay_follows(server: str, dicom_data: Path, tmp_path: Path) -> None:
+    """Drag windows the film, the wheel zooms, Reset returns; both panes change together."""
+    with diagnose_page(server) as page:
+        page.set_input_files("input[type=file]", [str(dicom_data / "RG1_UNCR.dcm")])
+        page.get_by_text("Grad-CAM for").first.wait_for(timeout=180_000)
+        _streamlit_idle(page)
+        frame = next(f for f in page.frames if f.locator("[data-testid=viewer-state]").count())
+        frame.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        state = frame.locator("[data-testid=viewer-state]")
+        assert state.inner_text() == "Window: level 0.50, width 1.00 · zoom 1.0x"
+        film, overlay = frame.locator("canvas[data-role=film]"), frame.locator("canvas[data-role=overlay]")
+
+        def centre_pixels() -> list[list[int]]:
+            return [c.evaluate("c => Array.from(c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data)") for c in (film, overlay)]
+
+        before = centre_pixels()
+        assert before[0] != before[1]  # the overlay pane shows the heatmap over the film
+        box = film.bounding_box()
+        assert box is not None
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        # Drag left (narrower window) and down (lower level): more contrast, brighter film.
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x - box["width"] * 0.5, y + box["height"] * 0.2, steps=5)
+        page.mouse.up()
+        windowed = state.inner_text()
+        level, width = (float(v) for v in re.findall(r"level ([\d.]+), width ([\d.]+)", windowed)[0])
+        assert width == pytest.approx(0.5, abs=0.05) and level == pytest.approx(0.3, abs=0.05), windowed
+        after = centre_pixels()
+        assert after[0] != before[0] and after[1] != before[1]  # both panes re-windowed
+        page.mouse.move(x, y)
+        page.mouse.wheel(0, -600)
+        frame.wait_for_function("() => !document.querySelector('[data-testid=viewer-state]').textContent.endsWith('zoom 1.0x')")
+        zoom = float(re.findall(r"zoom ([\d.]+)x", state.inner_text())[0])
+        assert zoom > 2
+        frame.get_by_role("button", name="Reset").click()
+        assert state.inner_text() == "Window: level 0.50, width 1.00 · zoom 1.0x"
+        assert centre_pixels() == before
+        frame.get_by_role("button", name="Lungs").click()
+        assert state.inner_text().startswith("Window: level 0.35, width 0.60")
+        _shot(page, tmp_path, "diagnose")
 
 
 def _film_png(dicom_data: Path) -> bytes:
@@ -118,12 +202,8 @@ def _film_png(dicom_data: Path) -> bytes:
     return buffer.getvalue()
 
 
-def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_data: Path) -> None:
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        open_app(page, server)
+def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_data: Path, tmp_path: Path) -> None:
+    with diagnose_page(server) as page:
         page.get_by_role("link", name="Compare").click()
         page.get_by_text("Compare heatmaps").first.wait_for(timeout=180_000)
         page.set_input_files("input[type=file]", [str(dicom_data / "RG1_J2KR.dcm")])
@@ -131,6 +211,10 @@ def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_dat
         plot = page.locator(".js-plotly-plot").first
         plot.locator("image").nth(2).wait_for(timeout=180_000)
         assert plot.locator("image").count() == 3  # Grad-CAM, Grad-CAM++, HiResCAM
+        # One colour bar per scale (three methods: three scales), under the grid.
+        assert plot.locator(".colorbar").count() == 3
+        _streamlit_idle(page)
+        _shot(page, tmp_path, "compare")
         # Zoom into the first panel: every panel's x range follows (matched axes).
         box = plot.locator(".nsewdrag").first.bounding_box()
         assert box is not None
@@ -145,7 +229,37 @@ def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_dat
         )
         assert ranges[0] == ranges[1] == ranges[2] and ranges[0][1] - ranges[0][0] < 700
         assert "Traceback" not in page.inner_text("body")
-        browser.close()
+
+
+def _shot(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    """A full-page screenshot for the test's folder, and, when CXR_SCREENSHOT_DIR is set, the
+    visible part for the README (docs/images: refreshed by running the browser tests with it)."""
+    page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+    if os.environ.get("CXR_SCREENSHOT_DIR"):
+        out = Path(os.environ["CXR_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out / f"{name}.png"))
+
+
+def _upload_dataset(page, name: str, archive: Path) -> None:  # type: ignore[no-untyped-def]
+    """On the Training data page: store a zip under ``name`` and wait for its check."""
+    page.get_by_role("link", name="Training data").click()
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Name").press("Enter")
+    _streamlit_idle(page)
+    page.get_by_role("tab", name="A zip archive").click()
+    page.locator("[data-testid=stFileUploader]").filter(has_text="zip").locator("input[type=file]").set_input_files(str(archive))
+    _streamlit_idle(page)
+    page.get_by_role("button", name="Store the upload").click()
+    page.get_by_text("Images per class").first.wait_for(timeout=120_000)
+
+
+def _sign_in(page, name: str = "alice", password: str = "a long enough password") -> None:  # type: ignore[no-untyped-def]
+    page.get_by_role("link", name="Sign in").first.click()
+    page.get_by_label("User name", exact=True).fill(name)
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("Signed in as").wait_for(timeout=60_000)
 
 
 def open_app(page, url: str) -> None:  # type: ignore[no-untyped-def]
@@ -194,30 +308,16 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
             page.get_by_role("link", name="Models").click()
             page.get_by_text("This page is for administrators").wait_for(timeout=60_000)
 
-            def sign_in() -> None:
-                page.get_by_role("link", name="Sign in").first.click()
-                page.get_by_label("User name", exact=True).fill("alice")
-                page.get_by_label("Password", exact=True).fill("a long enough password")
-                page.get_by_role("button", name="Sign in").click()
-                page.get_by_text("Signed in as").wait_for(timeout=60_000)
+            _sign_in(page)
 
-            sign_in()
-
-            page.get_by_role("link", name="Training data").click()
-            page.get_by_label("Name").fill("site B")
-            page.get_by_label("Name").press("Enter")
-            _streamlit_idle(page)
-            page.get_by_role("tab", name="A zip archive").click()
-            page.locator("[data-testid=stFileUploader]").filter(has_text="zip").locator("input[type=file]").set_input_files(str(archive))
-            _streamlit_idle(page)
-            page.get_by_role("button", name="Store the upload").click()
-            page.get_by_text("Images per class").first.wait_for(timeout=120_000)
+            _upload_dataset(page, "site B", archive)
             page.get_by_role("button", name="Use this dataset for training").click()
             _streamlit_idle(page)
 
             page.get_by_role("link", name="Training", exact=True).click()
-            page.get_by_text("An architecture (from scratch)").click()
+            page.get_by_text("Train from scratch").click()
             _streamlit_idle(page)
+            page.get_by_text("Advanced: every setting of this job").click()
             page.locator("[data-testid=stSelectbox]").filter(has_text="Architecture").click()
             page.get_by_role("option", name="cnn5").click()
             _streamlit_idle(page)
@@ -234,7 +334,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
             # The live view reruns itself; reload the page meanwhile: the job carries on.
             # A reload starts a new session (signed out); the job is a separate process and carries on.
             page.reload()
-            sign_in()
+            _sign_in(page)
             page.get_by_role("link", name="Training", exact=True).click()
             page.get_by_text("9.9.9").first.wait_for(timeout=60_000)
             page.get_by_text("✅ finished").first.wait_for(timeout=600_000)
@@ -260,7 +360,6 @@ def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidat
     from cxr_core.versions import registry_dir
     from tests.conftest import make_model_folder
 
-    playwright = pytest.importorskip("playwright.sync_api")
     var = tmp_path / "var"
     env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu"}
     previous_var = os.environ["CXR_VAR_DIR"]
@@ -270,15 +369,8 @@ def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidat
         staged = make_model_folder(registry_dir() / "densenet121-test", "densenet121", ("covid", "normal", "viral_pneumonia"),
                                    id="densenet121-test", version="0.0.2", size=64, seed=5)
         staged.rename(registry_dir() / "densenet121-test" / "0.0.2")  # trained here, never evaluated
-        with running_app(env, tmp_path / "streamlit.log") as url, playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            open_app(page, url)
-            page.get_by_role("link", name="Sign in").first.click()
-            page.get_by_label("User name", exact=True).fill("alice")
-            page.get_by_label("Password", exact=True).fill("a long enough password")
-            page.get_by_role("button", name="Sign in").click()
-            page.get_by_text("Signed in as").wait_for(timeout=60_000)
+        with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
+            _sign_in(page)
             page.get_by_role("link", name="Models").click()
             page.get_by_text("No default has been chosen").wait_for(timeout=60_000)
             page.get_by_text("Not evaluated: 0.0.2").wait_for(timeout=60_000)
@@ -296,8 +388,54 @@ def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidat
             chosen = (box.text_content() or "") + " " + " ".join(box.locator("input").evaluate_all("els => els.map(e => e.value)"))
             assert "resnet50-test@0.0.1 (default)" in chosen, chosen
             assert "Traceback" not in page.inner_text("body")
-            browser.close()
         defaults = entries(action="set_default_model")
         assert len(defaults) == 1 and defaults[0].model == "resnet50-test" and defaults[0].user == "alice"
+    finally:
+        os.environ["CXR_VAR_DIR"] = previous_var
+
+
+def test_admin_uploads_site_films_validates_and_diagnose_shows_the_badge(use_weights: Path, dicom_data: Path, tmp_path: Path) -> None:
+    """Issue 31 in a browser: upload a site's labelled zip, validate the default model on it on
+    the Models page, and Diagnose names the validation beside the model."""
+    import io
+    import zipfile
+
+    from cxr_core.users import add_user
+    from tests.synthetic import make_labelled_folder
+
+    var = tmp_path / "var"
+    env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu", "CXR_DEFAULT_MODEL": "densenet121-test"}
+    previous_var = os.environ["CXR_VAR_DIR"]
+    os.environ["CXR_VAR_DIR"] = str(var)
+    source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"train": 6, "val": 3}, size=64)
+    archive = tmp_path / "site-b.zip"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for path in source.rglob("*.png"):
+            z.write(path, f"site-b/{path.relative_to(source).as_posix()}")
+    archive.write_bytes(buffer.getvalue())
+    png = tmp_path / "chest.png"
+    png.write_bytes(_film_png(dicom_data))
+    try:
+        add_user("alice", "a long enough password", "admin")
+        with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
+            _sign_in(page)
+            _upload_dataset(page, "Site B films", archive)
+            page.get_by_role("link", name="Models").click()
+            page.get_by_text("Validate at this site").wait_for(timeout=60_000)
+            _streamlit_idle(page)
+            page.get_by_role("button", name="Validate", exact=True).click()
+            page.get_by_text("Recorded validations").wait_for(timeout=180_000)
+            body = page.inner_text("body")
+            assert "too few to conclude" in body and "COVID-19 sensitivity" in body
+            page.get_by_text("Recorded validations").scroll_into_view_if_needed()
+            _shot(page, tmp_path, "admin-validation")
+            page.get_by_role("link", name="Diagnose").click()
+            page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
+            _streamlit_idle(page)
+            page.set_input_files("input[type=file]", [str(png)])
+            page.get_by_text("Validated at this site on 18 films (Site B films").wait_for(timeout=180_000)
+            assert "Traceback" not in page.inner_text("body")
+            _shot(page, tmp_path, "diagnose-validated")
     finally:
         os.environ["CXR_VAR_DIR"] = previous_var

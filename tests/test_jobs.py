@@ -176,14 +176,92 @@ def test_zoom_and_aspect_reach_the_training_config_and_survive_a_reload(job_env:
     from cxr_core.jobs import _train_config
 
     spec = JobSpec(dataset=str(job_env / "data"), arch="cnn5", model_id="tiny", version="9.0.0", user="alice",
-                   zoom=(0.85, 1.35), aspect=0.2, edge_crop=0.1, average_every=20, aux_classes=("bacterial_pneumonia",))
+                   zoom=(0.85, 1.35), aspect=0.2, edge_crop=0.1, average_every=20, aux_classes=("bacterial_pneumonia",),
+                   acquisition=0.3)
     again = JobSpec.from_dict(json.loads(json.dumps(asdict(spec))))
     assert again == spec
     config = _train_config(again, job_env / "out")
     assert config.augment.scale == (0.85, 1.35) and config.augment.aspect == 0.2 and config.average_every == 20
-    assert config.augment.edge_crop == 0.1
+    assert config.augment.edge_crop == 0.1 and config.augment.acquisition == 0.3
     assert config.aux_classes == ("bacterial_pneumonia",) and config.n_outputs == 4
     # A job recorded before these options existed gets the library's defaults.
-    old = {k: v for k, v in json.loads(json.dumps(asdict(spec))).items() if k not in ("zoom", "aspect", "edge_crop", "average_every", "aux_classes")}
+    old = {k: v for k, v in json.loads(json.dumps(asdict(spec))).items() if k not in ("zoom", "aspect", "edge_crop", "average_every", "aux_classes", "acquisition")}
     old_config = _train_config(JobSpec.from_dict(old), job_env / "out")
     assert old_config.augment.scale == (0.9, 1.1) and old_config.augment.edge_crop == 0.0 and old_config.average_every == 0 and old_config.aux_classes == ()
+    assert old_config.augment.acquisition == 0.0
+
+
+def test_progress_says_reading_then_training_also_when_no_step_is_logged() -> None:
+    """A tiny dataset logs no step within an epoch: once training has started the bar must say
+    "Training", not "Reading and checking the data"."""
+    from cxr_core.jobs import describe_progress
+
+    assert describe_progress([], 2).text == "Reading and checking the data…"
+    reading = [{"event": "preparing", "message": "reading"}, {"event": "preparing", "done": 2048, "total": 4000}]
+    assert describe_progress(reading, 2).text == "Reading and checking the data: 2048 of 4000 films"
+    started = [*reading, {"event": "start"}]
+    assert describe_progress(started, 2).text == "Training: 0 of 2 epochs done"
+    one_epoch = [*started, {"event": "epoch", "epoch": 0, "val_loss": 0.5, "val_accuracy": 0.8}]
+    progress = describe_progress(one_epoch, 2)
+    assert progress.fraction == 0.5 and progress.text == "Training: 1 of 2 epochs done"
+    stepping = [*one_epoch, {"event": "step", "epoch": 1, "step": 10, "steps": 20, "images_per_s": 12.5, "eta_s": 120}]
+    progress = describe_progress(stepping, 2)
+    assert progress.fraction == 0.75 and progress.text.startswith("Training: epoch 2/2, step 10/20, 12.5 images/s, about 2 min left")
+
+
+def test_presets_are_valid_jobs_the_page_can_show() -> None:
+    from cxr_core.jobs import PRESETS
+    from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP
+
+    assert [p.name for p in PRESETS] == ["Fine-tune the active model (quick)", "Fine-tune (thorough)", "Adapt to this site", "Train from scratch"]
+    assert [p.fine_tune for p in PRESETS] == [True, True, True, False]
+    assert [p.site_adaptation for p in PRESETS] == [False, False, True, False]
+    for preset in PRESETS:
+        assert 1 <= preset.epochs <= 200 and 1e-6 <= preset.lr <= 1e-1 and 0.1 <= preset.layer_decay <= 1.0
+        assert preset.aspect <= MAX_ASPECT and preset.edge_crop <= MAX_EDGE_CROP and 0 <= preset.acquisition <= 1
+        assert preset.balance in ("weights", "sampler", "source", "none") and preset.description
+    assert PRESETS[0].epochs < PRESETS[1].epochs
+
+
+def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(job_env: Path) -> None:
+    from dataclasses import replace
+
+    from cxr_core.jobs import run_job
+    from cxr_core.versions import SITE_ADAPTATION_NAME, list_versions, promotion_problems, site_adaptation_problems
+    from tests.conftest import make_model_folder
+
+    make_model_folder(job_env / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), id="tiny", version="1.0.0", size=32)
+    site = make_labelled_folder(job_env / "site", ("covid", "normal", "nodule"), per_class={"all": 12}, splits=False, size=48, seed=5)
+    replay = make_labelled_folder(job_env / "replay", per_class={"train": 8, "val": 4, "test": 4}, size=48, seed=6)
+    spec = JobSpec(dataset=str(site), arch="cnn5", model_id="tiny", version="1.1.0-site", user="alice", base_model="tiny@1.0.0",
+                   schedule=((32, 1),), batch_size=8, lr=1e-3, balance="source", site_adaptation=True, replay=(str(replay),))
+    job_dir = create_job(spec)
+    assert run_job(job_dir) == 0, (read_state(job_dir), (job_dir / "job.log").read_text()[-2000:] if (job_dir / "job.log").exists() else "")
+    candidate = next(v for v in list_versions("tiny") if v.version == "1.1.0-site")
+    record = json.loads((candidate.path / SITE_ADAPTATION_NAME).read_text())
+    films = record["films"]
+    assert films["adapt"] + films["validation"] + films["held_out"] == 36 and abs(films["replay_train"] - films["adapt"]) <= 3
+    assert record["before"]["model"] == "tiny@1.0.0" and record["after"]["model"] == "tiny@1.1.0-site"
+    assert record["before"]["n"] == record["after"]["n"] == films["held_out"]
+    assert record["shared_test"]["n"] == 12 and record["shared_test"]["folder"] == str(replay)
+    # Evaluated on the held-out films, as was the active version, so the usual rules apply too.
+    assert candidate.evaluation is not None and candidate.evaluation["n"] == films["held_out"] - record["after"]["counts"].get("nodule", 0)
+    active = next(v for v in list_versions("tiny") if v.active)
+    assert active.evaluation is not None and active.evaluation["evaluation_set"] == candidate.evaluation["evaluation_set"]
+    assert candidate.site_adaptation == record
+    problems = promotion_problems(candidate, active)
+    assert problems[: len(site_adaptation_problems(candidate))] == site_adaptation_problems(candidate)
+
+    # The rule itself, on figures set by hand.
+    def figures(sensitivity: float | None, specificity: float | None) -> dict:
+        return {"covid_sensitivity": {"value": sensitivity}, "non_covid_specificity": {"value": specificity}}
+
+    better = {"before": figures(0.9, 0.5), "after": figures(0.9, 0.8), "shared_test": {"covid_sensitivity": 0.96}}
+    assert site_adaptation_problems(replace(candidate, site_adaptation=better)) == []
+    worse = {**better, "after": figures(0.8, 0.5)}
+    assert "not better than before" in site_adaptation_problems(replace(candidate, site_adaptation=worse))[0]
+    forgetful = {**better, "shared_test": {"covid_sensitivity": 0.93}}
+    assert "below 0.95" in site_adaptation_problems(replace(candidate, site_adaptation=forgetful))[0]
+    unmeasured = {**better, "shared_test": None}
+    assert "not measured" in site_adaptation_problems(replace(candidate, site_adaptation=unmeasured))[0]
+    assert site_adaptation_problems(replace(candidate, site_adaptation=None)) == []

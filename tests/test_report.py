@@ -24,12 +24,39 @@ def test_csv_leaves_file_names_out_unless_asked() -> None:
     text = results_csv(RESULTS)
     assert "Smith" not in text and "broken.dcm" not in text
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert list(rows[0]) == ["study", "image_sha256", "model", "prediction", "p_covid", "p_normal", "gate", "uncertain", "warnings", "error", "disclaimer"]
+    assert list(rows[0]) == ["study", "image_sha256", "model", "prediction", "status", "reason", "p_covid", "p_normal", "gate", "uncertain", "warnings", "error", "disclaimer"]
     assert all(r["disclaimer"].startswith("Decision support only") for r in rows)
     assert [r["prediction"] for r in rows] == ["covid", "", "normal"]
     assert rows[0]["p_covid"] == "0.8" and rows[1]["error"] == "This DICOM has no pixel data"
     named = list(csv.DictReader(io.StringIO(results_csv(RESULTS, include_names=True))))
     assert [r["file"] for r in named] == ["Smith_John_MRN123.dcm", "broken.dcm", "x.png"]
+
+
+def test_csv_names_classes_as_the_model_does_and_says_why_a_study_is_flagged() -> None:
+    labels = {"covid": "COVID-19", "normal": "Normal"}
+    rows = list(csv.DictReader(io.StringIO(results_csv(RESULTS, label=lambda c: labels[c]))))
+    assert [r["prediction"] for r in rows] == ["COVID-19", "", "Normal"]
+    assert [(r["status"], r["reason"]) for r in rows] == [
+        ("check", "Colour image converted"), ("unreadable", "This DICOM has no pixel data"), ("ok", "")]
+    assert "None" not in results_csv(RESULTS)
+
+
+def test_worklist_puts_the_reason_beside_the_study_with_display_names() -> None:
+    from cxr_core.gate import GateResult
+    from cxr_core.report import worklist_rows
+
+    rejected = Prediction("m@1", "M", ("covid", "viral_pneumonia"), (0.7, 0.3), None, decision="covid",
+                          gate=GateResult("rejected", ("Modality is MR, not a radiograph",)))
+    uncertain = Prediction("m@1", "M", ("covid", "viral_pneumonia"), (0.5, 0.5), None, uncertain=True)
+    results = [StudyResult("mr.dcm", "c" * 64, rejected), StudyResult("u.png", "d" * 64, uncertain), RESULTS[1]]
+    labels = {"covid": "COVID-19", "viral_pneumonia": "Viral pneumonia"}
+    rows = worklist_rows(results, lambda c: labels[c])
+    assert list(rows[0])[:5] == ["Study", "File", "Status", "Why", "Call"]
+    assert list(rows[0])[5:] == ["COVID-19 %", "Viral pneumonia %", "Model"]
+    assert (rows[0]["Status"], rows[0]["Why"], rows[0]["COVID-19 %"]) == ("rejected", "Modality is MR, not a radiograph", "")
+    assert (rows[1]["Status"], rows[1]["Call"], rows[1]["Viral pneumonia %"]) == ("uncertain", "", "50.0")
+    assert (rows[2]["Status"], rows[2]["Why"]) == ("unreadable", "This DICOM has no pixel data")
+    assert not any(v is None for row in rows for v in row.values())
 
 
 def test_rows_keep_order_and_numbering() -> None:

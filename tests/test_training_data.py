@@ -180,3 +180,32 @@ def test_several_folders_are_one_set_checked_across_all_of_them(tmp_path: Path) 
     assert data.report.counts["val"]["normal"] == 6 + 2
     with pytest.raises(DatasetError, match="No data folder"):
         prepare_data([], PLAN3, 32)
+
+
+def test_a_small_flat_upload_gets_a_validation_film_per_class_and_a_warning(tmp_path: Path) -> None:
+    """Nine films in flat class folders (three a class): the hash alone leaves classes without a
+    validation film, so the check would refuse the set; one patient per class is set aside instead,
+    the report says so, and warns that three films are too few."""
+    root = make_labelled_folder(tmp_path / "flat", per_class={"all": 3}, splits=False)
+    data = prepare_data(root, PLAN3, 32)
+    assert data.report.counts["val"] == {"covid": 1, "normal": 1, "viral_pneumonia": 1}
+    assert data.report.counts["train"] == {"covid": 2, "normal": 2, "viral_pneumonia": 2}
+    notes = " ".join(data.report.notes)
+    assert "9 image(s) had no train/val folder" in notes and "at least one per class" in notes
+    assert "Class 'covid' has only 2 training and 1 validation film(s)" in notes
+
+
+def test_a_class_with_one_patient_is_not_split(tmp_path: Path) -> None:
+    """One patient cannot be both trained and validated on: the class stays without validation
+    films and the check says so, rather than training on nothing."""
+    records = [Record(Path(f"c{i}"), "covid", None, "only-patient") for i in range(5)]
+    records += [Record(Path(f"n{i}"), "normal", None, f"p{i}") for i in range(5)]
+    assigned = assign_splits(records, val_fraction=0.1)
+    assert {r.split for r in assigned if r.label == "covid"} in ({"train"}, {"val"})
+    assert sum(r.split == "val" for r in assigned if r.label == "normal") >= 1
+    assert sum(r.split == "train" for r in assigned if r.label == "normal") >= 1
+
+
+def test_given_splits_are_never_moved(tmp_path: Path) -> None:
+    records = [Record(Path(f"c{i}"), "covid", "train", f"p{i}") for i in range(5)]
+    assert [r.split for r in assign_splits(records, val_fraction=0.5)] == ["train"] * 5

@@ -145,7 +145,24 @@ def assign_splits(records: Sequence[Record], val_fraction: float = 0.1, test_fra
         u = _bucket(record.patient_id or str(record.path), salt)
         split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
         out.append(replace(record, split=split))
-    return out
+    return _validate_every_class(records, out, salt) if val_fraction > 0 else out
+
+
+def _validate_every_class(given: Sequence[Record], assigned: list[Record], salt: str) -> list[Record]:
+    """Give each class at least one validation patient when the hash gave it none and it has
+    two or more patients in train (a small class would otherwise be refused for having no
+    validation images). The patient whose hash is smallest moves, with all their films."""
+    group = [r.patient_id or str(r.path) for r in given]
+    auto = [g.split is None for g in given]
+    for label in sorted({r.label for r in assigned}):
+        if any(r.label == label and r.split == "val" for r in assigned):
+            continue
+        candidates = sorted({group[i] for i, r in enumerate(assigned) if auto[i] and r.label == label and r.split == "train"},
+                            key=lambda key: _bucket(key, salt))
+        if len(candidates) >= 2:
+            chosen = candidates[0]
+            assigned = [replace(r, split="val") if auto[i] and group[i] == chosen else r for i, r in enumerate(assigned)]
+    return assigned
 
 
 def remove_patient_leaks(records: Sequence[Record]) -> tuple[list[Record], dict[str, int]]:

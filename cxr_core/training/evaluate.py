@@ -13,15 +13,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from cxr_core.errors import CxrError
 from cxr_core.evaluation import Metrics, compute_metrics
-from cxr_core.inference import predict
-from cxr_core.io import read_image
+from cxr_core.inference import Prediction, predict
+from cxr_core.io import XrayImage, read_image
 from cxr_core.models import LoadedModel
-from cxr_core.training.dataset import DatasetError, LabelPlan, apply_plan, scan_folder
+from cxr_core.training.dataset import DatasetError, LabelPlan, Record, apply_plan, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,28 @@ def model_plan(model: LoadedModel, labels: set[str]) -> LabelPlan:
     return LabelPlan.multiclass(manifest.classes)
 
 
+def predict_records(model: LoadedModel, records: Sequence[Record], *, batch_size: int = 32,
+                    workers: int = 2) -> Iterator[tuple[Record, Prediction | None]]:
+    """Each record with its prediction through the app's own path (reading, gate, temperature,
+    thresholds), in order; None for a file that cannot be read (logged, and the rest go on)."""
+
+    def read(record: Record) -> XrayImage | None:
+        try:
+            return read_image(record.path)
+        except CxrError as exc:
+            log.warning("skipped unreadable %s: %s", record.path.name, exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            images = list(pool.map(read, chunk))
+            kept = [(r, im) for r, im in zip(chunk, images) if im is not None]
+            results = iter(predict(model, [im for _, im in kept], batch_size=batch_size)) if kept else iter(())
+            for record, image in zip(chunk, images):
+                yield record, (next(results) if image is not None else None)
+
+
 def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None, metadata: Path | None = None, batch_size: int = 32, workers: int = 2) -> Metrics:
     records = scan_folder(root)
     if split:
@@ -63,34 +86,21 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
         raise DatasetError(f"No folder under {root} is named after a class of {model.key} ({', '.join(model.manifest.classes)}).")
     source_of = _sources(root, metadata)
 
-    def read(record):  # type: ignore[no-untyped-def]
-        try:
-            return read_image(record.path)
-        except CxrError as exc:
-            log.warning("skipped unreadable %s: %s", record.path.name, exc)
-            return None
-
     classes = model.manifest.classes
     labels, predicted, probs, sources, answered = [], [], [], [], []
     other_calls: dict[str, Counter[str]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        todo = records + others
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            images = list(pool.map(read, chunk))
-            kept = [(r, im) for r, im in zip(chunk, images) if im is not None]
-            if not kept:
-                continue
-            for (record, _), result in zip(kept, predict(model, [im for _, im in kept], batch_size=batch_size)):
-                if record.label not in classes:  # a label the model has no class for: how it was called
-                    other_calls.setdefault(record.label, Counter())[result.decision or classes[0]] += 1
-                    continue
-                labels.append(classes.index(record.label))
-                # Metrics judge the decision on every film; abstention is reported beside them. The input gate is not scored here.
-                predicted.append(classes.index(result.decision or classes[0]))
-                probs.append(result.probabilities)
-                answered.append(not result.uncertain)
-                sources.append(record.source or source_of.get(record.path.resolve()))
+    for record, result in predict_records(model, records + others, batch_size=batch_size, workers=workers):
+        if result is None:
+            continue
+        if record.label not in classes:  # a label the model has no class for: how it was called
+            other_calls.setdefault(record.label, Counter())[result.decision or classes[0]] += 1
+            continue
+        labels.append(classes.index(record.label))
+        # Metrics judge the decision on every film; abstention is reported beside them. The input gate is not scored here.
+        predicted.append(classes.index(result.decision or classes[0]))
+        probs.append(result.probabilities)
+        answered.append(not result.uncertain)
+        sources.append(record.source or source_of.get(record.path.resolve()))
     has_sources = any(s for s in sources)
     metrics = compute_metrics(np.array(labels), np.array(predicted), np.array(probs), classes, sources if has_sources else None, answered=answered)
     return replace(metrics, other_labels={label: dict(sorted(c.items())) for label, c in sorted(other_calls.items())})

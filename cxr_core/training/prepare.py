@@ -130,6 +130,12 @@ def describe_roots(roots: Path | str | Sequence[Path | str]) -> str:
     return str(roots) if isinstance(roots, (str, Path)) else " + ".join(str(r) for r in roots)
 
 
+#: fewer training films of a class than this draws a warning: a fine-tune learns little from them
+MIN_TRAIN_FILMS = 20
+#: fewer validation films than this: its sensitivity moves by 20% or more with each film
+MIN_VAL_FILMS = 5
+
+
 def prepare_data(
     root: Path | str | Sequence[Path | str],
     plan: LabelPlan | None,
@@ -157,6 +163,7 @@ def prepare_data(
         )
     if len(present) < 2:
         raise DatasetError("Training needs at least two classes with images; only one was found.")
+    unsplit = sum(r.split is None for r in records)
     records = assign_splits(records, val_fraction=val_fraction)
     records, leaks = remove_patient_leaks(records)
 
@@ -175,6 +182,15 @@ def prepare_data(
             problems.append(f"Class {cls!r} has no readable training images.")
         if counts.get("val", {}).get(cls, 0) == 0:
             problems.append(f"Class {cls!r} has no validation images (needed for early stopping and calibration).")
+    if unsplit:
+        notes.append(f"{unsplit} image(s) had no train/val folder: {val_fraction:.0%} of their patients (by a hash of the "
+                     "patient id, or of the file name without one), at least one per class, were set aside for validation; "
+                     "a patient's films stay together.")
+    for cls in plan.classes:
+        have = (train_counts.get(cls, 0), counts.get("val", {}).get(cls, 0))
+        if 0 < have[0] < MIN_TRAIN_FILMS or 0 < have[1] < MIN_VAL_FILMS:
+            notes.append(f"Class {cls!r} has only {have[0]} training and {have[1]} validation film(s): too few to train "
+                         f"(at least {MIN_TRAIN_FILMS}) or to measure (at least {MIN_VAL_FILMS}) it reliably.")
     nonzero = [v for v in train_counts.values() if v]
     ratio = max(nonzero) / min(nonzero) if nonzero else 1.0
     if ratio > 3:

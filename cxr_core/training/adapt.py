@@ -1,0 +1,182 @@
+"""Site adaptation: fine-tune a model on one hospital's films, and show what it changed there.
+
+The site's films are split by patient (a hash of the patient id, or of the file name): half
+held out to judge before and after, the rest adapted on, a quarter of those kept for
+validation, where temperature and the COVID-19 threshold are chosen again. A folder with its
+own train/val/test folders keeps them. Films of the original training collections can be
+mixed in (``replay``): without them a fine-tune on a few hundred films of one hospital
+forgets what the public collections taught it. Each (source, label) group weighs the same,
+so the site's films count as much as the replay's.
+
+The adapted model is an ordinary model folder; before/after on the held-out films come from
+:func:`cxr_core.validation.validate_site`, the same figures a site validation reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from cxr_core.errors import CxrError
+from cxr_core.training.dataset import Record, scan_folder
+
+log = logging.getLogger(__name__)
+
+HELD_OUT = 0.5  # share of the site's patients judged before and after, never trained on
+VALIDATION = 0.25  # share of the remaining patients that choose the epoch, temperature and threshold
+SITE_SOURCE = "site"
+
+
+class AdaptationError(CxrError):
+    """The site's films cannot adapt this model (too few, or no film of its classes)."""
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    model: str  # the adapted model, id@version
+    base: str  # the model it started from
+    out: str
+    films: dict[str, int]  # site films per split (adapt, validation, held_out) and replay films used
+    before: dict[str, Any]  # SiteValidation.as_dict() of the base model on the held-out films
+    after: dict[str, Any]  # the same for the adapted model
+    seconds: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _bucket(key: str, salt: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def split_site(records: Sequence[Record], *, salt: str = "site") -> list[Record]:
+    """Records with a split: their own when the folder has one, else by patient: HELD_OUT of
+    patients to "test", VALIDATION of the rest to "val", the others to "train"."""
+    out = []
+    for record in records:
+        if record.split is not None:
+            out.append(record)
+            continue
+        u = _bucket(record.patient_id or record.path.name, salt)
+        split = "test" if u < HELD_OUT else "val" if u < HELD_OUT + (1 - HELD_OUT) * VALIDATION else "train"
+        out.append(Record(record.path, record.label, split, record.patient_id, record.source))
+    return out
+
+
+def _sample(records: Sequence[Record], k: int, salt: str) -> list[Record]:
+    """About ``k`` records, the same ones every time (smallest hash of the file name), each label
+    in its own proportion and at least one of every label: a class without validation films
+    could be neither calibrated nor chosen on."""
+    if k <= 0 or not records:
+        return []
+    by_label: dict[str, list[Record]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    chosen: list[Record] = []
+    for _, group in sorted(by_label.items()):
+        share = max(1, round(k * len(group) / len(records)))
+        chosen += sorted(group, key=lambda r: _bucket(str(r.path), salt))[:share]
+    return chosen
+
+
+def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), replay_share: float = 0.5, *, seed: int = 0) -> dict[str, int]:
+    """A labelled folder under ``work`` (symbolic links and a metadata.csv): the site's films
+    split by :func:`split_site`, plus replay films for train and validation, ``replay_share`` of
+    each (a share of 0.5 adds as many replay films as there are site films). Returns counts."""
+    if not 0.0 <= replay_share < 1.0:
+        raise AdaptationError(f"replay share {replay_share}: need 0 <= share < 1")
+    records = split_site(scan_folder(site))
+    rows: list[dict[str, str]] = []
+    counts = {"adapt": 0, "validation": 0, "held_out": 0, "replay_train": 0, "replay_val": 0}
+    name_of = {"train": "adapt", "val": "validation", "test": "held_out"}
+    for r in records:
+        rows.append({"path": str(r.path.resolve()), "split": r.split or "train", "label": r.label, "source": SITE_SOURCE,
+                     "patient_id": f"site-{r.patient_id or r.path.stem}"})
+        counts[name_of[r.split or "train"]] += 1
+    if replay and replay_share > 0:
+        pool = [r for root in replay for r in scan_folder(root)]
+        ratio = replay_share / (1 - replay_share)
+        for split, key, n_site in (("train", "replay_train", counts["adapt"]), ("val", "replay_val", counts["validation"])):
+            chosen = _sample([r for r in pool if r.split == split], round(ratio * n_site), f"replay-{split}-{seed}")
+            for r in chosen:
+                rows.append({"path": str(r.path.resolve()), "split": split, "label": r.label, "source": r.source or "replay",
+                             "patient_id": f"replay-{r.patient_id or r.path.stem}"})
+            counts[key] = len(chosen)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "split", "label", "source", "patient_id"])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            link = work / row["split"] / row["label"] / f"{i:06d}-{Path(row['path']).name}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                os.symlink(row["path"], link)
+            writer.writerow({"file": str(link.relative_to(work)), "split": row["split"], "label": row["label"],
+                             "source": row["source"], "patient_id": row["patient_id"]})
+    held = work.parent / f"{work.name}-held-out"
+    for i, row in enumerate(r for r in rows if r["split"] == "test"):
+        link = held / row["label"] / f"{i:06d}-{Path(row['path']).name}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.symlink(row["path"], link)
+    return counts
+
+
+def adapt(
+    base_folder: Path,
+    site: Path,
+    out: Path,
+    *,
+    version: str,
+    replay: Sequence[Path] = (),
+    replay_share: float = 0.5,
+    epochs: int = 3,
+    lr: float = 3e-4,
+    batch_size: int = 16,
+    run_dir: Path | None = None,
+    target_sensitivity: float = 0.95,
+    device: str | None = None,
+    seed: int = 0,
+) -> AdaptResult:
+    """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``."""
+    from cxr_core.models import load_model
+    from cxr_core.training.augment import AugmentConfig
+    from cxr_core.training.config import TrainConfig
+    from cxr_core.training.finalize import finalize
+    from cxr_core.training.trainer import train
+    from cxr_core.validation import validate_site
+
+    started = time.time()
+    base = load_model(base_folder, device=device)
+    manifest = base.manifest
+    run_dir = run_dir or Path("runs") / f"adapt-{out.name}"
+    work = run_dir / "data"
+    counts = build_adapt_folder(site, work, replay, replay_share, seed=seed)
+    if counts["held_out"] == 0 or counts["adapt"] == 0:
+        raise AdaptationError(f"Too few films to adapt and judge: {counts['adapt']} to adapt on, {counts['held_out']} held out.")
+    binary = manifest.classes[0] if manifest.head == "sigmoid" else None
+    inp = manifest.input
+    config = TrainConfig(
+        data_dir=str(work), arch=manifest.architecture, out=str(out), model_id=out.name, version=version,
+        name=f"{manifest.name}, adapted to {site.name}", classes=tuple(manifest.classes), binary_positive=binary,
+        schedule=((inp.size[0], epochs),), batch_size=batch_size, lr=lr, balance="source",
+        augment=AugmentConfig(scale=(0.85, 1.35), aspect=0.2), init=str(base_folder / manifest.weights_file),
+        layer_decay=0.7, target_sensitivity=target_sensitivity, device=device, seed=seed, workers=2,
+        mask_burned_in=inp.mask_burned_in, crop=inp.crop, crop_margin=inp.crop_margin or 0.1, intensity=inp.intensity,
+    )
+    from cxr_core.training.dataset import DatasetError
+
+    try:
+        result, data = train(config, run_dir / "run")
+    except DatasetError as exc:
+        raise AdaptationError(f"{exc} Give --replay with the model's training data so that every class has films.") from exc
+    adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}")
+    held_out = work.parent / f"{work.name}-held-out"
+    before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()
+    after = validate_site(load_model(out, device=device), held_out, target_sensitivity=target_sensitivity).as_dict()
+    notes = tuple(f"{label}: not a class of {manifest.key}, left out of training" for label in sorted(set(data.report.excluded_labels)))
+    return AdaptResult(adapted.key, manifest.key, str(out), counts, before, after, round(time.time() - started, 1), notes)

@@ -1,0 +1,299 @@
+"""Local validation: how a model does on one hospital's own labelled films, with the certainty
+its numbers allow.
+
+The question a site asks first is the COVID-19 one (is a COVID-19 film flagged; is a film
+without COVID-19 left alone), so the figures are about COVID-19 against everything else,
+every other folder label (normal, nodule, pneumonia...) counting as "not COVID-19", whatever
+classes the model has. Films go through the app's own prediction path
+(:func:`cxr_core.inference.predict`: preprocessing, temperature, the model's threshold); the
+input gate's verdicts are counted beside the figures, which judge the model's decision on
+every film, as :func:`cxr_core.training.evaluate.evaluate_folder` does.
+
+Intervals: Wilson score intervals for proportions (Wilson 1927; Brown, Cai and DasGupta 2001
+recommend it over the normal approximation for small n), a percentile bootstrap for AUROC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cxr_core.errors import CxrError
+from cxr_core.evaluation import expected_calibration_error, reliability_bins
+from cxr_core.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+#: fewer films than this of a class, and its figures are "too few to conclude"
+TOO_FEW = 50
+POSITIVE = "covid"
+
+
+class ValidationError(CxrError):
+    """The folder cannot validate the model (no readable labelled films, or no films on one side)."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A proportion ``successes / n`` with its 95% Wilson interval; ``value`` None when n is 0."""
+
+    value: float | None
+    ci95: tuple[float, float] | None
+    successes: int
+    n: int
+
+    @classmethod
+    def of(cls, successes: int, n: int) -> "Estimate":
+        if n == 0:
+            return cls(None, None, 0, 0)
+        return cls(round(successes / n, 4), tuple(round(v, 4) for v in wilson_interval(successes, n)), successes, n)  # type: ignore[arg-type]
+
+    def words(self) -> str:
+        if self.value is None:
+            return "not measurable (no films)"
+        assert self.ci95 is not None
+        return f"{self.value:.3f} (95% CI {self.ci95[0]:.3f}-{self.ci95[1]:.3f}; {self.successes}/{self.n})"
+
+
+@dataclass(frozen=True)
+class SiteValidation:
+    """One model on one labelled folder. ``confusion_matrix`` rows follow ``labels`` (the
+    folder's), columns ``classes`` (the model's decisions)."""
+
+    model: str
+    data_sha256: str
+    n: int
+    counts: dict[str, int]
+    labels: tuple[str, ...]
+    classes: tuple[str, ...]
+    confusion_matrix: list[list[int]]
+    threshold: float | None
+    covid_sensitivity: Estimate
+    non_covid_specificity: Estimate
+    ppv: Estimate
+    npv: Estimate
+    auroc: dict[str, Any]
+    ece: float | None
+    reliability: list[dict[str, float]]
+    suggested_threshold: dict[str, Any] | None
+    gate: dict[str, int]
+    uncertain: int
+    unreadable: int
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("covid_sensitivity", "non_covid_specificity", "ppv", "npv"):
+            data[key]["ci95"] = list(data[key]["ci95"]) if data[key]["ci95"] else None
+        data["labels"], data["classes"], data["warnings"] = list(self.labels), list(self.classes), list(self.warnings)
+        return data
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% (by default) Wilson score interval for ``successes`` out of ``n``; (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve (the Mann-Whitney statistic, ties counted half); None without both sides."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)  # average ranks over ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_auroc(scores: np.ndarray, positive: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """{"value", "ci95"}: AUROC and its 95% percentile bootstrap interval (films resampled with
+    replacement, positives and negatives separately, so every resample has both)."""
+    value = auroc(scores, positive)
+    if value is None:
+        return {"value": None, "ci95": None}
+    rng = np.random.default_rng(seed)
+    pos, neg = np.asarray(scores)[np.asarray(positive, bool)], np.asarray(scores)[~np.asarray(positive, bool)]
+    draws = []
+    for _ in range(resamples):
+        a, b = rng.choice(pos, pos.size), rng.choice(neg, neg.size)
+        draws.append(auroc(np.concatenate([a, b]), np.r_[np.ones(a.size, bool), np.zeros(b.size, bool)]))
+    lo, hi = np.percentile(np.array(draws, dtype=np.float64), [2.5, 97.5])
+    return {"value": round(value, 4), "ci95": [round(float(lo), 4), round(float(hi), 4)]}
+
+
+def suggest_threshold(p_covid: np.ndarray, is_covid: np.ndarray, target_sensitivity: float) -> dict[str, Any] | None:
+    """The largest COVID-19 threshold that reaches ``target_sensitivity`` on these films (at most
+    0.5, as training chooses it), with the sensitivity and specificity it gives here."""
+    from cxr_core.training.calibration import choose_threshold
+
+    if not is_covid.any() or is_covid.all():
+        return None
+    threshold = choose_threshold(p_covid, is_covid, target_sensitivity)
+    called = p_covid >= threshold
+    return {"value": round(threshold, 4), "target_sensitivity": target_sensitivity,
+            "sensitivity": round(float(called[is_covid].mean()), 4), "specificity": round(float((~called[~is_covid]).mean()), 4)}
+
+
+def data_sha256(paths: Sequence[Path], root: Path) -> str:
+    """One hash for a labelled folder's content: each file's relative path and bytes, in order."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(path.relative_to(root)).encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: float = 0.95, batch_size: int = 16,
+                  bootstrap: int = 1000) -> SiteValidation:
+    """Score ``model`` on the labelled folder ``root`` (class folders, optionally under
+    train/val/test; every split is used) and report the figures of :class:`SiteValidation`."""
+    from cxr_core.training.dataset import scan_folder
+    from cxr_core.training.evaluate import predict_records
+
+    root = Path(root)
+    records = scan_folder(root)
+    if not records:
+        raise ValidationError(f"No labelled films under {root}: one folder per label (covid, normal, ...) is expected.")
+    manifest = model.manifest
+    classes = tuple(manifest.classes)
+
+    labels: list[str] = []
+    decisions: list[str] = []
+    probabilities: list[tuple[float, ...]] = []
+    gate: Counter[str] = Counter()
+    uncertain = unreadable = 0
+    for record, result in predict_records(model, records, batch_size=batch_size):
+        if result is None:
+            unreadable += 1
+            continue
+        labels.append(record.label)
+        decisions.append(result.decision or classes[0])
+        probabilities.append(result.probabilities)
+        gate[result.gate_outcome] += 1
+        uncertain += int(result.uncertain)
+    if not labels:
+        raise ValidationError(f"None of the {len(records)} files under {root} could be read as a film.")
+    if POSITIVE not in classes:
+        raise ValidationError(f"{model.key} has no {POSITIVE!r} class to validate.")
+    order = sorted(set(labels), key=lambda label: (label != POSITIVE, label))
+    probs = np.array(probabilities, dtype=np.float64)
+    p_covid = probs[:, classes.index(POSITIVE)]
+    is_covid = np.array([label == POSITIVE for label in labels])
+    called = np.array([d == POSITIVE for d in decisions])
+    tp, fn = int((called & is_covid).sum()), int((~called & is_covid).sum())
+    tn, fp = int((~called & ~is_covid).sum()), int((called & ~is_covid).sum())
+    confusion = [[sum(1 for lab, dec in zip(labels, decisions) if lab == label and dec == cls) for cls in classes] for label in order]
+
+    # Calibration on the films whose label is one of the model's classes (a binary model's
+    # negative class holds every other label).
+    negative = classes[1] if manifest.head == "sigmoid" else None
+    target = [classes.index(lab) if lab in classes else (classes.index(negative) if negative else -1) for lab in labels]
+    known = np.array([t >= 0 for t in target])
+    ece = round(expected_calibration_error(probs[known], np.array(target)[known]), 4) if known.any() else None
+    reliability = reliability_bins(probs[known], np.array(target)[known], bins=10) if known.any() else []
+
+    counts = {label: labels.count(label) for label in order}
+    warnings = [f"{label}: {n} film(s), too few to conclude (fewer than {TOO_FEW}); the intervals show how little is known."
+                for label, n in counts.items() if n < TOO_FEW]
+    if not is_covid.any():
+        warnings.append("No COVID-19 films: sensitivity cannot be measured here.")
+    if is_covid.all():
+        warnings.append("Only COVID-19 films: specificity cannot be measured here.")
+    if unreadable:
+        warnings.append(f"{unreadable} file(s) could not be read and were left out.")
+    paths = [r.path for r in records]
+    return SiteValidation(
+        model=model.key, data_sha256=data_sha256(paths, root), n=len(labels), counts=counts, labels=tuple(order), classes=classes,
+        confusion_matrix=confusion, threshold=manifest.thresholds.get(POSITIVE),
+        covid_sensitivity=Estimate.of(tp, tp + fn), non_covid_specificity=Estimate.of(tn, tn + fp),
+        ppv=Estimate.of(tp, tp + fp), npv=Estimate.of(tn, tn + fn),
+        auroc=bootstrap_auroc(p_covid, is_covid, resamples=bootstrap), ece=ece, reliability=reliability,
+        suggested_threshold=suggest_threshold(p_covid, is_covid, target_sensitivity),
+        gate=dict(sorted(gate.items())), uncertain=uncertain, unreadable=unreadable, warnings=tuple(warnings),
+    )
+
+
+@dataclass(frozen=True)
+class StoredValidation:
+    """A validation as recorded: who ran it, when, on what data (name and content hash)."""
+
+    id: int
+    created: str
+    user: str
+    model: str
+    data_name: str
+    data_sha256: str
+    n: int
+    result: dict[str, Any]
+
+    def badge(self) -> str:
+        """The line Diagnose shows beside the model's name."""
+        sens, spec = self.result["covid_sensitivity"], self.result["non_covid_specificity"]
+
+        def part(name: str, e: dict[str, Any]) -> str:
+            if e["value"] is None:
+                return f"{name} not measurable"
+            return f"{name} {e['value']:.2f} (95% CI {e['ci95'][0]:.2f}-{e['ci95'][1]:.2f})"
+
+        return (f"Validated at this site on {self.n} films ({self.data_name}, {self.created[:10]}): "
+                f"{part('COVID-19 sensitivity', sens)}, {part('specificity', spec)}")
+
+
+#: what Diagnose says of a model nobody has validated here
+NOT_VALIDATED = "Not validated at this site: its figures come from public data only (see the model card)."
+
+
+def record_validation(result: SiteValidation, *, user: str, role: str = "admin", data_name: str, db: Path | None = None) -> StoredValidation:
+    """Store ``result`` in the app database and the audit trail; returns the stored record."""
+    import json
+    from datetime import datetime, timezone
+
+    from cxr_core import audit
+    from cxr_core.db import connect
+
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    data = result.as_dict()
+    with connect(db) as conn:
+        cursor = conn.execute(
+            "INSERT INTO site_validation (created, user, model, data_name, data_sha256, n, result) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (created, user, result.model, data_name, result.data_sha256, result.n, json.dumps(data)))
+        new_id = int(cursor.lastrowid or 0)
+    audit.record("validate_site", user=user, role=role, model=result.model, db=db,
+                 details={"validation_id": new_id, "data_name": data_name, "data_sha256": result.data_sha256, "n": result.n,
+                          "counts": result.counts, "covid_sensitivity": data["covid_sensitivity"]["value"],
+                          "non_covid_specificity": data["non_covid_specificity"]["value"], "auroc": result.auroc["value"]})
+    return StoredValidation(new_id, created, user, result.model, data_name, result.data_sha256, result.n, data)
+
+
+def list_validations(model: str | None = None, db: Path | None = None) -> list[StoredValidation]:
+    """Recorded validations, newest first; only ``model`` (id@version) when given."""
+    import json
+
+    from cxr_core.db import connect
+
+    query = "SELECT id, created, user, model, data_name, data_sha256, n, result FROM site_validation"
+    args: tuple[Any, ...] = ()
+    if model:
+        query, args = query + " WHERE model = ?", (model,)
+    with connect(db) as conn:
+        rows = conn.execute(query + " ORDER BY id DESC", args).fetchall()
+    return [StoredValidation(*row[:7], json.loads(row[7])) for row in rows]
+
+
+def site_badge(model: str, db: Path | None = None) -> str:
+    """"Validated at this site on N films: ..." for the newest validation of ``model`` (id@version), else NOT_VALIDATED."""
+    found = list_validations(model, db)
+    return found[0].badge() if found else NOT_VALIDATED

@@ -1,0 +1,122 @@
+"""Local validation of a model on a site's labelled films."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_core.validation import Estimate, auroc, bootstrap_auroc, suggest_threshold, validate_site, wilson_interval
+from tests.synthetic import make_labelled_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("successes", "n", "low", "high"), [
+    (81, 263, 0.2553, 0.3662),  # Newcombe (1998), Statistics in Medicine 17:857, table II example
+    (15, 148, 0.0624, 0.1605),  # ibid.
+    (0, 20, 0.0, 0.1611),  # ibid.: zero events
+    (5, 10, 0.2366, 0.7634),
+])
+def test_wilson_intervals_match_published_values(successes: int, n: int, low: float, high: float) -> None:
+    lo, hi = wilson_interval(successes, n)
+    assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
+
+
+def test_estimates_and_auroc() -> None:
+    assert Estimate.of(0, 0).value is None and "not measurable" in Estimate.of(0, 0).words()
+    assert Estimate.of(9, 10).words().startswith("0.900 (95% CI 0.596-0.982; 9/10)")
+    scores, positive = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.8]), np.array([1, 1, 0, 0, 0, 0], bool)
+    # Positives 0.9, 0.8 against negatives 0.7, 0.3, 0.2, 0.8: 7 wins and one tie of 8 pairs.
+    assert auroc(scores, positive) == pytest.approx(7.5 / 8)
+    assert auroc(scores, np.ones(6, bool)) is None
+    boot = bootstrap_auroc(scores, positive, resamples=200)
+    assert boot["value"] == pytest.approx(0.9375) and boot["ci95"][0] <= 0.9375 <= boot["ci95"][1]
+    t = suggest_threshold(np.array([0.9, 0.6, 0.3, 0.2, 0.1]), np.array([1, 1, 1, 0, 0], bool), 0.95)
+    assert t == {"value": 0.3, "target_sensitivity": 0.95, "sensitivity": 1.0, "specificity": 1.0}
+
+
+def test_a_tiny_site_gets_every_figure_and_a_too_few_warning(densenet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 4}, splits=False, size=64)
+    (site / "normal" / "broken.png").write_bytes(b"not a png")
+    result = validate_site(densenet, site, bootstrap=100)
+    assert result.n == 12 and result.counts == {"covid": 4, "nodule": 4, "normal": 4} and result.unreadable == 1
+    assert result.labels == ("covid", "nodule", "normal") and result.classes == tuple(densenet.manifest.classes)
+    assert [sum(row) for row in result.confusion_matrix] == [4, 4, 4]
+    called_covid = sum(row[0] for row in result.confusion_matrix[1:])
+    assert result.covid_sensitivity.n == 4 and result.non_covid_specificity.n == 8
+    assert result.non_covid_specificity.successes == 8 - called_covid
+    assert result.covid_sensitivity.ci95 is not None and result.covid_sensitivity.ci95[1] - result.covid_sensitivity.ci95[0] > 0.4
+    assert sum(result.gate.values()) == 12 and result.data_sha256 and len(result.data_sha256) == 64
+    assert sum("too few to conclude" in w for w in result.warnings) == 3 and any("could not be read" in w for w in result.warnings)
+    again = validate_site(densenet, site, bootstrap=100)
+    assert again.data_sha256 == result.data_sha256 and again.as_dict() == result.as_dict()
+
+
+def test_cli_validate_json_has_the_documented_keys(use_weights: Path, tmp_path: Path) -> None:
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 3}, splits=False, size=64)
+    done = subprocess.run([sys.executable, "-m", "cxr_core", "validate", str(site), "--model", "densenet121-test@0.0.1", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    for key in ("model", "n", "classes", "confusion_matrix", "covid_sensitivity", "non_covid_specificity", "auroc", "ece", "suggested_threshold"):
+        assert key in data, key
+    assert data["model"] == "densenet121-test@0.0.1" and data["n"] == 6
+    assert set(data["covid_sensitivity"]) >= {"value", "ci95"} and set(data["auroc"]) == {"value", "ci95"}
+    assert set(data["suggested_threshold"]) >= {"value", "sensitivity", "specificity"}
+    words = subprocess.run([sys.executable, "-m", "cxr_core", "validate", str(site), "--model", "densenet121-test@9.9"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert words.returncode != 0 and "is not registered" in words.stderr and "Traceback" not in words.stderr
+
+
+def test_a_recorded_validation_is_listed_badged_and_audited(densenet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from cxr_core.audit import entries
+    from cxr_core.validation import NOT_VALIDATED, list_validations, record_validation, site_badge
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    assert site_badge(densenet.key) == NOT_VALIDATED
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 3}, splits=False, size=64)
+    result = validate_site(densenet, site, bootstrap=50)
+    stored = record_validation(result, user="alice", data_name="Site B")
+    assert [v.id for v in list_validations(densenet.key)] == [stored.id] and list_validations("other@1") == []
+    badge = site_badge(densenet.key)
+    assert badge.startswith("Validated at this site on 6 films (Site B, ") and "COVID-19 sensitivity" in badge and "95% CI" in badge
+    (entry,) = [e for e in entries() if e.action == "validate_site"]
+    assert entry.user == "alice" and entry.model == densenet.key and entry.details["data_sha256"] == result.data_sha256
+
+
+def test_adaptation_splits_by_patient_mixes_in_replay_and_reports_before_and_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.training.adapt import adapt, build_adapt_folder, split_site
+    from cxr_core.training.dataset import scan_folder
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
+    replay = make_labelled_folder(tmp_path / "replay", per_class={"train": 12, "val": 4, "test": 4}, size=48, seed=4)
+    split = split_site(scan_folder(site))
+    assert split == split_site(scan_folder(site))  # deterministic
+    share = sum(r.split == "test" for r in split) / len(split)
+    assert 0.3 < share < 0.7
+    counts = build_adapt_folder(site, tmp_path / "view", [replay], 0.5)
+    # As many replay films as site films (to rounding per class), every class among them.
+    assert abs(counts["replay_train"] - counts["adapt"]) <= 3 and abs(counts["replay_val"] - counts["validation"]) <= 3
+    for split in ("train", "val"):
+        assert {p.name for p in (tmp_path / "view" / split).iterdir()} >= {"covid", "normal", "viral_pneumonia"}
+    assert counts["adapt"] + counts["validation"] + counts["held_out"] == 48
+    # The held-out view holds site films only, never replay films.
+    held = list((tmp_path / "view-held-out").rglob("*.png"))
+    assert len(held) == counts["held_out"] and all("site" in str(p.resolve()) for p in held)
+
+    result = adapt(base, site, tmp_path / "adapted", version="1.0.0-site", replay=[replay], epochs=1, batch_size=8,
+                   run_dir=tmp_path / "run", device="cpu")
+    assert result.model == "adapted@1.0.0-site" and result.base == "cnn5-test@0.0.1"
+    assert (tmp_path / "adapted" / "model.safetensors").is_file() and (tmp_path / "adapted" / "manifest.json").is_file()
+    for side in (result.before, result.after):
+        assert side["n"] == counts["held_out"] and set(side["counts"]) == {"covid", "normal", "nodule"}
+    assert result.before["model"] == "cnn5-test@0.0.1" and result.after["model"] == "adapted@1.0.0-site"
+    assert any("nodule" in note for note in result.notes)
