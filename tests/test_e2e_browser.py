@@ -231,11 +231,16 @@ def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_dat
         assert "Traceback" not in page.inner_text("body")
 
 
+#: the screenshots the README shows (docs/images)
+README_PICTURES = ("diagnose", "compare", "admin-validation")
+
+
 def _shot(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
-    """A full-page screenshot for the test's folder, and, when CXR_SCREENSHOT_DIR is set, the
-    visible part for the README (docs/images: refreshed by running the browser tests with it)."""
+    """A full-page screenshot for the test's folder, and, for the README's pictures when
+    CXR_SCREENSHOT_DIR is set, the visible part (refresh docs/images by running the browser
+    tests with CXR_SCREENSHOT_DIR=docs/images)."""
     page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
-    if os.environ.get("CXR_SCREENSHOT_DIR"):
+    if os.environ.get("CXR_SCREENSHOT_DIR") and name in README_PICTURES:
         out = Path(os.environ["CXR_SCREENSHOT_DIR"])
         out.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(out / f"{name}.png"))
