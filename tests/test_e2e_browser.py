@@ -152,7 +152,7 @@ def test_radiologist_windows_and_zooms_the_film_and_the_overlay_follows(server: 
         page.set_input_files("input[type=file]", [str(dicom_data / "RG1_UNCR.dcm")])
         page.get_by_text("Grad-CAM for").first.wait_for(timeout=180_000)
         _streamlit_idle(page)
-        frame = next(f for f in page.frames if f.locator("[data-testid=viewer-state]").count())
+        frame = _viewer_frame(page)
         frame.wait_for_selector("body[data-ready='1']", timeout=60_000)
         state = frame.locator("[data-testid=viewer-state]")
         assert state.inner_text() == "Window: level 0.50, width 1.00 · zoom 1.0x"
@@ -229,6 +229,17 @@ def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_dat
         )
         assert ranges[0] == ranges[1] == ranges[2] and ranges[0][1] - ranges[0][0] < 700
         assert "Traceback" not in page.inner_text("body")
+
+
+def _viewer_frame(page, timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+    """The film viewer's iframe, once Streamlit has mounted it."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for f in page.frames:
+            if f.locator("[data-testid=viewer-state]").count():
+                return f
+        page.wait_for_timeout(250)
+    raise AssertionError("the film viewer did not appear")
 
 
 #: the screenshots the README shows (docs/images)
