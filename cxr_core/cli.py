@@ -96,15 +96,15 @@ def _load_any_version(model_id: str | None):  # type: ignore[no-untyped-def]
     """``ID`` (its active version), ``ID@VERSION`` (any registered version, shipped or trained), or the default."""
     from cxr_core.errors import ModelNotFoundError
     from cxr_core.models import load_model
-    from cxr_core.versions import list_versions
+    from cxr_core.versions import RegistryError, find_version, list_versions
 
     if model_id and "@" in model_id:
         name, _, version = model_id.partition("@")
-        found = next((v for v in list_versions(name) if v.version == version), None)
-        if found is None:
+        try:
+            return load_model(find_version(name, version).path)
+        except RegistryError:
             raise ModelNotFoundError(f"Model {model_id!r} is not registered. Versions of {name}: "
-                                     + (", ".join(v.version for v in list_versions(name)) or "none") + ".")
-        return load_model(found.path)
+                                     + (", ".join(v.version for v in list_versions(name)) or "none") + ".") from None
     return _load(model_id)
 
 

@@ -355,12 +355,13 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     mask = spec.mask_burned_in
     view: dict[str, Any] = {}
     if spec.base_model:
-        from cxr_core.versions import list_versions
+        from cxr_core.versions import RegistryError, find_version
 
         name, _, version = spec.base_model.partition("@")
-        base = next((v for v in list_versions(name) if v.version == version), None)
-        if base is None:
-            raise JobError(f"Base model {spec.base_model} is not in the registry.")
+        try:
+            base = find_version(name, version)
+        except RegistryError:
+            raise JobError(f"Base model {spec.base_model} is not in the registry.") from None
         init = str(base.path / base.manifest.weights_file)
         mask = mask or base.manifest.input.mask_burned_in  # a masked model never saw text: keep it so
         # A fine-tune sees films as its base model did (lung crop, intensity standardisation).
@@ -378,17 +379,21 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     )
 
 
+#: a site adaptation's view of its data, in the job's folder (cxr_core.training.adapt.build_adapt_folder)
+SITE_VIEW = "site-view"
+
+
 def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:
     """(training folder, evaluation folder, split) for a site adaptation: the site's films split
     by patient with replay films mixed in, and the held-out half as the evaluation set (built
     once; a resumed job reuses it)."""
-    from cxr_core.training.adapt import build_adapt_folder
+    from cxr_core.training.adapt import build_adapt_folder, held_out_folder
 
-    view = job_dir / "site-view"
+    view = job_dir / SITE_VIEW
     if not (view / "metadata.csv").is_file():
         counts = build_adapt_folder(Path(spec.dataset), view, [Path(r) for r in spec.replay], spec.replay_share)
         write_json(job_dir / "site-films.json", counts)
-    return str(view), str(job_dir / "site-view-held-out"), None
+    return str(view), str(held_out_folder(view)), None
 
 
 def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None:
@@ -396,13 +401,15 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     candidate's COVID-19 sensitivity on the first replay folder's test split, in the candidate's
     folder (site_adaptation.json): what its promotion is judged by."""
     from cxr_core.models import load_model
+    from cxr_core.training.adapt import held_out_folder
     from cxr_core.training.evaluate import evaluate_folder
     from cxr_core.validation import validate_site
-    from cxr_core.versions import SITE_ADAPTATION_NAME, list_versions
+    from cxr_core.versions import SITE_ADAPTATION_NAME, find_version
 
-    held_out = job_dir / "site-view-held-out"
+    held_out = held_out_folder(job_dir / SITE_VIEW)
     name, _, version = (spec.base_model or "").partition("@")
-    base = next((v for v in list_versions(name) if v.version == version), None)
+    # The base was found when the job started (_train_config); a site adaptation always has one.
+    base = find_version(name, version) if spec.base_model else None
     candidate = load_model(staging)
     record: dict[str, Any] = {
         "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),

@@ -27,6 +27,7 @@ import numpy as np
 
 from cxr_core.errors import CxrError
 from cxr_core.evaluation import expected_calibration_error, reliability_bins
+from cxr_core.fileio import sha256_file
 from cxr_core.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def data_sha256(paths: Sequence[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(str(path.relative_to(root)).encode("utf-8") + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(bytes.fromhex(sha256_file(path)))
     return digest.hexdigest()
 
 

@@ -114,7 +114,8 @@ def candidate_folder(model_id: str, version: str) -> Path:
     return folder
 
 
-def _find(model_id: str, version: str) -> Version:
+def find_version(model_id: str, version: str) -> Version:
+    """The registered version ``model_id@version``, shipped or trained; RegistryError when there is none."""
     for v in list_versions(model_id):
         if v.version == version:
             return v
@@ -191,7 +192,7 @@ def promote(model_id: str, version: str, *, user: str, override_reason: str | No
     ``gate=False``: it returns to a version that was active before.)"""
     from cxr_core.models import load_model
 
-    candidate = _find(model_id, version)
+    candidate = find_version(model_id, version)
     if gate and (reason := not_evaluated(candidate)):
         raise RegistryError(f"Promotion refused: {reason}.")
     load_model(candidate.path, device="cpu")  # verify it loads before anything points at it
@@ -211,7 +212,7 @@ def promote(model_id: str, version: str, *, user: str, override_reason: str | No
          "to": version, "problems": problems, "override_reason": override_reason or None}
     )
     write_pointer(pointer)
-    return _find(model_id, version)
+    return find_version(model_id, version)
 
 
 def rollback_target(model_id: str) -> str | None:
@@ -233,7 +234,7 @@ def rollback(model_id: str, *, user: str) -> Version:
 
 
 def delete_version(model_id: str, version: str) -> None:
-    v = _find(model_id, version)
+    v = find_version(model_id, version)
     if v.active:
         raise RegistryError("The active version cannot be deleted; promote another one first.")
     if v.shipped:

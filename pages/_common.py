@@ -171,6 +171,15 @@ def choose_evaluation_set(key: str, exclude: str | None = None) -> Path | None:
     return next((c.path for c in choices if c.label == picked), None)
 
 
+def estimate_cell(e: dict | None, missing: str = "not measurable") -> str:
+    """A stored estimate as a table cell: "0.910 (0.849-0.948); 121/133", without the counts
+    for one that has none (AUROC); ``missing`` when it was not measurable."""
+    if not e or e["value"] is None:
+        return missing
+    text = f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f})"
+    return text + (f"; {e['successes']}/{e['n']}" if "n" in e else "")
+
+
 def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.replace("_", " ")) -> None:
     """A site validation's figures (``SiteValidation.as_dict()``): the four rates with their
     intervals, AUROC, calibration, the confusion matrix (classes as ``label`` names them), the
@@ -178,18 +187,16 @@ def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.re
     import pandas as pd
     import plotly.graph_objects as go
 
-    def cell(e: dict) -> str:
-        return "not measurable" if e["value"] is None else f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}); {e['successes']}/{e['n']}"
 
     st.markdown(f"**{result['model']}** on {result['n']} films: " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
     for warning in result["warnings"]:
         st.warning(warning)
     rows = [("COVID-19 sensitivity", result["covid_sensitivity"]), ("Specificity (not COVID-19 left alone)", result["non_covid_specificity"]),
             ("PPV", result["ppv"]), ("NPV", result["npv"])]
-    table = [{"figure": name, "value (95% CI); films": cell(e)} for name, e in rows]
+    table = [{"figure": name, "value (95% CI); films": estimate_cell(e)} for name, e in rows]
     a = result["auroc"]
     table.append({"figure": "AUROC, COVID-19 vs not (bootstrap CI)",
-                  "value (95% CI); films": "not measurable" if a["value"] is None else f"{a['value']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})"})
+                  "value (95% CI); films": estimate_cell(a)})
     table.append({"figure": "ECE on the model's own classes", "value (95% CI); films": "—" if result["ece"] is None else f"{result['ece']:.3f}"})
     st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
     st.caption(f"At the model's COVID-19 threshold {result['threshold']}. Intervals: Wilson score (rates), percentile bootstrap (AUROC).")

@@ -24,7 +24,7 @@ from cxr_core.versions import (
     rollback_target,
     set_default_model,
 )
-from pages._common import current_user, enter_page, guarded, render_validation
+from pages._common import current_user, enter_page, estimate_cell, guarded, render_validation
 
 enter_page(role="admin")
 st.title("Models")
@@ -80,8 +80,7 @@ def render_site_adaptation(record: dict) -> None:
     for name, key in (("COVID-19 sensitivity", "covid_sensitivity"), ("Specificity", "non_covid_specificity"), ("PPV", "ppv"), ("NPV", "npv")):
         row = {"on the held-out films": name}
         for side in ("before", "after"):
-            e = (record.get(side) or {}).get(key)
-            row[side] = "—" if not e or e["value"] is None else f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}); {e['successes']}/{e['n']}"
+            row[side] = estimate_cell((record.get(side) or {}).get(key), missing="—")
         rows.append(row)
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     shared = record.get("shared_test")

@@ -15,16 +15,15 @@ The adapted model is an ordinary model folder; before/after on the held-out film
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_core.errors import CxrError
-from cxr_core.training.dataset import Record, scan_folder
+from cxr_core.training.dataset import Record, _bucket, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,9 @@ class AdaptResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _bucket(key: str, salt: str) -> float:
-    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+def held_out_folder(work: Path) -> Path:
+    """Where :func:`build_adapt_folder` puts the held-out films (flat label folders), beside ``work``."""
+    return work.parent / f"{work.name}-held-out"
 
 
 def split_site(records: Sequence[Record], *, salt: str = "site") -> list[Record]:
@@ -63,7 +63,7 @@ def split_site(records: Sequence[Record], *, salt: str = "site") -> list[Record]
             continue
         u = _bucket(record.patient_id or record.path.name, salt)
         split = "test" if u < HELD_OUT else "val" if u < HELD_OUT + (1 - HELD_OUT) * VALIDATION else "train"
-        out.append(Record(record.path, record.label, split, record.patient_id, record.source))
+        out.append(replace(record, split=split))
     return out
 
 
@@ -117,7 +117,7 @@ def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), repl
                 os.symlink(row["path"], link)
             writer.writerow({"file": str(link.relative_to(work)), "split": row["split"], "label": row["label"],
                              "source": row["source"], "patient_id": row["patient_id"]})
-    held = work.parent / f"{work.name}-held-out"
+    held = held_out_folder(work)
     for i, row in enumerate(r for r in rows if r["split"] == "test"):
         link = held / row["label"] / f"{i:06d}-{Path(row['path']).name}"
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def adapt(
     except DatasetError as exc:
         raise AdaptationError(f"{exc} Give --replay with the model's training data so that every class has films.") from exc
     adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}")
-    held_out = work.parent / f"{work.name}-held-out"
+    held_out = held_out_folder(work)
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()
     after = validate_site(load_model(out, device=device), held_out, target_sensitivity=target_sensitivity).as_dict()
     notes = tuple(f"{label}: not a class of {manifest.key}, left out of training" for label in sorted(set(data.report.excluded_labels)))
