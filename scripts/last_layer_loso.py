@@ -1,0 +1,202 @@
+"""Leave-one-source-out comparison of refitted last layers on extracted features
+(docs/experiments/2026-12-05-last-layer-loso.md; the rule there was written before this ran).
+
+    python scripts/last_layer_loso.py var/features/densenet.npz --model densenet121-covid3 [--json OUT]
+
+Reads the .npz of scripts/extract_features.py. JSRT films (folder ``jsrt``) and every ``test``
+split are never fitted, calibrated or selected on here; the final head's test figures are
+printed only with ``--final``, after the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cxr_core.manifest import read_manifest  # noqa: E402
+from cxr_core.models import resolve_model  # noqa: E402
+from cxr_core.training.calibration import choose_threshold, fit_temperature  # noqa: E402
+from cxr_core.training.head import NOT_POSITIVE, LinearHead, direction_projection, fit_linear_head, group_weights  # noqa: E402
+
+TARGET_SENSITIVITY = 0.97
+FOLDS = {
+    "openist": {"openist/normal"},
+    "nih_pneumonia": {"nih_pneumonia/pneumonia"},
+    "c19rdb_normal": {"c19rdb/normal"},
+    "kermany": {"kermany/normal", "kermany/viral_pneumonia", "kermany/bacterial_pneumonia"},
+}
+PRIMARY = ("openist", "nih_pneumonia")
+NORMAL_SOURCES = ("c19rdb/normal", "kermany/normal", "openist/normal")
+
+
+@dataclass(frozen=True)
+class Data:
+    features: np.ndarray
+    group: np.ndarray
+    label: np.ndarray
+    split: np.ndarray
+    folder: np.ndarray
+
+
+@dataclass(frozen=True)
+class Scored:
+    head: LinearHead
+    temperature: float
+    threshold: float
+    val_accuracy: float
+
+
+def probabilities(logits: np.ndarray, temperature: float, head: str) -> np.ndarray:
+    """(N, K) logits -> (N,) p(covid) after temperature, and (N, K') class probabilities."""
+    z = logits / temperature
+    if head == "sigmoid":
+        p = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        return np.stack([p, 1 - p], axis=1)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def targets_for(labels: np.ndarray, classes: list[str], head: str) -> np.ndarray:
+    if head == "sigmoid":
+        return (labels == classes[0]).astype(np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(lab, NOT_POSITIVE) for lab in labels], dtype=np.int64)
+
+
+def calibrate(head: LinearHead, data: Data, val: np.ndarray, classes: list[str], kind: str) -> Scored:
+    """Temperature on the validation films of the model's classes, then the 0.97-sensitivity threshold."""
+    targets = targets_for(data.label[val], classes, kind)
+    logits = head.logits(data.features[val])
+    if kind == "sigmoid":
+        labels = np.where(targets == 1, 0, 1)  # class index: 0 = covid, 1 = other
+        known = np.ones(len(labels), dtype=bool)
+    else:
+        known = targets >= 0
+        labels = targets
+    temperature = fit_temperature(logits[known], labels[known], kind)
+    probs = probabilities(logits, temperature, kind)
+    is_covid = data.label[val] == classes[0]
+    threshold = choose_threshold(probs[:, 0], is_covid, TARGET_SENSITIVITY)
+    decided = decide(probs, threshold)
+    accuracy = float(np.mean(decided[known] == labels[known]))
+    return Scored(head, temperature, threshold, accuracy)
+
+
+def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The app's rule (cxr_core.inference.decide): covid at p >= threshold, else the likeliest other class."""
+    rest = 1 + np.argmax(probs[:, 1:], axis=1)
+    return np.where(probs[:, 0] >= threshold, 0, rest)
+
+
+def called_covid(scored: Scored, data: Data, rows: np.ndarray, kind: str) -> int:
+    probs = probabilities(scored.head.logits(data.features[rows]), scored.temperature, kind)
+    return int(np.sum(probs[:, 0] >= scored.threshold))
+
+
+def fit_candidate(name: str, data: Data, train: np.ndarray, start: LinearHead, classes: list[str], kind: str) -> LinearHead:
+    """The candidate's head (folded to act on raw features)."""
+    if name == "S":
+        return start
+    targets = targets_for(data.label[train], classes, kind)
+    weights = group_weights(data.label[train] == classes[0], data.group[train])
+    if name.startswith("L"):
+        return fit_linear_head(data.features[train], targets, weights, start, head=kind, l2=float(name[2:-1]))
+    if name == "P":
+        present = [g for g in NORMAL_SOURCES if np.any(data.group[train] == g)]
+        means = np.stack([data.features[train][data.group[train] == g].mean(axis=0) for g in present])
+        projection = direction_projection(means.astype(np.float64))
+        fitted = fit_linear_head(data.features[train] @ projection, targets, weights, start, head=kind, l2=0.1)
+        return LinearHead(fitted.weight @ projection, fitted.bias)  # P is symmetric: (XP)W' = X(W P)'
+    raise ValueError(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("features", type=Path)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--final", metavar="CANDIDATE", help="fit CANDIDATE on every source and print its test figures")
+    parser.add_argument("--save-head", type=Path, help="with --final: write the head and calibration here (.npz)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    folder = resolve_model(args.model).path
+    manifest = read_manifest(folder)
+    classes, kind = list(manifest.classes), manifest.head
+    state = load_file(str(folder / "model.safetensors"))
+    start = LinearHead(state["head.fc.weight"].astype(np.float64), state["head.fc.bias"].astype(np.float64))
+
+    z = np.load(args.features)
+    data = Data(z["features"].astype(np.float64), np.char.add(np.char.add(z["source"], "/"), z["label"]), z["label"], z["split"], z["folder"])
+    gap = np.abs(start.logits(data.features[:256]) - z["logits"][:256]).max()
+    print(f"{z['model']}: {len(data.label)} films; head check |logits - features @ W' - b| <= {gap:.2e}")
+    internal = data.folder != "jsrt"
+
+    candidates = ["S", "L(0.01)", "L(0.1)", "L(1)"] + (["P"] if kind == "softmax" else [])
+    if args.final:
+        final(args, data, internal, start, classes, kind)
+        return
+    results: dict[str, dict[str, dict[str, float]]] = {c: {} for c in candidates}
+    for fold, held in FOLDS.items():
+        out = np.isin(data.group, list(held))
+        train = internal & ~out & (data.split == "train")
+        val = internal & ~out & (data.split == "val")
+        scored_rows = internal & out
+        for name in candidates:
+            head = fit_candidate(name, data, train, start, classes, kind)
+            scored = calibrate(head, data, val, classes, kind)
+            n = called_covid(scored, data, scored_rows, kind)
+            results[name][fold] = {"called_covid": n, "n": int(scored_rows.sum()), "val_accuracy": round(scored.val_accuracy, 4),
+                                   "threshold": round(scored.threshold, 4), "temperature": round(scored.temperature, 3)}
+            print(f"{fold:>14} {name:>8}: {n:4d} of {int(scored_rows.sum()):4d} called COVID-19; fold-val accuracy {scored.val_accuracy:.4f}, "
+                  f"T {scored.temperature:.3f}, threshold {scored.threshold:.3f}", flush=True)
+
+    def primary(name: str) -> int:
+        return sum(results[name][f]["called_covid"] for f in PRIMARY)
+
+    base = results["S"]
+    verdicts = {}
+    for name in candidates[1:]:
+        r = results[name]
+        conditions = {
+            "1: at least 20% fewer of the 757 than S": primary(name) <= 0.8 * primary("S"),
+            "2: fold-val accuracy within 0.02 of S in every fold": all(r[f]["val_accuracy"] >= base[f]["val_accuracy"] - 0.02 for f in FOLDS),
+            "3: folds 3-4 no more than S + 10%": all(r[f]["called_covid"] <= base[f]["called_covid"] * 1.1 for f in ("c19rdb_normal", "kermany")),
+        }
+        verdicts[name] = {"primary": primary(name), "conditions": conditions, "passes": all(conditions.values())}
+    print(f"\nprimary (openist + nih_pneumonia, {sum(base[f]['n'] for f in PRIMARY)} films): S {primary('S')}")
+    for name, v in verdicts.items():
+        print(f"  {name}: {v['primary']}  " + "; ".join(f"{k.split(':')[0]} {'ok' if ok else 'FAILS'}" for k, ok in v["conditions"].items()))
+    passing = [n for n, v in verdicts.items() if v["passes"]]
+    chosen = min(passing, key=lambda n: verdicts[n]["primary"]) if passing else None
+    print(f"chosen by the rule: {chosen or 'none (nothing changes)'}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(z["model"]), "results": results, "verdicts": verdicts, "chosen": chosen}, indent=2, default=bool) + "\n")
+
+
+def final(args: argparse.Namespace, data: Data, internal: np.ndarray, start: LinearHead, classes: list[str], kind: str) -> None:
+    """Fit the chosen candidate on every source's train films, calibrate on every val film, print test figures."""
+    train = internal & (data.split == "train")
+    val = internal & (data.split == "val")
+    for name in ("S", args.final):
+        scored = calibrate(fit_candidate(name, data, train, start, classes, kind), data, val, classes, kind)
+        print(f"{name}: T {scored.temperature:.3f}, threshold {scored.threshold:.4f}, val accuracy {scored.val_accuracy:.4f}")
+        for group in sorted(set(data.group[(data.split == "test")])):
+            rows = (data.split == "test") & (data.group == group)
+            print(f"   test {group:>30}: {called_covid(scored, data, rows, kind):4d} of {int(rows.sum()):4d} called COVID-19")
+        if name == args.final and args.save_head:
+            np.savez(args.save_head, weight=scored.head.weight, bias=scored.head.bias, temperature=scored.temperature, threshold=scored.threshold)
+
+
+if __name__ == "__main__":
+    main()
