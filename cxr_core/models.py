@@ -30,6 +30,7 @@ from cxr_core.errors import (
     ModelNotFoundError,
     NoModelInstalledError,
 )
+from cxr_core.feature_gate import load_gate_for
 from cxr_core.fileio import atomic_write, sha256_file  # noqa: F401 - sha256_file re-exported
 from cxr_core.manifest import MANIFEST_NAME, Manifest, read_manifest
 from cxr_core.registry import CxrNet, build_network, get_architecture
@@ -202,8 +203,6 @@ def load_model(folder: Path | str, device: torch.device | str | None = None) -> 
             network.get_submodule(layer)
         except AttributeError as exc:
             raise ManifestError(f"{folder.name}: CAM layer {layer!r} does not exist in {arch.name}.") from exc
-
-    from cxr_core.gate import load_gate_for
 
     feature_gate = load_gate_for(folder, dict(manifest.ood)) if manifest.ood else None
     target = select_device(str(device)) if device is not None else select_device()

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from cxr_core.annotations import Box, detect_burned_in, mask_boxes
-from cxr_core.gate import ACCEPTED, REJECTED, WARNING, FeatureGate, fit_feature_gate, judge, metadata_verdict
+from cxr_core.feature_gate import FeatureGate, fit_feature_gate
+from cxr_core.gate import ACCEPTED, REJECTED, WARNING, judge, metadata_verdict
 from cxr_core.inference import is_uncertain, make_prediction
 from cxr_core.io import ImageMetadata, XrayImage, read_image
 from cxr_core.manifest import Manifest
