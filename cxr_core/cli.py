@@ -96,7 +96,8 @@ def _load_any_version(model_id: str | None):  # type: ignore[no-untyped-def]
     """``ID`` (its active version), ``ID@VERSION`` (any registered version, shipped or trained), or the default."""
     from cxr_core.errors import ModelNotFoundError
     from cxr_core.models import load_model
-    from cxr_core.versions import RegistryError, find_version, list_versions
+    from cxr_core.pointer import RegistryError
+    from cxr_core.versions import find_version, list_versions
 
     if model_id and "@" in model_id:
         name, _, version = model_id.partition("@")

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from cxr_core.chest_space import chest_space
 from cxr_core.feature_gate import FeatureGate
-from cxr_core.io import ImageMetadata
+from cxr_core.film import ImageMetadata
 from cxr_core.quality import BLANK_CONTRAST, QualityReport
 
 log = logging.getLogger(__name__)

@@ -139,7 +139,7 @@ def _model_registry() -> str:
     would otherwise log an error and quietly use the shipped version (or another model)."""
     from cxr_core.manifest import read_manifest
     from cxr_core.models import installed_models
-    from cxr_core.versions import read_pointer, registry_dir
+    from cxr_core.pointer import read_pointer, registry_dir
 
     pointer = read_pointer()  # RegistryError (a failed check) when unreadable
     broken = []

@@ -8,8 +8,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from cxr_core.film import XrayImage
 from cxr_core.gate import ACCEPTED, GateResult, judge
-from cxr_core.io import XrayImage
 from cxr_core.manifest import Manifest
 from cxr_core.models import LoadedModel
 from cxr_core.preprocess import to_batch

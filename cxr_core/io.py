@@ -27,7 +27,7 @@ from cxr_core.errors import (
 
 # The film types live in cxr_core.film (the readers build them without importing this
 # module); imported here too, where callers have always found them.
-from cxr_core.film import DecodedPixels, ImageMetadata, Window, XrayImage, auto_window, strided_sample  # noqa: E402,F401
+from cxr_core.film import XrayImage  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -355,7 +355,8 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     mask = spec.mask_burned_in
     view: dict[str, Any] = {}
     if spec.base_model:
-        from cxr_core.versions import RegistryError, find_version
+        from cxr_core.pointer import RegistryError
+        from cxr_core.versions import find_version
 
         name, _, version = spec.base_model.partition("@")
         try:
@@ -426,7 +427,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
 def _staging_folder(spec: JobSpec) -> Path:
     """Where every rank's config points the candidate: built here, renamed into the registry
     when complete (the configs must match across ranks and across resumes)."""
-    from cxr_core.versions import registry_dir
+    from cxr_core.pointer import registry_dir
 
     return registry_dir() / spec.model_id / f".staging-{spec.version}"
 
@@ -462,6 +463,7 @@ def _run_job_follower(job_dir: Path) -> int:
 
 def run_job(job_dir: Path) -> int:
     """Body of ``python -m cxr_core.jobs JOB_DIR``: train, write the candidate, evaluate it."""
+    from cxr_core.pointer import registry_dir
     from cxr_core.training.evaluation_set import (
         evaluate_active_alongside,
         evaluate_candidate,
@@ -470,7 +472,6 @@ def run_job(job_dir: Path) -> int:
     from cxr_core.training.finalize import finalize
     from cxr_core.training.prepare import prepare_data
     from cxr_core.training.trainer import TrainingCancelled, final_spec, label_plan, train
-    from cxr_core.versions import registry_dir
 
     job_dir = Path(job_dir)
     from cxr_core import distributed

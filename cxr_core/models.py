@@ -31,7 +31,7 @@ from cxr_core.errors import (
     NoModelInstalledError,
 )
 from cxr_core.feature_gate import load_gate_for
-from cxr_core.fileio import atomic_write, sha256_file  # noqa: F401 - sha256_file re-exported
+from cxr_core.fileio import atomic_write, sha256_file
 from cxr_core.manifest import MANIFEST_NAME, Manifest, read_manifest
 from cxr_core.registry import CxrNet, build_network, get_architecture
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cxr_core.film import resize_pixels  # noqa: F401 - re-exported: callers import it from here
+from cxr_core.film import resize_pixels
 from cxr_core.manifest import InputSpec
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_core.chest_space import chest_space
-from cxr_core.io import XrayImage, strided_sample
+from cxr_core.film import XrayImage, strided_sample
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ORIENTATION_MARGIN = 0.1

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cxr_core.annotations import Box, detect_burned_in, mask_boxes
-from cxr_core.io import XrayImage, auto_window
+from cxr_core.film import XrayImage, auto_window
 from cxr_core.quality import QualityReport, assess_quality, fix_orientation
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from cxr_core import config
 from cxr_core.errors import ModelError
 from cxr_core.manifest import Manifest, read_manifest
-from cxr_core.pointer import RegistryError, default_model_id, read_pointer, registry_dir, write_pointer  # noqa: F401 - re-exported
+from cxr_core.pointer import RegistryError, read_pointer, registry_dir, write_pointer
 
 EVALUATION_NAME = "evaluation.json"
 

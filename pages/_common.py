@@ -114,7 +114,7 @@ def model_folders() -> list[ModelFolder]:
 def default_model_key() -> tuple[str | None, bool]:
     """(id@version of the model Diagnose offers first, whether an admin chose it)."""
     from cxr_core.models import resolve_model
-    from cxr_core.versions import default_model_id
+    from cxr_core.pointer import default_model_id
 
     try:
         chosen = default_model_id() is not None or bool(config.default_model_id())

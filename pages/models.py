@@ -10,11 +10,10 @@ import streamlit as st
 from cxr_core import audit
 from cxr_core.datasets import list_datasets
 from cxr_core.evaluation import external_rows
+from cxr_core.pointer import RegistryError, default_model_id
 from cxr_core.validation import list_validations
 from cxr_core.versions import (
-    RegistryError,
     Version,
-    default_model_id,
     delete_version,
     list_versions,
     not_evaluated,

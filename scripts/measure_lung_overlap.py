@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_core.cam import explain  # noqa: E402
-from cxr_core.io import XrayImage, read_image  # noqa: E402
+from cxr_core.film import XrayImage
+from cxr_core.io import read_image
 from cxr_core.lungs import WARN_BELOW, lung_field, lung_overlap  # noqa: E402
 from cxr_core.models import load_model, resolve_model  # noqa: E402
 from cxr_core.training.dataset import by_source_and_label, scan_folder  # noqa: E402

@@ -19,8 +19,9 @@ from cxr_core.errors import (
     NoModelInstalledError,
     UnknownArchitectureError,
 )
+from cxr_core.fileio import sha256_file
 from cxr_core.manifest import MANIFEST_NAME, read_manifest
-from cxr_core.models import discover_models, load_model, resolve_model, select_device, sha256_file
+from cxr_core.models import discover_models, load_model, resolve_model, select_device
 from tests.conftest import make_model_folder
 
 

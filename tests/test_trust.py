@@ -16,9 +16,10 @@ from PIL import Image
 
 from cxr_core.annotations import Box, detect_burned_in, mask_boxes
 from cxr_core.feature_gate import FeatureGate, fit_feature_gate
+from cxr_core.film import ImageMetadata, XrayImage
 from cxr_core.gate import ACCEPTED, REJECTED, WARNING, judge, metadata_verdict
 from cxr_core.inference import is_uncertain, make_prediction
-from cxr_core.io import ImageMetadata, XrayImage, read_image
+from cxr_core.io import read_image
 from cxr_core.manifest import Manifest
 from cxr_core.quality import EXPOSURE_ASSET, assess_quality, exposure_range, fix_orientation
 from tests.conftest import SHARED_DATA, load_script

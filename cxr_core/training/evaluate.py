@@ -19,8 +19,9 @@ import numpy as np
 
 from cxr_core.errors import CxrError
 from cxr_core.evaluation import Metrics, compute_metrics
+from cxr_core.film import XrayImage
 from cxr_core.inference import Prediction, predict
-from cxr_core.io import XrayImage, read_image
+from cxr_core.io import read_image
 from cxr_core.models import LoadedModel
 from cxr_core.training.dataset import DatasetError, LabelPlan, Record, apply_plan, scan_folder
 

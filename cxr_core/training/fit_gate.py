@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from cxr_core.feature_gate import fit_feature_gate
+from cxr_core.fileio import sha256_file
 from cxr_core.manifest import Manifest
-from cxr_core.models import LoadedModel, load_model, sha256_file, update_manifest
+from cxr_core.models import LoadedModel, load_model, update_manifest
 from cxr_core.preprocess import normalise, to_network_input
 from cxr_core.training.prepare import PreparedData
 

@@ -1,7 +1,7 @@
 """Decode a labelled set once into memory, at training size, and check it.
 
 Every image goes through :func:`cxr_core.io.read_image` and
-:func:`cxr_core.preprocess.resize_pixels`, the exact path inference uses, so training
+:func:`cxr_core.film.resize_pixels`, the exact path inference uses, so training
 and inference see the same pixels. Alongside: the file's sha256 (exact duplicates) and
 a normalised 32x32 thumbnail (near duplicates across splits, e.g. the same film
 re-encoded, resized or re-windowed).
@@ -19,9 +19,10 @@ import cv2
 import numpy as np
 
 from cxr_core.errors import CxrError
+from cxr_core.film import resize_pixels
 from cxr_core.io import read_image
 from cxr_core.manifest import InputSpec
-from cxr_core.preprocess import WHOLE_FILM, crop_box, mask_burned_in, resize_pixels
+from cxr_core.preprocess import WHOLE_FILM, crop_box, mask_burned_in
 from cxr_core.training.dataset import Record
 
 log = logging.getLogger(__name__)

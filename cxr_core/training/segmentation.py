@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cxr_core.errors import CxrError
+from cxr_core.film import resize_pixels
 from cxr_core.io import read_image
 from cxr_core.lungs import SEGMENTER_SIZE, dice, postprocess_mask, segmenter_manifest
 from cxr_core.manifest import Manifest
-from cxr_core.preprocess import resize_pixels
 from cxr_core.registry import build_segmenter
 from cxr_core.training.augment import AugmentConfig, augment
 from cxr_core.training.dataset import DatasetError, _bucket

@@ -26,7 +26,7 @@ from cxr_core.errors import CxrError
 from cxr_core.evaluation import compute_metrics
 from cxr_core.manifest import InputSpec, Manifest
 from cxr_core.models import select_device
-from cxr_core.preprocess import normalise, to_network_input  # noqa: F401 - re-exported
+from cxr_core.preprocess import normalise, to_network_input
 from cxr_core.registry import CxrNet, build_network, get_architecture
 from cxr_core.training.augment import augment
 from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
