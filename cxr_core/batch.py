@@ -16,7 +16,7 @@ from cxr_core.errors import CxrError
 from cxr_core.film import XrayImage
 from cxr_core.inference import Prediction, predict
 from cxr_core.io import read_image
-from cxr_core.models import LoadedModel
+from cxr_core.models.loading import LoadedModel
 
 
 @dataclass(frozen=True, eq=False)

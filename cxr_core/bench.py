@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cxr_core.models import LoadedModel, installed_models, load_model, resolve_model, select_device
+from cxr_core.models.loading import LoadedModel, installed_models, load_model, resolve_model, select_device
 
 
 def _sync(device: torch.device) -> None:
@@ -217,7 +217,7 @@ def app_rss_mb(model_keys: list[str]) -> float:
     """Peak RSS of a fresh process that loads every model and uses each once (what the app holds)."""
     code = (
         "import resource, sys\n"
-        "from cxr_core.models import resolve_model, load_model\n"
+        "from cxr_core.models.loading import resolve_model, load_model\n"
         "from cxr_core.cam import explain\nfrom cxr_core.inference import predict\nfrom cxr_core.io import read_image\n"
         "import numpy as np\nimport streamlit, plotly, pandas\n"
         "image = read_image(sys.argv[1])\n"

@@ -33,8 +33,8 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, C
 from cxr_core.errors import ExplanationError
 from cxr_core.film import XrayImage
 from cxr_core.inference import Prediction, logits_to_probabilities, make_prediction
-from cxr_core.manifest import Manifest
-from cxr_core.models import LoadedModel
+from cxr_core.models.loading import LoadedModel
+from cxr_core.models.manifest import Manifest
 from cxr_core.preprocess import WHOLE_FILM, Box, box_pixels, lung_crop_boxes, to_input
 
 log = logging.getLogger(__name__)

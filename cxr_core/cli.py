@@ -53,7 +53,7 @@ def _iter_files(paths: Sequence[str]) -> Iterator[str]:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from cxr_core import config
-    from cxr_core.models import discover_models
+    from cxr_core.models.loading import discover_models
 
     root = config.weights_dir()
     folders = discover_models(root)
@@ -87,7 +87,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _load(model_id: str | None):  # type: ignore[no-untyped-def]
-    from cxr_core.models import load_model, resolve_model
+    from cxr_core.models.loading import load_model, resolve_model
 
     return load_model(resolve_model(model_id).path)
 
@@ -95,9 +95,9 @@ def _load(model_id: str | None):  # type: ignore[no-untyped-def]
 def _load_any_version(model_id: str | None):  # type: ignore[no-untyped-def]
     """``ID`` (its active version), ``ID@VERSION`` (any registered version, shipped or trained), or the default."""
     from cxr_core.errors import ModelNotFoundError
-    from cxr_core.models import load_model
-    from cxr_core.pointer import RegistryError
-    from cxr_core.versions import find_version, list_versions
+    from cxr_core.models.loading import load_model
+    from cxr_core.models.pointer import RegistryError
+    from cxr_core.models.versions import find_version, list_versions
 
     if model_id and "@" in model_id:
         name, _, version = model_id.partition("@")
@@ -127,7 +127,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cxr_core import distributed
     from cxr_core.batch import predict_paths
     from cxr_core.inference import DISCLAIMER
-    from cxr_core.models import load_model, resolve_model, select_device
+    from cxr_core.models.loading import load_model, resolve_model, select_device
 
     # Under torchrun each rank predicts every N-th file on its own GPU and all ranks share
     # one stdout: each line goes out in one write (see _emit_line) so lines do not interleave.
@@ -332,7 +332,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / model_id
     crossval = None
     from cxr_core import distributed
-
     if args.folds and distributed.world_from_env().distributed:
         raise UsageError("Cross-validation (--folds) runs in one process; start it without torchrun.")
     if args.folds:
@@ -349,7 +348,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         result, data = train(config, run_dir)
     from cxr_core import distributed
-
     if not distributed.world_from_env().main:
         distributed.stop()
         return EXIT_OK  # rank 0 writes the model
@@ -457,7 +455,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_gate(args: argparse.Namespace) -> int:
-    from cxr_core.models import resolve_model
+    from cxr_core.models.loading import resolve_model
     from cxr_core.training.dataset import LabelPlan
     from cxr_core.training.fit_gate import fit_gate
     from cxr_core.training.prepare import prepare_data, scan_folders

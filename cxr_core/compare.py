@@ -20,9 +20,9 @@ from cxr_core.export import wrap_text
 from cxr_core.faithfulness import Faithfulness, faithfulness
 from cxr_core.film import XrayImage
 from cxr_core.lungs import LungOverlap, film_lung_fields, lung_overlap
-from cxr_core.models import LoadedModel
+from cxr_core.models.architectures import get_architecture
+from cxr_core.models.loading import LoadedModel
 from cxr_core.overlay import fit_within, render_overlay
-from cxr_core.registry import get_architecture
 
 AXES = {"method": "CAM method", "model": "Model", "class": "Target class", "depth": "Network depth"}
 

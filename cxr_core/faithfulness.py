@@ -25,7 +25,7 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer, RemoveLeastRelevan
 
 from cxr_core.film import XrayImage
 from cxr_core.inference import logits_to_probabilities, predict_logits
-from cxr_core.models import LoadedModel
+from cxr_core.models.loading import LoadedModel
 from cxr_core.preprocess import crop_box, lung_crop_boxes, to_input
 
 

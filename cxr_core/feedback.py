@@ -52,7 +52,6 @@ def record_feedback(item: Feedback, db: Path | None = None, role: str = "anonymo
         )
         new_id = int(cursor.lastrowid or 0)
     from cxr_core import audit
-
     # A review is a clinical opinion on the model's output: it belongs in the audit trail
     # too (the verdicts, not the free-text comment, which may name a patient).
     audit.record("review", user=item.user, role=role, image_sha256=item.image_sha256, model=item.model, db=db,

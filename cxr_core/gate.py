@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cxr_core.chest_space import chest_space
-from cxr_core.feature_gate import FeatureGate
 from cxr_core.film import ImageMetadata
+from cxr_core.models.feature_gate import FeatureGate
 from cxr_core.quality import BLANK_CONTRAST, QualityReport
 
 log = logging.getLogger(__name__)

@@ -120,7 +120,7 @@ def sample_film() -> bytes:
 def _model(path: Path) -> str:
     from cxr_core.inference import predict
     from cxr_core.io import read_image
-    from cxr_core.models import load_model
+    from cxr_core.models.loading import load_model
 
     # load_model checks the weights against the manifest's sha256 before building the network.
     model = load_model(path)
@@ -137,9 +137,9 @@ def _model(path: Path) -> str:
 def _model_registry() -> str:
     """The active-version pointers and the default model name folders that exist: the app
     would otherwise log an error and quietly use the shipped version (or another model)."""
-    from cxr_core.manifest import read_manifest
-    from cxr_core.models import installed_models
-    from cxr_core.pointer import read_pointer, registry_dir
+    from cxr_core.models.loading import installed_models
+    from cxr_core.models.manifest import read_manifest
+    from cxr_core.models.pointer import read_pointer, registry_dir
 
     pointer = read_pointer()  # RegistryError (a failed check) when unreadable
     broken = []
@@ -180,7 +180,7 @@ def check_health(*, models: bool = True) -> HealthReport:
 
     ``models=False`` skips loading the models (seconds each on a CPU).
     """
-    from cxr_core.models import discover_models
+    from cxr_core.models.loading import discover_models
 
     checks = [_timed(name, probe) for name, probe in (("state folder", _state_folder), ("database", _database),
                                                       ("audit trail", _audit_trail), ("input checks", _input_checks),

@@ -10,8 +10,8 @@ import torch
 
 from cxr_core.film import XrayImage
 from cxr_core.gate import ACCEPTED, GateResult, judge
-from cxr_core.manifest import Manifest
-from cxr_core.models import LoadedModel
+from cxr_core.models.loading import LoadedModel
+from cxr_core.models.manifest import Manifest
 from cxr_core.preprocess import to_batch
 from cxr_core.quality import assess_quality
 

@@ -249,7 +249,7 @@ def running_job() -> Path | None:
 def create_job(spec: JobSpec) -> Path:
     """Record a new job. Refused when its version exists, or another job will write it:
     a registered version is never overwritten (it may be the active model)."""
-    from cxr_core.versions import candidate_folder
+    from cxr_core.models.versions import candidate_folder
 
     candidate_folder(spec.model_id, spec.version)
     for other_dir, other, _ in list_jobs():
@@ -355,8 +355,8 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     mask = spec.mask_burned_in
     view: dict[str, Any] = {}
     if spec.base_model:
-        from cxr_core.pointer import RegistryError
-        from cxr_core.versions import find_version
+        from cxr_core.models.pointer import RegistryError
+        from cxr_core.models.versions import find_version
 
         name, _, version = spec.base_model.partition("@")
         try:
@@ -401,11 +401,11 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     """Before/after on the site's held-out films (the figures of a site validation) and the
     candidate's COVID-19 sensitivity on the first replay folder's test split, in the candidate's
     folder (site_adaptation.json): what its promotion is judged by."""
-    from cxr_core.models import load_model
+    from cxr_core.models.loading import load_model
+    from cxr_core.models.versions import SITE_ADAPTATION_NAME, find_version
     from cxr_core.training.adapt import held_out_folder
     from cxr_core.training.evaluate import evaluate_folder
     from cxr_core.validation import validate_site
-    from cxr_core.versions import SITE_ADAPTATION_NAME, find_version
 
     held_out = held_out_folder(job_dir / SITE_VIEW)
     name, _, version = (spec.base_model or "").partition("@")
@@ -427,7 +427,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
 def _staging_folder(spec: JobSpec) -> Path:
     """Where every rank's config points the candidate: built here, renamed into the registry
     when complete (the configs must match across ranks and across resumes)."""
-    from cxr_core.pointer import registry_dir
+    from cxr_core.models.pointer import registry_dir
 
     return registry_dir() / spec.model_id / f".staging-{spec.version}"
 
@@ -463,7 +463,7 @@ def _run_job_follower(job_dir: Path) -> int:
 
 def run_job(job_dir: Path) -> int:
     """Body of ``python -m cxr_core.jobs JOB_DIR``: train, write the candidate, evaluate it."""
-    from cxr_core.pointer import registry_dir
+    from cxr_core.models.pointer import registry_dir
     from cxr_core.training.evaluation_set import (
         evaluate_active_alongside,
         evaluate_candidate,
@@ -475,7 +475,6 @@ def run_job(job_dir: Path) -> int:
 
     job_dir = Path(job_dir)
     from cxr_core import distributed
-
     if not distributed.world_from_env().main:
         return _run_job_follower(job_dir)
     lock_path = jobs_dir() / ".lock"
@@ -503,7 +502,7 @@ def run_job(job_dir: Path) -> int:
     # lists a half-written version, and an existing version is never written over.
     out = registry_dir() / spec.model_id / spec.version
     staging = _staging_folder(spec)
-    from cxr_core.models import select_device
+    from cxr_core.models.loading import select_device
 
     device = str(select_device(spec.device))
     write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=_group(), started=started, device=device)))

@@ -26,10 +26,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cxr_core.manifest import InputSpec, Manifest
+from cxr_core.models.manifest import InputSpec, Manifest
 
 if TYPE_CHECKING:
-    from cxr_core.models import LoadedSegmenter
+    from cxr_core.models.loading import LoadedSegmenter
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 #: Share of CAM mass in the lungs below which the page warns (most of it lies outside).
@@ -204,20 +204,19 @@ def segmenter_folder() -> Path | None:
     """The installed lung segmenter's folder (a model folder of task segmentation in the
     weights folder), if any. Looked up once per weights folder: it is asked on every prediction."""
     from cxr_core import config
-
     return _segmenter_folder(str(config.weights_dir()))
 
 
 @lru_cache(maxsize=8)
 def _segmenter_folder(weights: str) -> Path | None:
-    from cxr_core.models import discover_models
+    from cxr_core.models.loading import discover_models
 
     return next((found.path for found in discover_models(Path(weights), task="segmentation") if found.ok), None)
 
 
 def load_default_segmenter() -> "LoadedSegmenter | None":
     """The installed lung segmenter, loaded once per process and verified; None when not installed."""
-    from cxr_core.models import load_segmenter
+    from cxr_core.models.loading import load_segmenter
 
     folder = segmenter_folder()
     if folder is None:

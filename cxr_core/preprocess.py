@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cxr_core.film import resize_pixels
-from cxr_core.manifest import InputSpec
+from cxr_core.models.manifest import InputSpec
 
 
 def mask_burned_in(pixels: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 from cxr_core.errors import CxrError
 from cxr_core.evaluation import expected_calibration_error, reliability_bins
 from cxr_core.fileio import sha256_file
-from cxr_core.models import LoadedModel
+from cxr_core.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

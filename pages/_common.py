@@ -14,7 +14,7 @@ from cxr_core import config
 from cxr_core.errors import CxrError
 from cxr_core.gate import GateResult
 from cxr_core.inference import DISCLAIMER
-from cxr_core.models import LoadedModel, ModelFolder, discover_models, load_model
+from cxr_core.models.loading import LoadedModel, ModelFolder, discover_models, load_model
 
 log = logging.getLogger("cxr.pages")
 
@@ -113,8 +113,8 @@ def model_folders() -> list[ModelFolder]:
 
 def default_model_key() -> tuple[str | None, bool]:
     """(id@version of the model Diagnose offers first, whether an admin chose it)."""
-    from cxr_core.models import resolve_model
-    from cxr_core.pointer import default_model_id
+    from cxr_core.models.loading import resolve_model
+    from cxr_core.models.pointer import default_model_id
 
     try:
         chosen = default_model_id() is not None or bool(config.default_model_id())
@@ -146,7 +146,6 @@ def gate_override(subject: str, gate: GateResult, image_sha256: str, model_key: 
                 st.error("An override is a clinical decision: sign in, or type your name, so that it is recorded against you.")
             else:
                 from cxr_core import audit
-
                 overridden.add((subject, model_key))
                 audit.record("override_gate", user=user, role=role, image_sha256=image_sha256, model=model_key,
                              details={"reasons": list(gate.reasons), "justification": reason.strip()})

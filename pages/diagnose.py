@@ -17,7 +17,7 @@ from cxr_core.export import Provenance, labelled_png
 from cxr_core.film import XrayImage
 from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
 from cxr_core.io import read_image
-from cxr_core.models import LoadedModel
+from cxr_core.models.loading import LoadedModel
 from cxr_core.overlay import COLORMAPS, colorize, fit_within, render_overlay
 from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows
 from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view

@@ -10,9 +10,8 @@ import streamlit as st
 from cxr_core import audit
 from cxr_core.datasets import list_datasets
 from cxr_core.evaluation import external_rows
-from cxr_core.pointer import RegistryError, default_model_id
-from cxr_core.validation import list_validations
-from cxr_core.versions import (
+from cxr_core.models.pointer import RegistryError, default_model_id
+from cxr_core.models.versions import (
     Version,
     delete_version,
     list_versions,
@@ -23,6 +22,7 @@ from cxr_core.versions import (
     rollback_target,
     set_default_model,
 )
+from cxr_core.validation import list_validations
 from pages._common import current_user, enter_page, estimate_cell, guarded, render_validation
 
 enter_page(role="admin")
@@ -213,7 +213,7 @@ else:
                                  format_func=lambda k: k + (" (active)" if any(v.key == k and v.active for v in versions) else ""))
     target_sensitivity = c[2].number_input("Target sensitivity", 0.5, 0.99, 0.95, step=0.01, key="validate-target")
     if st.button("Validate", type="primary", key="validate-run"):
-        from cxr_core.models import load_model
+        from cxr_core.models.loading import load_model
         from cxr_core.validation import record_validation, validate_site
 
         with guarded("validating the model"), st.spinner("Scoring every film through the app's own prediction path…"):

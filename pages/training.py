@@ -27,10 +27,10 @@ from cxr_core.jobs import (
     read_spec,
     read_state,
 )
-from cxr_core.registry import ARCHITECTURES
+from cxr_core.models.architectures import ARCHITECTURES
+from cxr_core.models.versions import list_versions
 from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP
 from cxr_core.training.run import RunDir
-from cxr_core.versions import list_versions
 from pages._common import choose_evaluation_set, current_user, default_model_key, enter_page, guarded
 
 enter_page(role="admin")

@@ -22,8 +22,8 @@ from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cxr_core.manifest import read_manifest  # noqa: E402
-from cxr_core.models import resolve_model  # noqa: E402
+from cxr_core.models.loading import resolve_model  # noqa: E402
+from cxr_core.models.manifest import read_manifest  # noqa: E402
 from cxr_core.training.calibration import choose_threshold, fit_temperature  # noqa: E402
 from cxr_core.training.head import NOT_POSITIVE, LinearHead, direction_projection, fit_linear_head, group_weights  # noqa: E402
 

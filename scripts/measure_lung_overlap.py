@@ -31,7 +31,7 @@ from cxr_core.cam import explain  # noqa: E402
 from cxr_core.film import XrayImage
 from cxr_core.io import read_image
 from cxr_core.lungs import WARN_BELOW, lung_field, lung_overlap  # noqa: E402
-from cxr_core.models import load_model, resolve_model  # noqa: E402
+from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
 from cxr_core.training.dataset import by_source_and_label, scan_folder  # noqa: E402
 
 

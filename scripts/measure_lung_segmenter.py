@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cxr_core.io import read_image  # noqa: E402
 from cxr_core.lungs import count_regions, dice, lung_box, lung_views, segment_lungs  # noqa: E402
-from cxr_core.models import load_segmenter, update_manifest  # noqa: E402
+from cxr_core.models.loading import load_segmenter, update_manifest  # noqa: E402
 from cxr_core.training.dataset import scan_folder  # noqa: E402
 from cxr_core.training.segmentation import load_pairs, read_mask_pairs, segmenter_card  # noqa: E402
 

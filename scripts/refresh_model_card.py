@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_core.manifest import read_manifest  # noqa: E402
-from cxr_core.models import load_model, update_manifest  # noqa: E402
+from cxr_core.models.loading import load_model, update_manifest  # noqa: E402
+from cxr_core.models.manifest import read_manifest  # noqa: E402
 from cxr_core.training.evaluate import evaluate_folder  # noqa: E402
 from cxr_core.training.finalize import refresh_model_card  # noqa: E402
 

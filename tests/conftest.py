@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_core import registry
-from cxr_core.manifest import InputSpec, Manifest
-from cxr_core.models import LoadedModel, load_model, save_model_folder
-from cxr_core.registry import build_network
+from cxr_core.models import architectures as registry
+from cxr_core.models.architectures import build_network
+from cxr_core.models.loading import LoadedModel, load_model, save_model_folder
+from cxr_core.models.manifest import InputSpec, Manifest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 #: Where the app keeps its state unless told otherwise; a test run must never write there.

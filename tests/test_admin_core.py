@@ -127,7 +127,7 @@ EVAL_SET = {"evaluation_set": "/data/eval", "split": "test"}
 
 
 def _candidate(version: str, accuracy: float, covid_recall: float, seed: int = 1, where: dict | None = None) -> Path:
-    from cxr_core.pointer import registry_dir
+    from cxr_core.models.pointer import registry_dir
 
     folder = make_model_folder(registry_dir() / "dn", "densenet121", ("covid", "normal", "viral_pneumonia"), id="dn", version=version, size=64, seed=seed)
     target = registry_dir() / "dn" / version
@@ -140,9 +140,9 @@ def _candidate(version: str, accuracy: float, covid_recall: float, seed: int = 1
 def test_the_shipped_active_model_is_measured_on_the_candidates_set(registry_env: Path) -> None:
     """A shipped model has no evaluation on a set chosen here: the job measures it on the
     candidate's set, stored under var/ (weights/ stays as checked out), once per set."""
-    from cxr_core.pointer import registry_dir
+    from cxr_core.models.pointer import registry_dir
+    from cxr_core.models.versions import list_versions
     from cxr_core.training.evaluation_set import evaluate_active_alongside
-    from cxr_core.versions import list_versions
 
     eval_dir = make_labelled_folder(registry_env / "eval", per_class={"test": 3}, seed=4, size=64)
     result = evaluate_active_alongside("dn", eval_dir, "test")
@@ -157,9 +157,9 @@ def test_the_shipped_active_model_is_measured_on_the_candidates_set(registry_env
 
 
 def test_promotion_gate_rollback_and_delete(registry_env: Path) -> None:
-    from cxr_core.models import installed_models
-    from cxr_core.pointer import RegistryError, registry_dir
-    from cxr_core.versions import delete_version, list_versions, promote, rollback
+    from cxr_core.models.loading import installed_models
+    from cxr_core.models.pointer import RegistryError, registry_dir
+    from cxr_core.models.versions import delete_version, list_versions, promote, rollback
 
     _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     _candidate("2.1.0", accuracy=0.95, covid_recall=0.90, seed=2)
@@ -189,8 +189,8 @@ def test_promotion_gate_rollback_and_delete(registry_env: Path) -> None:
 
 
 def test_a_crash_during_promotion_leaves_a_working_model(registry_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cxr_core.models import installed_models, load_model
-    from cxr_core.versions import promote
+    from cxr_core.models.loading import installed_models, load_model
+    from cxr_core.models.versions import promote
 
     _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
 
@@ -208,9 +208,9 @@ def test_a_crash_during_promotion_leaves_a_working_model(registry_env: Path, mon
 
 
 def test_a_broken_pointer_falls_back_to_the_shipped_model(registry_env: Path) -> None:
-    from cxr_core.models import installed_models
-    from cxr_core.pointer import registry_dir
-    from cxr_core.versions import promote
+    from cxr_core.models.loading import installed_models
+    from cxr_core.models.pointer import registry_dir
+    from cxr_core.models.versions import promote
 
     target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     promote("dn", "2.0.0", user="alice", gate=False)
@@ -242,8 +242,8 @@ def test_only_a_checked_and_confirmed_dataset_is_trainable(tmp_path: Path, monke
 
 def test_an_unevaluated_candidate_cannot_be_promoted_even_with_a_reason(registry_env: Path) -> None:
     """Issue 33: a version never measured on the fixed evaluation set cannot go live at all."""
-    from cxr_core.pointer import RegistryError, registry_dir
-    from cxr_core.versions import list_versions, not_evaluated, promote
+    from cxr_core.models.pointer import RegistryError, registry_dir
+    from cxr_core.models.versions import list_versions, not_evaluated, promote
 
     target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     (target / "evaluation.json").unlink()
@@ -259,9 +259,9 @@ def test_rolling_back_to_the_shipped_version_is_a_clean_state(registry_env: Path
     """Issue 33: after a rollback to the shipped version nothing logs an error, the check
     passes, and a deleted version is no rollback target."""
     from cxr_core.health import check_health
-    from cxr_core.models import installed_models
-    from cxr_core.pointer import read_pointer
-    from cxr_core.versions import delete_version, promote, rollback, rollback_target
+    from cxr_core.models.loading import installed_models
+    from cxr_core.models.pointer import read_pointer
+    from cxr_core.models.versions import delete_version, promote, rollback, rollback_target
 
     _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     promote("dn", "2.0.0", user="alice", gate=False)
@@ -280,7 +280,7 @@ def test_rolling_back_to_the_shipped_version_is_a_clean_state(registry_env: Path
 
 def test_a_broken_pointer_fails_the_installation_check(registry_env: Path) -> None:
     from cxr_core.health import check_health
-    from cxr_core.versions import promote
+    from cxr_core.models.versions import promote
 
     target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     promote("dn", "2.0.0", user="alice", gate=False)
@@ -291,9 +291,9 @@ def test_a_broken_pointer_fails_the_installation_check(registry_env: Path) -> No
 
 def test_the_default_model_is_an_explicit_recorded_setting(registry_env: Path) -> None:
     """Issue 33: promoting a version must not change which model Diagnose offers first."""
-    from cxr_core.models import resolve_model
-    from cxr_core.pointer import RegistryError, default_model_id, read_pointer
-    from cxr_core.versions import promote, set_default_model
+    from cxr_core.models.loading import resolve_model
+    from cxr_core.models.pointer import RegistryError, default_model_id, read_pointer
+    from cxr_core.models.versions import promote, set_default_model
 
     make_model_folder(registry_env / "weights", "resnet50", ("covid", "other"), head="sigmoid", id="aa-binary", size=64)
     assert default_model_id() is None and resolve_model().manifest.id == "aa-binary"  # type: ignore[union-attr]

@@ -456,8 +456,8 @@ def test_admin_validates_a_model_on_site_films_and_diagnose_shows_it(use_weights
 def test_models_page_shows_an_adapted_candidates_before_and_after(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from cxr_core.pointer import registry_dir
-    from cxr_core.versions import SITE_ADAPTATION_NAME
+    from cxr_core.models.pointer import registry_dir
+    from cxr_core.models.versions import SITE_ADAPTATION_NAME
     from tests.conftest import make_model_folder
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))

@@ -89,7 +89,7 @@ def test_the_suite_keeps_its_records_out_of_the_checkout() -> None:
     this folder uses for its real, append-only audit trail (conftest.private_state)."""
     from cxr_core import config
     from cxr_core.jobs import jobs_dir
-    from cxr_core.pointer import registry_dir
+    from cxr_core.models.pointer import registry_dir
     from cxr_core.users import users_file
 
     for path in (config.var_dir(), db.database_path(), users_file(), jobs_dir(), registry_dir()):

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from cxr_core.cli import main
-from cxr_core.models import load_model
-from cxr_core.registry import build_network
+from cxr_core.models.architectures import build_network
+from cxr_core.models.loading import load_model
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.trainer import final_spec, predict_arrays
 from tests.synthetic import make_labelled_folder

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr_core.manifest import InputSpec
+from cxr_core.models.manifest import InputSpec
 from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
 from cxr_core.training.finalize import finalize
 from cxr_core.training.run import RunDir

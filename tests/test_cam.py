@@ -14,7 +14,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Layer
 from cxr_core.cam import CAM_METHODS, class_targets, compute_raw_cams, explain, resize_maps, scale_minmax
 from cxr_core.errors import ExplanationError
 from cxr_core.io import read_image
-from cxr_core.models import LoadedModel, load_model
+from cxr_core.models.loading import LoadedModel, load_model
 from cxr_core.preprocess import to_input
 from tests.conftest import make_model_folder
 
@@ -95,7 +95,7 @@ def test_single_target_and_unknown_target(densenet, chest) -> None:  # type: ign
 
 @pytest.mark.parametrize("which", ["densenet", "resnet"])
 def test_every_depth_stage_gives_a_map(request, chest, which: str) -> None:  # type: ignore[no-untyped-def]
-    from cxr_core.registry import get_architecture
+    from cxr_core.models.architectures import get_architecture
 
     model: LoadedModel = request.getfixturevalue(which)
     for layer in get_architecture(model.manifest.architecture).stage_layers:

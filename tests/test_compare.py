@@ -24,8 +24,8 @@ from cxr_core.faithfulness import faithfulness, random_map
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from cxr_core.io import read_image
 from cxr_core.lungs import lung_field, lung_overlap
-from cxr_core.models import load_model
-from cxr_core.registry import ARCHITECTURES, build_network
+from cxr_core.models.architectures import ARCHITECTURES, build_network
+from cxr_core.models.loading import load_model
 from tests.synthetic import make_labelled_folder
 
 
@@ -36,7 +36,7 @@ def chest(dicom_data: Path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("arch", sorted(a for a in ARCHITECTURES if a != "tiny-test"))
 def test_depth_progression_resolves_for_every_architecture(arch: str) -> None:
-    from cxr_core.registry import get_architecture
+    from cxr_core.models.architectures import get_architecture
 
     net = build_network(arch, 2)
     stages = get_architecture(arch).stage_layers

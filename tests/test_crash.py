@@ -32,8 +32,8 @@ WORKER = textwrap.dedent(
     from cxr_core.cam import explain
     from cxr_core.inference import predict
     from cxr_core.io import read_image
-    from cxr_core.models import installed_models, load_model
-    from cxr_core.versions import promote, rollback
+    from cxr_core.models.loading import installed_models, load_model
+    from cxr_core.models.versions import promote, rollback
     from PIL import Image
     import io
     buffer = io.BytesIO()
@@ -65,8 +65,8 @@ def _check_state(env: dict[str, str]) -> dict[str, object]:
         import json, sqlite3
         from cxr_core.audit import verify_chain
         from cxr_core.db import database_path
-        from cxr_core.models import installed_models, load_model
-        from cxr_core.versions import read_pointer
+        from cxr_core.models.loading import installed_models, load_model
+        from cxr_core.models.versions import read_pointer
         import torch
         models = installed_models()
         model = load_model(models[0].path, device="cpu")

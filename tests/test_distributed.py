@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core.models import load_model
+from cxr_core.models.loading import load_model
 from cxr_core.training.run import RunDir
 from tests.synthetic import make_labelled_folder
 

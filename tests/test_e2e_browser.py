@@ -372,7 +372,7 @@ def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidat
     """Issue 33, in a browser: the model Diagnose offers first is an explicit, audited choice
     made on the Models page; a candidate never evaluated cannot be promoted; Delete needs a tick."""
     from cxr_core.audit import entries
-    from cxr_core.pointer import registry_dir
+    from cxr_core.models.pointer import registry_dir
     from cxr_core.users import add_user
     from tests.conftest import make_model_folder
 

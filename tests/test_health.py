@@ -13,7 +13,7 @@ import pytest
 from cxr_core.audit import record
 from cxr_core.cli import main
 from cxr_core.db import database_path
-from cxr_core.manifest import read_manifest
+from cxr_core.models.manifest import read_manifest
 
 
 def _check(capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict]:

@@ -11,7 +11,7 @@ import torch
 from cxr_core.film import XrayImage
 from cxr_core.inference import decide, logits_to_probabilities, predict
 from cxr_core.io import read_image
-from cxr_core.manifest import Manifest
+from cxr_core.models.manifest import Manifest
 
 
 def images(n: int, seed: int = 0) -> list[XrayImage]:

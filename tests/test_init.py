@@ -9,7 +9,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from cxr_core.registry import build_network
+from cxr_core.models.architectures import build_network
 from cxr_core.training.init import CheckpointError, initialise, load_into, read_checkpoint
 
 

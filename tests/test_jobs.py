@@ -46,7 +46,7 @@ def _epochs(job_dir: Path) -> int:
 
 
 def test_job_trains_a_candidate_and_one_job_runs_at_a_time(job_env: Path) -> None:
-    from cxr_core.versions import list_versions
+    from cxr_core.models.versions import list_versions
 
     first = create_job(_spec(job_env, 3, "2.0.0"))
     launch(first)
@@ -227,7 +227,12 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
     from dataclasses import replace
 
     from cxr_core.jobs import run_job
-    from cxr_core.versions import SITE_ADAPTATION_NAME, list_versions, promotion_problems, site_adaptation_problems
+    from cxr_core.models.versions import (
+        SITE_ADAPTATION_NAME,
+        list_versions,
+        promotion_problems,
+        site_adaptation_problems,
+    )
     from tests.conftest import make_model_folder
 
     make_model_folder(job_env / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), id="tiny", version="1.0.0", size=32)

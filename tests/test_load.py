@@ -98,7 +98,7 @@ def test_ten_sessions_at_once_get_their_own_results(use_weights: Path, dicom_dat
         pytest.skip("Debian chromium is not installed")
     from playwright.async_api import async_playwright
 
-    from cxr_core.models import load_model, resolve_model
+    from cxr_core.models.loading import load_model, resolve_model
 
     sessions = int(os.environ.get("CXR_LOAD_SESSIONS", "10"))
     rounds = int(os.environ.get("CXR_LOAD_ROUNDS", "2"))

@@ -19,10 +19,10 @@ from cxr_core.config import PROJECT_ROOT
 from cxr_core.errors import ChecksumMismatchError, ManifestError, ModelError
 from cxr_core.io import read_image
 from cxr_core.lungs import dice, lung_box, lung_views, postprocess_mask, segment_lungs, segmenter_manifest
-from cxr_core.manifest import InputSpec, parse_manifest
-from cxr_core.models import discover_models, load_model, load_segmenter, save_segmenter_folder
+from cxr_core.models.architectures import build_segmenter
+from cxr_core.models.loading import discover_models, load_model, load_segmenter, save_segmenter_folder
+from cxr_core.models.manifest import InputSpec, parse_manifest
 from cxr_core.preprocess import crop_box, network_view, to_input, to_network_input
-from cxr_core.registry import build_segmenter
 from tests.conftest import SHARED_DATA
 
 SHIPPED = PROJECT_ROOT / "weights" / "lung-segmenter"

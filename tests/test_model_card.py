@@ -54,7 +54,7 @@ def test_refresh_keeps_checks_and_reviewer_note_and_adds_the_gate_measurement(tm
 def test_the_shortcut_probe_of_this_version_goes_in_the_card_and_a_stale_one_does_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from cxr_core.manifest import read_manifest
+    from cxr_core.models.manifest import read_manifest
     from cxr_core.training.finalize import refresh_model_card
     from tests.conftest import make_model_folder
 
@@ -72,7 +72,7 @@ def test_the_shortcut_probe_of_this_version_goes_in_the_card_and_a_stale_one_doe
 def test_the_crop_flips_of_the_shortcut_probe_reach_the_card(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from cxr_core.manifest import read_manifest
+    from cxr_core.models.manifest import read_manifest
     from cxr_core.training.finalize import refresh_model_card
     from tests.conftest import make_model_folder
 
@@ -111,7 +111,7 @@ def test_the_probes_crops_cut_the_named_rows_and_keep_the_size() -> None:
 def test_a_probe_report_under_its_old_name_and_without_zoom_still_reaches_the_card(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from cxr_core.manifest import read_manifest
+    from cxr_core.models.manifest import read_manifest
     from cxr_core.training.finalize import refresh_model_card
     from tests.conftest import make_model_folder
 

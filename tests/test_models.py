@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr_core import registry
 from cxr_core.errors import (
     ChecksumMismatchError,
     HeadMismatchError,
@@ -20,8 +19,9 @@ from cxr_core.errors import (
     UnknownArchitectureError,
 )
 from cxr_core.fileio import sha256_file
-from cxr_core.manifest import MANIFEST_NAME, read_manifest
-from cxr_core.models import discover_models, load_model, resolve_model, select_device
+from cxr_core.models import architectures as registry
+from cxr_core.models.loading import discover_models, load_model, resolve_model, select_device
+from cxr_core.models.manifest import MANIFEST_NAME, read_manifest
 from tests.conftest import make_model_folder
 
 

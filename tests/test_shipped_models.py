@@ -16,7 +16,7 @@ import pytest
 
 from cxr_core.inference import decide, predict
 from cxr_core.io import read_image
-from cxr_core.models import load_model
+from cxr_core.models.loading import load_model
 from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]

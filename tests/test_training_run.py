@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cxr_core.cli import main
 from cxr_core.errors import CxrError
-from cxr_core.models import load_model
+from cxr_core.models.loading import load_model
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.finalize import finalize
 from cxr_core.training.run import RunDir
@@ -118,7 +118,7 @@ def test_binary_progressive_resizing_and_frozen_backbone(data_root: Path, tmp_pa
 
 
 def test_frozen_epoch_leaves_backbone_unchanged(data_root: Path, tmp_path: Path) -> None:
-    from cxr_core.registry import build_network
+    from cxr_core.models.architectures import build_network
 
     torch.manual_seed(0)
     initial = build_network("cnn5", 3).state_dict()

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from cxr_core.annotations import Box, detect_burned_in, mask_boxes
-from cxr_core.feature_gate import FeatureGate, fit_feature_gate
 from cxr_core.film import ImageMetadata, XrayImage
 from cxr_core.gate import ACCEPTED, REJECTED, WARNING, judge, metadata_verdict
 from cxr_core.inference import is_uncertain, make_prediction
 from cxr_core.io import read_image
-from cxr_core.manifest import Manifest
+from cxr_core.models.feature_gate import FeatureGate, fit_feature_gate
+from cxr_core.models.manifest import Manifest
 from cxr_core.quality import EXPOSURE_ASSET, assess_quality, exposure_range, fix_orientation
 from tests.conftest import SHARED_DATA, load_script
 
@@ -373,7 +373,7 @@ def test_training_can_mask_text_and_the_model_then_always_masks(chest: XrayImage
 
     from PIL import Image
 
-    from cxr_core.manifest import InputSpec
+    from cxr_core.models.manifest import InputSpec
     from cxr_core.preprocess import mask_burned_in, to_input
     from cxr_core.training.dataset import LabelPlan
     from cxr_core.training.prepare import prepare_data
@@ -412,7 +412,7 @@ def test_manifest_mask_flag_round_trips_and_is_checked(tmp_path: Path) -> None:
     import json
 
     from cxr_core.errors import ManifestError
-    from cxr_core.manifest import read_manifest
+    from cxr_core.models.manifest import read_manifest
     from tests.conftest import make_model_folder
 
     folder = make_model_folder(tmp_path, "densenet121", ("covid", "normal", "viral_pneumonia"), size=64)

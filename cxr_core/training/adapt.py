@@ -143,7 +143,7 @@ def adapt(
     seed: int = 0,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``."""
-    from cxr_core.models import load_model
+    from cxr_core.models.loading import load_model
     from cxr_core.training.augment import AugmentConfig
     from cxr_core.training.config import TrainConfig
     from cxr_core.training.finalize import finalize

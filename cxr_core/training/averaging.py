@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import torch
 
-from cxr_core.manifest import InputSpec
+from cxr_core.models.manifest import InputSpec
 
 log = logging.getLogger(__name__)
 

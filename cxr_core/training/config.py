@@ -64,11 +64,11 @@ class TrainConfig:
     average_every: int = 0
     #: more labelled folders merged with ``data_dir`` (checked across all of them as one set)
     extra_data_dirs: tuple[str, ...] = ()
-    #: "film" or "lungs": what the network sees (cxr_core.manifest.CROP_MODES); a lung crop
+    #: "film" or "lungs": what the network sees (cxr_core.models.manifest.CROP_MODES); a lung crop
     #: uses the installed lung segmenter, recorded in the model's manifest
     crop: str = "film"
     crop_margin: float = 0.1
-    #: "fixed" or "standardise": per-film intensity standardisation (cxr_core.manifest.INTENSITY_MODES)
+    #: "fixed" or "standardise": per-film intensity standardisation (cxr_core.models.manifest.INTENSITY_MODES)
     intensity: str = "fixed"
 
     @property

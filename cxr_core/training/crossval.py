@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from cxr_core.evaluation import compute_metrics
-from cxr_core.models import select_device
+from cxr_core.models.loading import select_device
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.dataset import _bucket
 from cxr_core.training.images import ImageSet

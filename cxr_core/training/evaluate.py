@@ -22,7 +22,7 @@ from cxr_core.evaluation import Metrics, compute_metrics
 from cxr_core.film import XrayImage
 from cxr_core.inference import Prediction, predict
 from cxr_core.io import read_image
-from cxr_core.models import LoadedModel
+from cxr_core.models.loading import LoadedModel
 from cxr_core.training.dataset import DatasetError, LabelPlan, Record, apply_plan, scan_folder
 
 log = logging.getLogger(__name__)

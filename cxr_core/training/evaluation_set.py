@@ -8,12 +8,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr_core.fileio import write_json
-from cxr_core.models import load_model
+from cxr_core.models.loading import load_model
+from cxr_core.models.versions import EVALUATION_NAME
 from cxr_core.training.dataset import scan_folder
 from cxr_core.training.evaluate import evaluate_folder
 from cxr_core.training.images import ImageSet, load_images, near_duplicate_pairs
 from cxr_core.training.prepare import PreparedData
-from cxr_core.versions import EVALUATION_NAME
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def evaluate_active_alongside(model_id: str, eval_dir: Path, split: str | None =
     """Measure the active version of ``model_id`` on the same set as a new candidate, unless
     it already was: the promotion check compares like with like (a shipped model has no
     evaluation of its own on a set chosen here)."""
-    from cxr_core.versions import evaluation_path, list_versions
+    from cxr_core.models.versions import evaluation_path, list_versions
 
     active = next((v for v in list_versions(model_id) if v.active), None)
     if active is None:

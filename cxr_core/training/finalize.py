@@ -19,8 +19,8 @@ import torch
 
 from cxr_core.evaluation import EXTERNAL_MEASUREMENT, Metrics, compute_metrics, reliability_bins
 from cxr_core.inference import abstention_rule, make_prediction
-from cxr_core.manifest import Manifest, read_manifest
-from cxr_core.models import load_model, save_model_folder, select_device, update_manifest
+from cxr_core.models.loading import load_model, save_model_folder, select_device, update_manifest
+from cxr_core.models.manifest import Manifest, read_manifest
 from cxr_core.training import figures
 from cxr_core.training.calibration import choose_threshold, fit_temperature
 from cxr_core.training.config import TrainConfig

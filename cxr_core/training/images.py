@@ -21,7 +21,7 @@ import numpy as np
 from cxr_core.errors import CxrError
 from cxr_core.film import resize_pixels
 from cxr_core.io import read_image
-from cxr_core.manifest import InputSpec
+from cxr_core.models.manifest import InputSpec
 from cxr_core.preprocess import WHOLE_FILM, crop_box, mask_burned_in
 from cxr_core.training.dataset import Record
 
@@ -99,7 +99,6 @@ class LungBoxCache:
 
     def __init__(self, segmenter_key: str) -> None:
         from cxr_core import config
-
         self.segmenter_key = segmenter_key
         self.path = config.var_dir() / "cache" / "lung-boxes" / f"{segmenter_key}.jsonl"
         self.known: dict[str, tuple[float, float, float, float] | None] = {}

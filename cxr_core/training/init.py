@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cxr_core.errors import CxrError
-from cxr_core.registry import Architecture, CxrNet, get_architecture
+from cxr_core.models.architectures import Architecture, CxrNet, get_architecture
 
 log = logging.getLogger(__name__)
 

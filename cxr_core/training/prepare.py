@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from cxr_core.manifest import InputSpec
+from cxr_core.models.manifest import InputSpec
 from cxr_core.training.dataset import (
     SPLITS,
     DatasetError,

@@ -33,8 +33,8 @@ from cxr_core.errors import CxrError
 from cxr_core.film import resize_pixels
 from cxr_core.io import read_image
 from cxr_core.lungs import SEGMENTER_SIZE, dice, postprocess_mask, segmenter_manifest
-from cxr_core.manifest import Manifest
-from cxr_core.registry import build_segmenter
+from cxr_core.models.architectures import build_segmenter
+from cxr_core.models.manifest import Manifest
 from cxr_core.training.augment import AugmentConfig, augment
 from cxr_core.training.dataset import DatasetError, _bucket
 
@@ -161,7 +161,7 @@ def train_segmenter(
     epoch by Dice; the exported weights are that epoch's. ``progress(epoch, epochs,
     train_loss, val_dice)`` after each epoch.
     """
-    from cxr_core.models import save_segmenter_folder
+    from cxr_core.models.loading import save_segmenter_folder
 
     if epochs < 1 or batch_size < 2:
         raise ValueError("epochs >= 1 and batch_size >= 2")

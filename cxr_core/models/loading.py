@@ -30,10 +30,10 @@ from cxr_core.errors import (
     ModelNotFoundError,
     NoModelInstalledError,
 )
-from cxr_core.feature_gate import load_gate_for
 from cxr_core.fileio import atomic_write, sha256_file
-from cxr_core.manifest import MANIFEST_NAME, Manifest, read_manifest
-from cxr_core.registry import CxrNet, build_network, get_architecture
+from cxr_core.models.architectures import CxrNet, build_network, get_architecture
+from cxr_core.models.feature_gate import load_gate_for
+from cxr_core.models.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,14 @@ def discover_models(root: Path | None = None, task: str = "classification") -> l
 
     With the default root (the weights folder) the model registry applies: a model id
     whose active version was trained here resolves to that version's folder
-    (:mod:`cxr_core.versions`). Only manifests are read (cheap); weights are verified
+    (:mod:`cxr_core.models.versions`). Only manifests are read (cheap); weights are verified
     when a model is loaded.
     """
     use_registry = root is None
     root = Path(root) if root is not None else config.weights_dir()
     pointer: dict[str, str] = {}
     if use_registry:
-        from cxr_core.pointer import RegistryError, read_pointer, registry_dir
+        from cxr_core.models.pointer import RegistryError, read_pointer, registry_dir
 
         try:
             pointer = dict(read_pointer()["active"])
@@ -131,7 +131,7 @@ def resolve_model(model_id: str | None = None, root: Path | None = None) -> Mode
         )
     wanted = model_id or config.default_model_id()
     if wanted is None and root is None:
-        from cxr_core.pointer import RegistryError, default_model_id
+        from cxr_core.models.pointer import RegistryError, default_model_id
 
         try:
             wanted = default_model_id()
@@ -301,7 +301,7 @@ class LoadedSegmenter:
 
 def load_segmenter(folder: Path | str, device: torch.device | str | None = None) -> LoadedSegmenter:
     """Load and verify a segmenter's model folder (manifest task ``segmentation``)."""
-    from cxr_core.registry import build_segmenter
+    from cxr_core.models.architectures import build_segmenter
 
     folder = Path(folder)
     manifest = _manifest_for(folder, "segmentation")

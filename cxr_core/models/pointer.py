@@ -1,8 +1,8 @@
 """The registry's pointer file (``var/registry/active.json``): which version of each model is
 active, the default model for Diagnose, and the history of changes.
 
-Below :mod:`cxr_core.models` (which reads it to find the active folders) and
-:mod:`cxr_core.versions` (which writes it when promoting, rolling back or choosing the default).
+Below :mod:`cxr_core.models.loading` (which reads it to find the active folders) and
+:mod:`cxr_core.models.versions` (which writes it when promoting, rolling back or choosing the default).
 """
 
 from __future__ import annotations

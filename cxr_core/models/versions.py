@@ -26,8 +26,8 @@ from typing import Any
 
 from cxr_core import config
 from cxr_core.errors import ModelError
-from cxr_core.manifest import Manifest, read_manifest
-from cxr_core.pointer import RegistryError, read_pointer, registry_dir, write_pointer
+from cxr_core.models.manifest import Manifest, read_manifest
+from cxr_core.models.pointer import RegistryError, read_pointer, registry_dir, write_pointer
 
 EVALUATION_NAME = "evaluation.json"
 
@@ -190,7 +190,7 @@ def promote(model_id: str, version: str, *, user: str, override_reason: str | No
     """Make ``version`` active. With ``gate``, refuse a candidate that was never evaluated, and
     one measured worse than the active one unless a reason is given. (A rollback passes
     ``gate=False``: it returns to a version that was active before.)"""
-    from cxr_core.models import load_model
+    from cxr_core.models.loading import load_model
 
     candidate = find_version(model_id, version)
     if gate and (reason := not_evaluated(candidate)):
