@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from cxr_core.errors import CxrError
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.io import read_image
 from cxr_core.inference import Prediction, predict
-from cxr_core.io import read_image
 from cxr_core.models.loading import LoadedModel
 
 

@@ -31,11 +31,11 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, ClassifierOutputTarget
 
 from cxr_core.errors import ExplanationError
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.preprocess import WHOLE_FILM, Box, box_pixels, lung_crop_boxes, to_input
 from cxr_core.inference import Prediction, logits_to_probabilities, make_prediction
 from cxr_core.models.loading import LoadedModel
 from cxr_core.models.manifest import Manifest
-from cxr_core.preprocess import WHOLE_FILM, Box, box_pixels, lung_crop_boxes, to_input
 
 log = logging.getLogger(__name__)
 

@@ -169,7 +169,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from cxr_core.cam import explain, get_method
     from cxr_core.export import Provenance, labelled_png
-    from cxr_core.io import read_image
+    from cxr_core.imaging.io import read_image
     from cxr_core.overlay import render_overlay
 
     try:
@@ -202,8 +202,8 @@ def _cmd_lungs(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from cxr_core.errors import NoModelInstalledError
-    from cxr_core.io import read_image
-    from cxr_core.lungs import load_default_segmenter, segment_lungs
+    from cxr_core.imaging.io import read_image
+    from cxr_core.imaging.lungs import load_default_segmenter, segment_lungs
 
     segmenter = load_default_segmenter()
     if segmenter is None:

@@ -18,8 +18,8 @@ from cxr_core.cam import CAM_METHODS, explain
 from cxr_core.errors import ExplanationError
 from cxr_core.export import wrap_text
 from cxr_core.faithfulness import Faithfulness, faithfulness
-from cxr_core.film import XrayImage
-from cxr_core.lungs import LungOverlap, film_lung_fields, lung_overlap
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.lungs import LungOverlap, film_lung_fields, lung_overlap
 from cxr_core.models.architectures import get_architecture
 from cxr_core.models.loading import LoadedModel
 from cxr_core.overlay import fit_within, render_overlay

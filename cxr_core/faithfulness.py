@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer, RemoveLeastRelevantFirst, RemoveMostRelevantFirst
 
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.preprocess import crop_box, lung_crop_boxes, to_input
 from cxr_core.inference import logits_to_probabilities, predict_logits
 from cxr_core.models.loading import LoadedModel
-from cxr_core.preprocess import crop_box, lung_crop_boxes, to_input
 
 
 @dataclass(frozen=True)

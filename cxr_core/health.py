@@ -26,12 +26,13 @@ from PIL import Image
 
 from cxr_core import config
 from cxr_core.errors import ModelError
+from cxr_core.imaging import ASSETS
 
 log = logging.getLogger(__name__)
 
 #: the sample film every model predicts: the mean of upright training films (no patient in it),
 #: enlarged to a readable size so it passes the reader's and the quality checks' size rules
-SAMPLE = Path(__file__).resolve().parent / "assets" / "mean_chest.png"
+SAMPLE = ASSETS / "mean_chest.png"
 SAMPLE_SIDE = 512
 
 
@@ -95,15 +96,15 @@ def _audit_trail() -> str:
 
 
 def _input_checks() -> str:
-    from cxr_core.chest_space import ASSET, chest_space
-    from cxr_core.quality import EXPOSURE_ASSET, exposure_range
+    from cxr_core.imaging.chest_space import ASSET, chest_space
+    from cxr_core.imaging.quality import EXPOSURE_ASSET, exposure_range
 
     # Without these files the appearance and exposure checks are skipped without a word to
     # the clinician (the app still runs), so a partial copy of the code must fail here.
     exposure = exposure_range()
     missing = [p.name for p, loaded in ((ASSET, chest_space()), (EXPOSURE_ASSET, exposure)) if loaded is None]
     if missing or exposure is None:
-        raise RuntimeError(f"missing from cxr_core/assets: {', '.join(missing)} (the image checks that need them are skipped)")
+        raise RuntimeError(f"missing from cxr_core/imaging/assets: {', '.join(missing)} (the image checks that need them are skipped)")
     lo, hi = exposure
     return f"chest-film appearance basis and exposure range ({lo:.2f} to {hi:.2f}) present"
 
@@ -118,8 +119,8 @@ def sample_film() -> bytes:
 
 
 def _model(path: Path) -> str:
+    from cxr_core.imaging.io import read_image
     from cxr_core.inference import predict
-    from cxr_core.io import read_image
     from cxr_core.models.loading import load_model
 
     # load_model checks the weights against the manifest's sha256 before building the network.
@@ -159,8 +160,8 @@ def _model_registry() -> str:
 
 
 def _lung_segmenter(needed_by: list[str]) -> str:
-    from cxr_core.io import read_image
-    from cxr_core.lungs import implausible_lungs, load_default_segmenter, lung_views
+    from cxr_core.imaging.io import read_image
+    from cxr_core.imaging.lungs import implausible_lungs, load_default_segmenter, lung_views
 
     # Loading checks the weights against the manifest's sha256 first.
     segmenter = load_default_segmenter()

@@ -8,12 +8,12 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from cxr_core.film import XrayImage
-from cxr_core.gate import ACCEPTED, GateResult, judge
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.gate import ACCEPTED, GateResult, judge
+from cxr_core.imaging.preprocess import to_batch
+from cxr_core.imaging.quality import assess_quality
 from cxr_core.models.loading import LoadedModel
 from cxr_core.models.manifest import Manifest
-from cxr_core.preprocess import to_batch
-from cxr_core.quality import assess_quality
 
 DISCLAIMER = (
     "Decision support only: this result is not a diagnosis and must be interpreted by a "
@@ -191,8 +191,8 @@ def predict_with_features(model: LoadedModel, batch: torch.Tensor) -> tuple[torc
 
 
 def lung_objections(images: Sequence[XrayImage]) -> list[str | None]:
-    """The lung segmenter's objection to each film (cxr_core.lungs.implausible_lungs); all None when it is not installed."""
-    from cxr_core.lungs import implausible_lungs, load_default_segmenter, lung_views
+    """The lung segmenter's objection to each film (cxr_core.imaging.lungs.implausible_lungs); all None when it is not installed."""
+    from cxr_core.imaging.lungs import implausible_lungs, load_default_segmenter, lung_views
 
     segmenter = load_default_segmenter()
     if segmenter is None or not images:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cxr_core.annotations import Box, detect_burned_in, mask_boxes
-from cxr_core.film import XrayImage, auto_window
-from cxr_core.quality import QualityReport, assess_quality, fix_orientation
+from cxr_core.imaging.annotations import Box, detect_burned_in, mask_boxes
+from cxr_core.imaging.film import XrayImage, auto_window
+from cxr_core.imaging.quality import QualityReport, assess_quality, fix_orientation
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,7 @@ import streamlit as st
 
 from cxr_core import config
 from cxr_core.errors import CxrError
-from cxr_core.gate import GateResult
+from cxr_core.imaging.gate import GateResult
 from cxr_core.inference import DISCLAIMER
 from cxr_core.models.loading import LoadedModel, ModelFolder, discover_models, load_model
 

@@ -31,11 +31,11 @@ from cxr_core.compare import (
 from cxr_core.errors import CxrError
 from cxr_core.export import Provenance, labelled_png
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
-from cxr_core.film import XrayImage
-from cxr_core.gate import GateResult
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.gate import GateResult
+from cxr_core.imaging.io import read_image
+from cxr_core.imaging.lungs import describe_lung_fields
 from cxr_core.inference import predict
-from cxr_core.io import read_image
-from cxr_core.lungs import describe_lung_fields
 from cxr_core.overlay import COLORMAPS, colorscale
 from pages._common import (
     accountable_user,

@@ -14,9 +14,9 @@ from cxr_core.cam import CAM_METHODS, Explanation, explain
 from cxr_core.charts import probability_chart
 from cxr_core.errors import CxrError
 from cxr_core.export import Provenance, labelled_png
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.io import read_image
 from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
-from cxr_core.io import read_image
 from cxr_core.models.loading import LoadedModel
 from cxr_core.overlay import COLORMAPS, colorize, fit_within, render_overlay
 from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows

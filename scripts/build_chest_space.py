@@ -1,4 +1,4 @@
-"""Build cxr_core/assets/chest_space.safetensors (see cxr_core/chest_space.py).
+"""Build cxr_core/imaging/assets/chest_space.safetensors (see cxr_core/imaging/chest_space.py).
 
     python scripts/build_chest_space.py ../shared/data/cxr
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_core.chest_space import ASSET, fit_chest_space  # noqa: E402
+from cxr_core.imaging.chest_space import ASSET, fit_chest_space  # noqa: E402
 
 
 def _films(paths: list[Path]) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Build cxr_core/assets/lung_atlas.png from the v7labs lung masks in torchxrayvision's wheel.
+"""Build cxr_core/imaging/assets/lung_atlas.png from the v7labs lung masks in torchxrayvision's wheel.
 
     pip download --no-deps torchxrayvision==1.5.7 -d /tmp/xrv
     python scripts/build_lung_atlas.py /tmp/xrv/torchxrayvision-1.5.7-py3-none-any.whl
@@ -24,7 +24,7 @@ from PIL import Image
 
 SIZE = 64
 THRESHOLD = 0.4
-OUT = Path(__file__).resolve().parents[1] / "cxr_core" / "assets"
+OUT = Path(__file__).resolve().parents[1] / "cxr_core" / "imaging" / "assets"
 
 
 def masks_from(path: Path) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Build cxr_core/assets/mean_chest.png: the mean upright frontal chest film, 64x64.
+"""Build cxr_core/imaging/assets/mean_chest.png: the mean upright frontal chest film, 64x64.
 
     python scripts/build_mean_chest.py ../shared/data/cxr
 
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-OUT = Path(__file__).resolve().parents[1] / "cxr_core" / "assets" / "mean_chest.png"
+OUT = Path(__file__).resolve().parents[1] / "cxr_core" / "imaging" / "assets" / "mean_chest.png"
 
 
 def main(root: str) -> None:

@@ -1,6 +1,6 @@
-"""Measure how bright the training films are, for the exposure check (cxr_core/quality.py).
+"""Measure how bright the training films are, for the exposure check (cxr_core/imaging/quality.py).
 
-    python scripts/measure_exposure.py ../shared/data/cxr [--out cxr_core/assets/exposure.json]
+    python scripts/measure_exposure.py ../shared/data/cxr [--out cxr_core/imaging/assets/exposure.json]
 
 The statistic is the median grey of the whole film on [0, 1], as the app reads it. The range
 kept is the 0.5th to 99.5th percentile over every training film (all labels, both sources);
@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_core.quality import EXPOSURE_ASSET, median_grey  # noqa: E402
+from cxr_core.imaging.quality import EXPOSURE_ASSET, median_grey  # noqa: E402
 
 QUANTILES = (0.005, 0.995)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cxr_core.errors import CxrError  # noqa: E402
+from cxr_core.imaging.io import read_image  # noqa: E402
 from cxr_core.inference import predict  # noqa: E402
-from cxr_core.io import read_image  # noqa: E402
 from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
 from cxr_core.training.dataset import scan_folder  # noqa: E402
 

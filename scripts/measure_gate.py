@@ -30,9 +30,9 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_core.errors import CxrError  # noqa: E402
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.io import read_image
 from cxr_core.inference import predict  # noqa: E402
-from cxr_core.io import read_image
 from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
 
 CHEST_DICOM = {"RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"}

@@ -6,7 +6,7 @@ look like on the training films (the range the input check calls plausible).
         --films ../shared/data/cxr:train ../shared/data/cxr-extra:train --per-source 1000 --write
 
 Dice is computed on the masks' own 224 px grid, through the same path the app uses
-(cxr_core.lungs.segment_lungs, post-processing included). With ``--write`` the figures go
+(cxr_core.imaging.lungs.segment_lungs, post-processing included). With ``--write`` the figures go
 into the folder's manifest ``metrics`` (``external_dice``, ``lung_fraction_range``,
 ``training_films``) and ``measurement.json``; the weights are untouched (their digest is
 checked before the manifest is rewritten).
@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cxr_core.io import read_image  # noqa: E402
-from cxr_core.lungs import count_regions, dice, lung_box, lung_views, segment_lungs  # noqa: E402
+from cxr_core.imaging.io import read_image  # noqa: E402
+from cxr_core.imaging.lungs import count_regions, dice, lung_box, lung_views, segment_lungs  # noqa: E402
 from cxr_core.models.loading import load_segmenter, update_manifest  # noqa: E402
 from cxr_core.training.dataset import scan_folder  # noqa: E402
 from cxr_core.training.segmentation import load_pairs, read_mask_pairs, segmenter_card  # noqa: E402

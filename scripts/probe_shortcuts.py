@@ -32,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cxr_core.imaging.io import read_image  # noqa: E402
 from cxr_core.inference import decide  # noqa: E402
-from cxr_core.io import read_image  # noqa: E402
 from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
 from cxr_core.training.dataset import by_source_and_label, scan_folder  # noqa: E402
 from cxr_core.training.trainer import predict_arrays, probabilities  # noqa: E402

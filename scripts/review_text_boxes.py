@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_core.annotations import detect_burned_in  # noqa: E402
-from cxr_core.io import read_image  # noqa: E402
+from cxr_core.imaging.annotations import detect_burned_in  # noqa: E402
+from cxr_core.imaging.io import read_image  # noqa: E402
 from cxr_core.training.dataset import scan_folder  # noqa: E402
 
 CROP = 96

@@ -246,7 +246,7 @@ def test_rotated_film_can_be_corrected_and_text_masked(use_weights: Path, dicom_
     import cv2
     import numpy as np
 
-    from cxr_core.io import read_image
+    from cxr_core.imaging.io import read_image
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     film = cv2.resize(read_image(dicom_data / "RG1_UNCR.dcm").pixels, (512, 512))

@@ -13,9 +13,9 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Layer
 
 from cxr_core.cam import CAM_METHODS, class_targets, compute_raw_cams, explain, resize_maps, scale_minmax
 from cxr_core.errors import ExplanationError
-from cxr_core.io import read_image
+from cxr_core.imaging.io import read_image
+from cxr_core.imaging.preprocess import to_input
 from cxr_core.models.loading import LoadedModel, load_model
-from cxr_core.preprocess import to_input
 from tests.conftest import make_model_folder
 
 LIBRARY = {

@@ -53,7 +53,7 @@ def test_predict_json_one_object_per_file_and_bad_files_do_not_stop_the_rest(
 def test_predict_walks_folders_and_picks_models(
     use_weights: Path, dicom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cxr_core.io import read_image
+    from cxr_core.imaging.io import read_image
 
     folder = tmp_path / "worklist"
     (folder / "sub").mkdir(parents=True)

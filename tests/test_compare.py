@@ -22,8 +22,8 @@ from cxr_core.compare import (
 from cxr_core.errors import CxrError, ExplanationError
 from cxr_core.faithfulness import faithfulness, random_map
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
-from cxr_core.io import read_image
-from cxr_core.lungs import lung_field, lung_overlap
+from cxr_core.imaging.io import read_image
+from cxr_core.imaging.lungs import lung_field, lung_overlap
 from cxr_core.models.architectures import ARCHITECTURES, build_network
 from cxr_core.models.loading import load_model
 from tests.synthetic import make_labelled_folder

@@ -31,7 +31,7 @@ WORKER = textwrap.dedent(
     from cxr_core.feedback import Feedback, record_feedback
     from cxr_core.cam import explain
     from cxr_core.inference import predict
-    from cxr_core.io import read_image
+    from cxr_core.imaging.io import read_image
     from cxr_core.models.loading import installed_models, load_model
     from cxr_core.models.versions import promote, rollback
     from PIL import Image

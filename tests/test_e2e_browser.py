@@ -194,7 +194,7 @@ def _film_png(dicom_data: Path) -> bytes:
 
     from PIL import Image
 
-    from cxr_core.io import read_image
+    from cxr_core.imaging.io import read_image
 
     film = read_image(dicom_data / "RG1_UNCR.dcm")
     buffer = io.BytesIO()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from cxr_core.errors import CxrError
-from cxr_core.io import read_image
+from cxr_core.imaging.io import read_image
 
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")

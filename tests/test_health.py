@@ -81,7 +81,7 @@ def test_an_unwritable_state_folder_and_no_model_fail(tmp_path: Path, monkeypatc
 
 def test_missing_input_check_assets_fail(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A partial copy of the code without the exposure range would skip that check silently in the app."""
-    import cxr_core.quality as quality
+    import cxr_core.imaging.quality as quality
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setattr(quality, "EXPOSURE_ASSET", tmp_path / "exposure.json")

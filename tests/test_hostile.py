@@ -17,7 +17,7 @@ import pytest
 
 from cxr_core.archive import ArchiveError, extract_zip
 from cxr_core.errors import CxrError
-from cxr_core.io import read_image
+from cxr_core.imaging.io import read_image
 from tests.conftest import load_script
 
 pytest.importorskip("data_store")

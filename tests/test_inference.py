@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.io import read_image
 from cxr_core.inference import decide, logits_to_probabilities, predict
-from cxr_core.io import read_image
 from cxr_core.models.manifest import Manifest
 
 

@@ -12,7 +12,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr_core.errors import CorruptImageError, ImageTooLargeError, NoPixelDataError, NotAnImageError
-from cxr_core.io import read_image
+from cxr_core.imaging.io import read_image
 
 
 def build_dicom(

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from cxr_core.errors import CorruptImageError, EmptyFileError, ImageTooLargeError, NotAnImageError
-from cxr_core.film import strided_sample
-from cxr_core.io import read_image
+from cxr_core.imaging.film import strided_sample
+from cxr_core.imaging.io import read_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from cxr_core.cam import explain
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.io import read_image
 from cxr_core.inference import predict
-from cxr_core.io import read_image
 from tests.test_cam import _hook_count
 
 

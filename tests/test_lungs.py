@@ -17,12 +17,12 @@ from PIL import Image
 from cxr_core.cam import Heatmap
 from cxr_core.config import PROJECT_ROOT
 from cxr_core.errors import ChecksumMismatchError, ManifestError, ModelError
-from cxr_core.io import read_image
-from cxr_core.lungs import dice, lung_box, lung_views, postprocess_mask, segment_lungs, segmenter_manifest
+from cxr_core.imaging.io import read_image
+from cxr_core.imaging.lungs import dice, lung_box, lung_views, postprocess_mask, segment_lungs, segmenter_manifest
+from cxr_core.imaging.preprocess import crop_box, network_view, to_input, to_network_input
 from cxr_core.models.architectures import build_segmenter
 from cxr_core.models.loading import discover_models, load_model, load_segmenter, save_segmenter_folder
 from cxr_core.models.manifest import InputSpec, parse_manifest
-from cxr_core.preprocess import crop_box, network_view, to_input, to_network_input
 from tests.conftest import SHARED_DATA
 
 SHIPPED = PROJECT_ROOT / "weights" / "lung-segmenter"
@@ -182,9 +182,9 @@ def test_a_lung_crop_model_sees_the_lungs_of_the_installed_segmenter(tmp_path: P
 
 def test_the_input_check_warns_about_a_film_without_a_plausible_pair_of_lungs(segmenter, dicom_data: Path) -> None:  # type: ignore[no-untyped-def]
     """Issue 30: a film without a plausible pair of lungs is at least warned; a real chest film is not."""
-    from cxr_core.gate import WARNING, judge
-    from cxr_core.lungs import implausible_lungs
-    from cxr_core.quality import assess_quality
+    from cxr_core.imaging.gate import WARNING, judge
+    from cxr_core.imaging.lungs import implausible_lungs
+    from cxr_core.imaging.quality import assess_quality
 
     chest = read_image(dicom_data / "RG1_UNCR.dcm")
     assert implausible_lungs(lung_views([chest.pixels], segmenter)[0], segmenter) is None
@@ -204,7 +204,7 @@ def test_the_input_check_warns_about_a_film_without_a_plausible_pair_of_lungs(se
 def test_training_crops_are_the_crops_inference_draws_and_are_found_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_data: Path) -> None:
     """The training loader caches each film's tight lung box on disk (by file sha256); the
     margin is applied by the one formula inference uses, so the crops are identical."""
-    from cxr_core.preprocess import lung_crop_boxes
+    from cxr_core.imaging.preprocess import lung_crop_boxes
     from cxr_core.training.images import LungBoxCache
 
     weights = tmp_path / "weights"

@@ -42,7 +42,7 @@ def test_csv_names_classes_as_the_model_does_and_says_why_a_study_is_flagged() -
 
 
 def test_worklist_puts_the_reason_beside_the_study_with_display_names() -> None:
-    from cxr_core.gate import GateResult
+    from cxr_core.imaging.gate import GateResult
     from cxr_core.report import worklist_rows
 
     rejected = Prediction("m@1", "M", ("covid", "viral_pneumonia"), (0.7, 0.3), None, decision="covid",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cxr_core.imaging.io import read_image
 from cxr_core.inference import decide, predict
-from cxr_core.io import read_image
 from cxr_core.models.loading import load_model
 from tests.conftest import SHARED_DATA
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_core.annotations import Box, detect_burned_in, mask_boxes
-from cxr_core.film import ImageMetadata, XrayImage
-from cxr_core.gate import ACCEPTED, REJECTED, WARNING, judge, metadata_verdict
+from cxr_core.imaging.annotations import Box, detect_burned_in, mask_boxes
+from cxr_core.imaging.film import ImageMetadata, XrayImage
+from cxr_core.imaging.gate import ACCEPTED, REJECTED, WARNING, judge, metadata_verdict
+from cxr_core.imaging.io import read_image
+from cxr_core.imaging.quality import EXPOSURE_ASSET, assess_quality, exposure_range, fix_orientation
 from cxr_core.inference import is_uncertain, make_prediction
-from cxr_core.io import read_image
 from cxr_core.models.feature_gate import FeatureGate, fit_feature_gate
 from cxr_core.models.manifest import Manifest
-from cxr_core.quality import EXPOSURE_ASSET, assess_quality, exposure_range, fix_orientation
 from tests.conftest import SHARED_DATA, load_script
 
 
@@ -104,7 +104,7 @@ def test_abstention(probs: tuple[float, ...], uncertain: bool) -> None:
 
 
 def test_uncertain_or_rejected_names_no_class() -> None:
-    from cxr_core.gate import GateResult
+    from cxr_core.imaging.gate import GateResult
 
     unsure = make_prediction(_manifest(), (0.5, 0.45, 0.05))
     assert unsure.uncertain and unsure.predicted is None and unsure.decision == "covid"
@@ -216,7 +216,7 @@ def test_appearance_check_without_any_header(chest: XrayImage, dicom_data: Path,
     """With no metadata and no model, the chest CR passes while an extremity radiograph, an
     MR slice, a document and a blank frame do not; a rotated chest film is turned away with
     the hint to correct it, and passes once corrected."""
-    from cxr_core.chest_space import chest_space
+    from cxr_core.imaging.chest_space import chest_space
 
     space = chest_space()
     assert space is not None and 0 < space.warn <= space.reject
@@ -252,7 +252,7 @@ def test_a_rejected_mr_is_not_asked_chest_film_questions(dicom_data: Path) -> No
 def test_appearance_check_keeps_chest_films() -> None:
     """On a spread sample of the shared test split, at most 1% of films are rejected by
     appearance (the whole split measured: scripts/measure_gate.py)."""
-    from cxr_core.chest_space import chest_space
+    from cxr_core.imaging.chest_space import chest_space
 
     space = chest_space()
     files = sorted(SHARED_DATA.glob("test/*/*.jpg"))[::4]
@@ -373,8 +373,8 @@ def test_training_can_mask_text_and_the_model_then_always_masks(chest: XrayImage
 
     from PIL import Image
 
+    from cxr_core.imaging.preprocess import mask_burned_in, to_input
     from cxr_core.models.manifest import InputSpec
-    from cxr_core.preprocess import mask_burned_in, to_input
     from cxr_core.training.dataset import LabelPlan
     from cxr_core.training.prepare import prepare_data
 
@@ -430,7 +430,7 @@ def test_manifest_mask_flag_round_trips_and_is_checked(tmp_path: Path) -> None:
 def test_rib_like_bars_on_the_lungs_are_not_text_but_a_saturated_marker_there_is(chest: XrayImage) -> None:
     """A graded bright bar on the lung field is a rib seen end-on (the old detector boxed
     them on most paediatric films); a marker drawn at full white on the lung still counts."""
-    from cxr_core.lungs import lung_field
+    from cxr_core.imaging.lungs import lung_field
 
     img = np.clip(cv2.resize(chest.pixels, (1024, 1024)), 0, 1).astype(np.float32)
     lungs = lung_field(img.shape)

@@ -2,7 +2,7 @@
 
 The class-conditional Mahalanobis distance (Lee et al. 2018) of the pooled features, in the
 top principal components of the training features, to the nearest class mean; thresholds
-come from the validation films' distances. The input gate (:mod:`cxr_core.gate`) combines it
+come from the validation films' distances. The input gate (:mod:`cxr_core.imaging.gate`) combines it
 with the film's metadata, appearance and quality.
 """
 

@@ -163,7 +163,7 @@ class LoadedModel:
     device: torch.device
     path: Path
     lock: threading.RLock = field(default_factory=threading.RLock)
-    #: the out-of-distribution gate fitted for this model (cxr_core.gate), if any
+    #: the out-of-distribution gate fitted for this model (cxr_core.imaging.gate), if any
     feature_gate: Any = None
 
     @property

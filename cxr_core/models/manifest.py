@@ -48,7 +48,7 @@ class InputSpec:
     # The training films were resized without keeping the aspect ratio, so inference does the same.
     resize: str = "stretch"
     #: burned-in text and markers were inpainted in training, so they are before every
-    #: prediction too (cxr_core.annotations): the model has never seen them.
+    #: prediction too (cxr_core.imaging.annotations): the model has never seen them.
     mask_burned_in: bool = False
     #: see INTENSITY_MODES
     intensity: str = "fixed"

@@ -78,7 +78,7 @@ def recompute_batchnorm(
     by an fp32 run.
     Returns the number of images used (0 when there is no batch norm).
     """
-    from cxr_core.preprocess import normalise, to_network_input
+    from cxr_core.imaging.preprocess import normalise, to_network_input
 
     layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not layers:

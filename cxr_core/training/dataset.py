@@ -1,6 +1,6 @@
 """Labelled image folders: find the images, map labels to classes, assign splits.
 
-Accepted layouts (any format :func:`cxr_core.io.read_image` reads, DICOM included):
+Accepted layouts (any format :func:`cxr_core.imaging.io.read_image` reads, DICOM included):
 
 * ``ROOT/<class>/<image>``: one sub-folder per class, no splits (they are made here);
 * ``ROOT/{train,val,test}/<class>/<image>``: splits given by the folders;

@@ -1,6 +1,6 @@
 """Evaluate an installed model on labelled folders, through the same path the app uses.
 
-Files are read with :func:`cxr_core.io.read_image` and predicted with
+Files are read with :func:`cxr_core.imaging.io.read_image` and predicted with
 :func:`cxr_core.inference.predict` (temperature and thresholds included), so the figures
 are those a user of the app would get.
 """
@@ -19,9 +19,9 @@ import numpy as np
 
 from cxr_core.errors import CxrError
 from cxr_core.evaluation import Metrics, compute_metrics
-from cxr_core.film import XrayImage
+from cxr_core.imaging.film import XrayImage
+from cxr_core.imaging.io import read_image
 from cxr_core.inference import Prediction, predict
-from cxr_core.io import read_image
 from cxr_core.models.loading import LoadedModel
 from cxr_core.training.dataset import DatasetError, LabelPlan, Record, apply_plan, scan_folder
 

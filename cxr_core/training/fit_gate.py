@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from cxr_core.fileio import sha256_file
+from cxr_core.imaging.preprocess import normalise, to_network_input
 from cxr_core.models.feature_gate import fit_feature_gate
 from cxr_core.models.loading import LoadedModel, load_model, update_manifest
 from cxr_core.models.manifest import Manifest
-from cxr_core.preprocess import normalise, to_network_input
 from cxr_core.training.prepare import PreparedData
 
 log = logging.getLogger(__name__)

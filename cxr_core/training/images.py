@@ -1,7 +1,7 @@
 """Decode a labelled set once into memory, at training size, and check it.
 
-Every image goes through :func:`cxr_core.io.read_image` and
-:func:`cxr_core.film.resize_pixels`, the exact path inference uses, so training
+Every image goes through :func:`cxr_core.imaging.io.read_image` and
+:func:`cxr_core.imaging.film.resize_pixels`, the exact path inference uses, so training
 and inference see the same pixels. Alongside: the file's sha256 (exact duplicates) and
 a normalised 32x32 thumbnail (near duplicates across splits, e.g. the same film
 re-encoded, resized or re-windowed).
@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 
 from cxr_core.errors import CxrError
-from cxr_core.film import resize_pixels
-from cxr_core.io import read_image
+from cxr_core.imaging.film import resize_pixels
+from cxr_core.imaging.io import read_image
+from cxr_core.imaging.preprocess import WHOLE_FILM, crop_box, mask_burned_in
 from cxr_core.models.manifest import InputSpec
-from cxr_core.preprocess import WHOLE_FILM, crop_box, mask_burned_in
 from cxr_core.training.dataset import Record
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class LungBoxCache:
 
     Segmenting every film costs about 70 ms on a 2-core CPU (some 15 minutes for the shared
     data), and the same films are read by every training run: each box is found once. The
-    margin is applied afterwards with :func:`cxr_core.lungs.widen_box`, the formula inference
+    margin is applied afterwards with :func:`cxr_core.imaging.lungs.widen_box`, the formula inference
     uses, so a cached box is exactly the box inference draws. Lines are appended as boxes are
     found, so an interrupted run keeps what it found.
     """
@@ -112,7 +112,7 @@ class LungBoxCache:
 
     def boxes(self, films: Sequence[np.ndarray], digests: Sequence[str], spec: InputSpec) -> list[tuple[float, float, float, float]]:
         """The crop box of each film (``spec``'s margin; the whole film where no lungs were found)."""
-        from cxr_core.lungs import lung_box, lung_views, segmenter_for, widen_box
+        from cxr_core.imaging.lungs import lung_box, lung_views, segmenter_for, widen_box
 
         missing = [i for i, d in enumerate(digests) if d not in self.known]
         if missing:
@@ -137,9 +137,9 @@ def load_images(
     """Decode and resize every record (threads: decoding releases the GIL).
 
     ``mask_text`` inpaints burned-in text and markers first, exactly as inference does for
-    a model trained so (:func:`cxr_core.preprocess.mask_burned_in`); a ``crop`` spec whose
+    a model trained so (:func:`cxr_core.imaging.preprocess.mask_burned_in`); a ``crop`` spec whose
     ``crop`` is "lungs" keeps the lung box its segmenter finds, as inference does
-    (:func:`cxr_core.preprocess.network_view`). The duplicate signatures are of whole films.
+    (:func:`cxr_core.imaging.preprocess.network_view`). The duplicate signatures are of whole films.
     """
 
     def one(record: Record) -> tuple[np.ndarray, str, np.ndarray] | str:

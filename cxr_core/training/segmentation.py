@@ -4,9 +4,9 @@ The masks come as a CSV (``mask``, ``image``, ``source`` columns, paths relative
 CSV's folder and to ``image_root``), as ``shared/data/lung-masks/masks.csv`` is. Training
 uses the sources it is told to (``openist`` on the shared data) and holds out a share of
 them, by file, to choose the epoch; films from any other hospital are for measuring it
-(:func:`cxr_core.lungs.dice`), never for fitting it.
+(:func:`cxr_core.imaging.lungs.dice`), never for fitting it.
 
-Films go through :func:`cxr_core.lungs.segmenter_input`, the exact path inference uses
+Films go through :func:`cxr_core.imaging.lungs.segmenter_input`, the exact path inference uses
 (stretch to the square, per-film intensity standardisation). Augmentation is heavy on
 purpose: the segmenter must work at hospitals whose exposure, processing and framing it
 has not seen, so geometry (rotation, zoom, shift, aspect) moves film and mask together,
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cxr_core.errors import CxrError
-from cxr_core.film import resize_pixels
-from cxr_core.io import read_image
-from cxr_core.lungs import SEGMENTER_SIZE, dice, postprocess_mask, segmenter_manifest
+from cxr_core.imaging.film import resize_pixels
+from cxr_core.imaging.io import read_image
+from cxr_core.imaging.lungs import SEGMENTER_SIZE, dice, postprocess_mask, segmenter_manifest
 from cxr_core.models.architectures import build_segmenter
 from cxr_core.models.manifest import Manifest
 from cxr_core.training.augment import AugmentConfig, augment

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from cxr_core import distributed
 from cxr_core.errors import CxrError
 from cxr_core.evaluation import compute_metrics
+from cxr_core.imaging.preprocess import normalise, to_network_input
 from cxr_core.models.architectures import CxrNet, build_network, get_architecture
 from cxr_core.models.loading import select_device
 from cxr_core.models.manifest import InputSpec, Manifest
-from cxr_core.preprocess import normalise, to_network_input
 from cxr_core.training.augment import augment
 from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
 from cxr_core.training.config import TrainConfig
@@ -491,7 +491,7 @@ def final_spec(config: TrainConfig) -> InputSpec:
     segmenter = ""
     if config.crop == "lungs":
         from cxr_core.errors import ModelError
-        from cxr_core.lungs import load_default_segmenter
+        from cxr_core.imaging.lungs import load_default_segmenter
 
         loaded = load_default_segmenter()
         if loaded is None:

@@ -31,7 +31,8 @@ from cxr_core.models.manifest import InputSpec, Manifest
 if TYPE_CHECKING:
     from cxr_core.models.loading import LoadedSegmenter
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from cxr_core.imaging import ASSETS  # noqa: E402
+
 #: Share of CAM mass in the lungs below which the page warns (most of it lies outside).
 WARN_BELOW = 0.5
 
@@ -141,7 +142,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def segmenter_input(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W) film in [0, 1] -> (size, size) float32, standardised per film (zero mean, unit spread)."""
-    from cxr_core.film import resize_pixels
+    from cxr_core.imaging.film import resize_pixels
 
     small = resize_pixels(pixels, spec.size)
     return ((small - small.mean()) / (small.std() + 1e-6)).astype(np.float32)

@@ -1,8 +1,8 @@
 """A film as the library holds it: float32 pixels in display polarity with its technical
 metadata, and the pixel operations every reader and model shares (windowing, resizing).
 
-The lowest layer of the image code: the format readers (:mod:`cxr_core.dicom`,
-:mod:`cxr_core.raster`) build these, :mod:`cxr_core.io` dispatches to the readers, and
+The lowest layer of the image code: the format readers (:mod:`cxr_core.imaging.dicom`,
+:mod:`cxr_core.imaging.raster`) build these, :mod:`cxr_core.imaging.io` dispatches to the readers, and
 everything above works on :class:`XrayImage`.
 """
 

@@ -21,16 +21,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from cxr_core.chest_space import chest_space
-from cxr_core.film import XrayImage, strided_sample
+from cxr_core.imaging import ASSETS  # noqa: E402
+from cxr_core.imaging.chest_space import chest_space
+from cxr_core.imaging.film import XrayImage, strided_sample
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 ORIENTATION_MARGIN = 0.1
 MIN_SIDE = 192  # px: below this a chest film is too coarse to read
 ASPECT_RANGE = (0.6, 1.7)  # width / height of a whole chest film, portrait or landscape detector
@@ -60,7 +59,7 @@ class QualityReport:
     low_resolution: bool
     cropped: bool
     warnings: tuple[str, ...]
-    #: distance from chest-film space (cxr_core.chest_space) as the film is, and once
+    #: distance from chest-film space (cxr_core.imaging.chest_space) as the film is, and once
     #: corrected as suggested above (equal when no correction is suggested); None when the
     #: basis is not installed
     film_distance: float | None = None

@@ -25,9 +25,9 @@ from cxr_core.errors import (
     NotAnImageError,
 )
 
-# The film types live in cxr_core.film (the readers build them without importing this
+# The film types live in cxr_core.imaging.film (the readers build them without importing this
 # module); imported here too, where callers have always found them.
-from cxr_core.film import XrayImage  # noqa: E402
+from cxr_core.imaging.film import XrayImage  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,11 @@ def read_image(
         )
     try:
         if fmt == "dicom" or fmt is None:
-            from cxr_core.dicom import decode_dicom
+            from cxr_core.imaging.dicom import decode_dicom
 
             decoded = decode_dicom(data, max_pixels=max_pixels, has_preamble=fmt == "dicom")
         else:
-            from cxr_core.raster import decode_raster
+            from cxr_core.imaging.raster import decode_raster
 
             decoded = decode_raster(data, max_pixels=max_pixels)
     except CxrError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from cxr_core.lungs import lung_field
+from cxr_core.imaging.lungs import lung_field
 
 WORK_SIDE = 512  # detection runs at this long side, whatever the film's resolution
 

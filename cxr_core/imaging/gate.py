@@ -6,13 +6,13 @@ Three sources, combined into accepted / warning / rejected:
    C.8.11.5 View Position): a CT/MR/US/... modality, a body part other than the chest,
    or a lateral view is rejected.
 2. The image's appearance, for every model: its distance from chest-film space
-   (:mod:`cxr_core.chest_space`, principal components of real chest films), which
+   (:mod:`cxr_core.imaging.chest_space`, principal components of real chest films), which
    catches CT slices, photographs, documents and other body parts without a network.
 3. The classifier's own feature space: the class-conditional Mahalanobis distance
    (Lee et al. 2018) of the pooled features, in the top principal components of the
    training features, to the nearest class mean. Thresholds come from the validation
    films' distances. No external weights, nothing downloaded.
-4. Image quality (rotation, inversion, resolution, cropping: :mod:`cxr_core.quality`),
+4. Image quality (rotation, inversion, resolution, cropping: :mod:`cxr_core.imaging.quality`),
    which warns.
 """
 
@@ -22,10 +22,10 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-from cxr_core.chest_space import chest_space
-from cxr_core.film import ImageMetadata
+from cxr_core.imaging.chest_space import chest_space
+from cxr_core.imaging.film import ImageMetadata
+from cxr_core.imaging.quality import BLANK_CONTRAST, QualityReport
 from cxr_core.models.feature_gate import FeatureGate
-from cxr_core.quality import BLANK_CONTRAST, QualityReport
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from cxr_core.errors import (
     NoPixelDataError,
     UnsupportedImageError,
 )
-from cxr_core.film import DecodedPixels, ImageMetadata, Window, auto_window
+from cxr_core.imaging.film import DecodedPixels, ImageMetadata, Window, auto_window
 
 log = logging.getLogger(__name__)
 

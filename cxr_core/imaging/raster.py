@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr_core.errors import CorruptImageError, ImageTooLargeError, NotAnImageError, UnsupportedImageError
-from cxr_core.film import DecodedPixels, ImageMetadata, Window, auto_window
+from cxr_core.imaging.film import DecodedPixels, ImageMetadata, Window, auto_window
 
 log = logging.getLogger(__name__)
 

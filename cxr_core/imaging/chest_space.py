@@ -22,7 +22,9 @@ import cv2
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-ASSET = Path(__file__).resolve().parent / "assets" / "chest_space.safetensors"
+from cxr_core.imaging import ASSETS  # noqa: E402
+
+ASSET = ASSETS / "chest_space.safetensors"
 SIDE = 32
 
 

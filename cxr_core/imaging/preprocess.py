@@ -11,13 +11,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cxr_core.film import resize_pixels
+from cxr_core.imaging.film import resize_pixels
 from cxr_core.models.manifest import InputSpec
 
 
 def mask_burned_in(pixels: np.ndarray) -> np.ndarray:
     """(H, W) in [0, 1] with detected text and markers inpainted (same shape)."""
-    from cxr_core.annotations import detect_burned_in, mask_boxes
+    from cxr_core.imaging.annotations import detect_burned_in, mask_boxes
 
     boxes = detect_burned_in(pixels)
     return mask_boxes(pixels, boxes) if boxes else pixels
@@ -36,7 +36,7 @@ def lung_crop_boxes(films: Sequence[np.ndarray], spec: InputSpec) -> list[Box]:
     """
     if spec.crop != "lungs":
         return [WHOLE_FILM] * len(films)
-    from cxr_core.lungs import lung_box, lung_views, segmenter_for
+    from cxr_core.imaging.lungs import lung_box, lung_views, segmenter_for
 
     views = lung_views(films, segmenter_for(spec.crop_segmenter))
     return [lung_box(view, spec.crop_margin) or WHOLE_FILM for view in views]
@@ -100,9 +100,9 @@ def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def to_network_input(pixels01: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """(N, 1, S, S) in [0, 1] -> normalised (N, C, S, S): the same maths as cxr_core.preprocess.to_input."""
+    """(N, 1, S, S) in [0, 1] -> normalised (N, C, S, S): the same maths as cxr_core.imaging.preprocess.to_input."""
     if spec.intensity == "standardise":
-        # cxr_core.preprocess.standardise_intensity, per film (population spread, as numpy's std)
+        # cxr_core.imaging.preprocess.standardise_intensity, per film (population spread, as numpy's std)
         mu = pixels01.mean(dim=(2, 3), keepdim=True)
         sigma = pixels01.std(dim=(2, 3), keepdim=True, correction=0)
         pixels01 = (pixels01 - mu) / (sigma + 1e-6) * 0.25 + 0.5
