@@ -1,7 +1,7 @@
 """cxr_core: the library behind the cxr chest X-ray decision-support app.
 
 Reading images (:mod:`cxr_core.imaging.io`), model folders (:mod:`cxr_core.models.loading`),
-inference (:mod:`cxr_core.inference`) and explanations (:mod:`cxr_core.cam`).
+inference (:mod:`cxr_core.inference`) and explanations (:mod:`cxr_core.explain.cam`).
 Never imports streamlit: pages call into it and render its frozen dataclasses.
 """
 

@@ -76,7 +76,7 @@ def bench_forward(model: LoadedModel, repeats: int, warmup: int, batches: tuple[
 def bench_cam(model: LoadedModel, forward_s: float, repeats: int, warmup: int) -> dict[str, float]:
     from pytorch_grad_cam import GradCAM
 
-    from cxr_core.cam import class_targets, compute_raw_cams
+    from cxr_core.explain.cam import class_targets, compute_raw_cams
 
     x = _input(model, 1)
     classes = list(model.manifest.classes)
@@ -95,10 +95,10 @@ def bench_cam(model: LoadedModel, forward_s: float, repeats: int, warmup: int) -
 
 
 def bench_e2e(model: LoadedModel, study: Path, repeats: int, warmup: int) -> dict[str, Any]:
-    from cxr_core.cam import explain
+    from cxr_core.explain.cam import explain
+    from cxr_core.explain.overlay import render_overlay
     from cxr_core.imaging.io import read_image
     from cxr_core.inference import predict
-    from cxr_core.overlay import render_overlay
 
     data = study.read_bytes()
 
@@ -218,7 +218,7 @@ def app_rss_mb(model_keys: list[str]) -> float:
     code = (
         "import resource, sys\n"
         "from cxr_core.models.loading import resolve_model, load_model\n"
-        "from cxr_core.cam import explain\nfrom cxr_core.inference import predict\nfrom cxr_core.imaging.io import read_image\n"
+        "from cxr_core.explain.cam import explain\nfrom cxr_core.inference import predict\nfrom cxr_core.imaging.io import read_image\n"
         "import numpy as np\nimport streamlit, plotly, pandas\n"
         "image = read_image(sys.argv[1])\n"
         "for key in sys.argv[2:]:\n"
@@ -237,7 +237,7 @@ def app_rss_mb(model_keys: list[str]) -> float:
 def bench_grid(model: LoadedModel, study: Path, repeats: int, warmup: int) -> float:
     """The Compare page's 3x3 grid (Grad-CAM, Grad-CAM++, HiResCAM x every class) on one
     read study, maps and overlays at the page's panel size: seconds until it can be drawn."""
-    from cxr_core.compare import compute_grid, grid_specs, overlays, scale_panels
+    from cxr_core.explain.compare import compute_grid, grid_specs, overlays, scale_panels
     from cxr_core.imaging.io import read_image
 
     image = read_image(study.read_bytes())  # read once on upload, as the page does

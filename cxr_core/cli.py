@@ -167,10 +167,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from cxr_core.cam import explain, get_method
-    from cxr_core.export import Provenance, labelled_png
+    from cxr_core.explain.cam import explain, get_method
+    from cxr_core.explain.export import Provenance, labelled_png
+    from cxr_core.explain.overlay import render_overlay
     from cxr_core.imaging.io import read_image
-    from cxr_core.overlay import render_overlay
 
     try:
         get_method(args.method)  # fail on a bad method before loading anything
@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # pytorch-grad-cam costs seconds to import: predict should not pay for it, so the
     # method name is checked when explain runs rather than through argparse choices.
-    from cxr_core.overlay import COLORMAPS
+    from cxr_core.explain.overlay import COLORMAPS
 
     p = sub.add_parser("explain", help="write a Grad-CAM overlay PNG")
     p.add_argument("file", metavar="FILE")

@@ -13,8 +13,9 @@ from PIL import Image
 from plotly.subplots import make_subplots
 
 from cxr_core import audit, config
-from cxr_core.cam import CAM_METHODS
-from cxr_core.compare import (
+from cxr_core.errors import CxrError
+from cxr_core.explain.cam import CAM_METHODS
+from cxr_core.explain.compare import (
     AXES,
     colour_bars,
     compute_grid,
@@ -28,15 +29,14 @@ from cxr_core.compare import (
     row_titles,
     scale_panels,
 )
-from cxr_core.errors import CxrError
-from cxr_core.export import Provenance, labelled_png
+from cxr_core.explain.export import Provenance, labelled_png
+from cxr_core.explain.overlay import COLORMAPS, colorscale
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.gate import GateResult
 from cxr_core.imaging.io import read_image
 from cxr_core.imaging.lungs import describe_lung_fields
 from cxr_core.inference import predict
-from cxr_core.overlay import COLORMAPS, colorscale
 from pages._common import (
     accountable_user,
     cached_model,

@@ -10,19 +10,19 @@ import streamlit as st
 import streamlit.components.v1 as components
 
 from cxr_core import audit, config
-from cxr_core.cam import CAM_METHODS, Explanation, explain
-from cxr_core.charts import probability_chart
 from cxr_core.errors import CxrError
-from cxr_core.export import Provenance, labelled_png
+from cxr_core.explain.cam import CAM_METHODS, Explanation, explain
+from cxr_core.explain.charts import probability_chart
+from cxr_core.explain.export import Provenance, labelled_png
+from cxr_core.explain.overlay import COLORMAPS, colorize, fit_within, render_overlay
+from cxr_core.explain.viewer import heat_layer, viewer_html
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.io import read_image
 from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
 from cxr_core.models.loading import LoadedModel
-from cxr_core.overlay import COLORMAPS, colorize, fit_within, render_overlay
 from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows
 from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view
 from cxr_core.validation import site_badge
-from cxr_core.viewer import heat_layer, viewer_html
 from pages._common import (
     cached_model,
     current_user,

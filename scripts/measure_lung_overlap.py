@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_core.cam import explain  # noqa: E402
+from cxr_core.explain.cam import explain  # noqa: E402
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.io import read_image
 from cxr_core.imaging.lungs import WARN_BELOW, lung_field, lung_overlap  # noqa: E402

@@ -96,12 +96,12 @@ def test_switching_model(use_weights: Path, dicom_data: Path) -> None:
 
 
 def test_unexpected_failure_shows_no_traceback(use_weights: Path, dicom_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cxr_core.cam
+    import cxr_core.explain.cam
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("internal detail that must not reach the screen")
 
-    monkeypatch.setattr(cxr_core.cam, "explain", broken)
+    monkeypatch.setattr(cxr_core.explain.cam, "explain", broken)
     at = app().run()
     at.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/dicom"))
     at.run()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 
-from cxr_core.cam import CAM_METHODS, class_targets, compute_raw_cams, explain, resize_maps, scale_minmax
 from cxr_core.errors import ExplanationError
+from cxr_core.explain.cam import CAM_METHODS, class_targets, compute_raw_cams, explain, resize_maps, scale_minmax
 from cxr_core.imaging.io import read_image
 from cxr_core.imaging.preprocess import to_input
 from cxr_core.models.loading import LoadedModel, load_model

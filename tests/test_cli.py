@@ -122,8 +122,8 @@ def test_explain_errors(use_weights: Path, dicom_data: Path, tmp_path: Path, cap
 
 
 def test_help_lists_every_cam_method() -> None:
-    from cxr_core.cam import CAM_METHODS
     from cxr_core.cli import build_parser
+    from cxr_core.explain.cam import CAM_METHODS
 
     explain_help = build_parser()._subparsers._group_actions[0].choices["explain"].format_help()  # type: ignore[union-attr]
     for name in CAM_METHODS:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_core.compare import (
+from cxr_core.errors import CxrError, ExplanationError
+from cxr_core.explain.compare import (
     Panel,
     PanelSpec,
     compute_grid,
@@ -19,8 +20,7 @@ from cxr_core.compare import (
     grid_specs,
     scale_panels,
 )
-from cxr_core.errors import CxrError, ExplanationError
-from cxr_core.faithfulness import faithfulness, random_map
+from cxr_core.explain.faithfulness import faithfulness, random_map
 from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from cxr_core.imaging.io import read_image
 from cxr_core.imaging.lungs import lung_field, lung_overlap
@@ -145,7 +145,7 @@ def patch_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
 
 def test_gradcam_is_more_faithful_than_a_random_map(patch_model) -> None:  # type: ignore[no-untyped-def]
-    from cxr_core.cam import explain
+    from cxr_core.explain.cam import explain
 
     model, data = patch_model
     drops, random_drops = [], []
@@ -208,7 +208,7 @@ def test_grid_png_export() -> None:
 
 
 def test_two_studies_keep_their_rows_as_an_outer_grouping(densenet) -> None:  # type: ignore[no-untyped-def]
-    from cxr_core.compare import row_titles
+    from cxr_core.explain.compare import row_titles
 
     models = {densenet.key: densenet}
     specs = grid_specs("method", ["gradcam", "hirescam"], models, studies=2, model=densenet.key, method="gradcam",
@@ -229,7 +229,7 @@ def test_two_studies_keep_their_rows_as_an_outer_grouping(densenet) -> None:  # 
 
 
 def test_lung_warning_names_the_study_and_skips_negligible_classes() -> None:
-    from cxr_core.compare import lung_warnings
+    from cxr_core.explain.compare import lung_warnings
 
     corner = np.zeros((64, 64), np.float32)
     corner[:10, :10] = 1.0
@@ -242,7 +242,7 @@ def test_lung_warning_names_the_study_and_skips_negligible_classes() -> None:
 
 
 def test_exported_grid_has_row_titles_and_a_colour_bar_per_scale() -> None:
-    from cxr_core.compare import colour_bars
+    from cxr_core.explain.compare import colour_bars
 
     grid = [_panel(_bump() * 0.6, method="gradcam++"), _panel(_bump() * 0.02, method="gradcam")]
     _, scales = scale_panels(grid, shared=True)
@@ -262,7 +262,7 @@ def test_exported_grid_has_row_titles_and_a_colour_bar_per_scale() -> None:
 
 
 def test_colour_bar_colours_are_the_overlay_colours() -> None:
-    from cxr_core.overlay import colorize, colorscale
+    from cxr_core.explain.overlay import colorize, colorscale
 
     stops = colorscale("inferno", steps=5)
     assert [t for t, _ in stops] == [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(
     import sys, numpy as np
     from cxr_core import audit
     from cxr_core.feedback import Feedback, record_feedback
-    from cxr_core.cam import explain
+    from cxr_core.explain.cam import explain
     from cxr_core.inference import predict
     from cxr_core.imaging.io import read_image
     from cxr_core.models.loading import installed_models, load_model

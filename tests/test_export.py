@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from cxr_core.export import Provenance, labelled_png, with_banner
+from cxr_core.explain.export import Provenance, labelled_png, with_banner
 from cxr_core.inference import DISCLAIMER
 
 PROVENANCE = Provenance("densenet121-covid3@1.3.0", "DenseNet121 COVID-19 / normal / viral pneumonia", "Grad-CAM for COVID-19 (p = 0.298)", "7fbfd29360af" + "0" * 52)

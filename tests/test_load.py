@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core.cam import explain
+from cxr_core.explain.cam import explain
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.io import read_image
 from cxr_core.inference import predict

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_core.cam import Heatmap
 from cxr_core.config import PROJECT_ROOT
 from cxr_core.errors import ChecksumMismatchError, ManifestError, ModelError
+from cxr_core.explain.cam import Heatmap
 from cxr_core.imaging.io import read_image
 from cxr_core.imaging.lungs import dice, lung_box, lung_views, postprocess_mask, segment_lungs, segmenter_manifest
 from cxr_core.imaging.preprocess import crop_box, network_view, to_input, to_network_input

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_core.overlay import colorize, fit_within, render_overlay
+from cxr_core.explain.overlay import colorize, fit_within, render_overlay
 
 
 def test_opacity_extremes_and_threshold() -> None:

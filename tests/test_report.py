@@ -69,7 +69,7 @@ def test_rows_keep_order_and_numbering() -> None:
 def test_threshold_labels_sit_above_their_bars() -> None:
     """The first class is drawn on top (reversed axis); its threshold label goes in the gap above
     the bar, with a top margin to hold it, not over the bar's colour."""
-    from cxr_core.charts import probability_chart
+    from cxr_core.explain.charts import probability_chart
     from cxr_core.inference import Prediction
 
     prediction = Prediction(

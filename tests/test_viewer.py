@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core.viewer import PRESETS, heat_layer, viewer_html
+from cxr_core.explain.viewer import PRESETS, heat_layer, viewer_html
 
 
 def _data(html: str) -> dict:

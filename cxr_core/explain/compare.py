@@ -14,15 +14,15 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cxr_core.cam import CAM_METHODS, explain
 from cxr_core.errors import ExplanationError
-from cxr_core.export import wrap_text
-from cxr_core.faithfulness import Faithfulness, faithfulness
+from cxr_core.explain.cam import CAM_METHODS, explain
+from cxr_core.explain.export import wrap_text
+from cxr_core.explain.faithfulness import Faithfulness, faithfulness
+from cxr_core.explain.overlay import fit_within, render_overlay
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.lungs import LungOverlap, film_lung_fields, lung_overlap
 from cxr_core.models.architectures import get_architecture
 from cxr_core.models.loading import LoadedModel
-from cxr_core.overlay import fit_within, render_overlay
 
 AXES = {"method": "CAM method", "model": "Model", "class": "Target class", "depth": "Network depth"}
 
@@ -320,7 +320,7 @@ def grid_png(
 ) -> Image.Image:
     """Tile overlays into one image with a caption under each, for export: row titles in a
     left margin when given, and a colour bar per scale under the grid."""
-    from cxr_core.overlay import colorize
+    from cxr_core.explain.overlay import colorize
 
     rows = (len(tiles) + columns - 1) // columns
     caption_h = 44
