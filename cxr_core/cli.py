@@ -124,10 +124,10 @@ def _emit_line(text: str) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import itertools
 
-    from cxr_core import distributed
     from cxr_core.batch import predict_paths
     from cxr_core.inference import DISCLAIMER
     from cxr_core.models.loading import load_model, resolve_model, select_device
+    from cxr_core.training import distributed
 
     # Under torchrun each rank predicts every N-th file on its own GPU and all ranks share
     # one stdout: each line goes out in one write (see _emit_line) so lines do not interleave.
@@ -331,7 +331,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / model_id
     crossval = None
-    from cxr_core import distributed
+    from cxr_core.training import distributed
     if args.folds and distributed.world_from_env().distributed:
         raise UsageError("Cross-validation (--folds) runs in one process; start it without torchrun.")
     if args.folds:
@@ -347,7 +347,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = run_dir / "final"
     else:
         result, data = train(config, run_dir)
-    from cxr_core import distributed
+    from cxr_core.training import distributed
     if not distributed.world_from_env().main:
         distributed.stop()
         return EXIT_OK  # rank 0 writes the model
@@ -393,7 +393,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from cxr_core.validation import validate_site
+    from cxr_core.training.validation import validate_site
 
     if not 0.5 <= args.target_sensitivity < 1.0:
         raise UsageError(f"--target-sensitivity {args.target_sensitivity}: need 0.5 <= S < 1 (e.g. 0.95)")
@@ -401,7 +401,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     result = validate_site(model, Path(args.data_dir), target_sensitivity=args.target_sensitivity)
     data = result.as_dict()
     if args.record:
-        from cxr_core.validation import record_validation
+        from cxr_core.state.site_validations import record_validation
 
         record_validation(result, user=args.record, role="cli", data_name=Path(args.data_dir).name)
     if args.json:
@@ -476,7 +476,7 @@ def _cmd_fit_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from cxr_core.audit import entries, verify_chain
+    from cxr_core.state.audit import entries, verify_chain
 
     if args.audit_command == "verify":
         report = verify_chain()
@@ -494,7 +494,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from cxr_core.health import check_health
+    from cxr_core.state.health import check_health
 
     report = check_health(models=not args.no_models)
     if args.json:
@@ -508,7 +508,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_users(args: argparse.Namespace) -> int:
     import getpass
 
-    from cxr_core.users import add_user, list_users, remove_user, users_file
+    from cxr_core.state.users import add_user, list_users, remove_user, users_file
 
     if args.users_command == "list":
         for user in list_users():

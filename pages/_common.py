@@ -38,8 +38,8 @@ def restore_oidc_user(action: str = "session_resumed") -> None:
         return
     if not getattr(st.user, "is_logged_in", False):
         return
-    from cxr_core import audit
-    from cxr_core.users import list_users
+    from cxr_core.state import audit
+    from cxr_core.state.users import list_users
 
     email = str(st.user.get("email") or st.user.get("sub") or "")
     if not email:
@@ -60,7 +60,7 @@ def enter_page(role: str | None = None) -> None:
     ``role="admin"`` pages need an admin signed in; clinical pages need any signed-in user
     when ``CXR_REQUIRE_LOGIN`` is set, and are open otherwise.
     """
-    from cxr_core.users import require_login_everywhere
+    from cxr_core.state.users import require_login_everywhere
 
     if not st.session_state.get(ENTRY_FLAG):
         st.switch_page("app.py")
@@ -145,7 +145,7 @@ def gate_override(subject: str, gate: GateResult, image_sha256: str, model_key: 
             elif not user:
                 st.error("An override is a clinical decision: sign in, or type your name, so that it is recorded against you.")
             else:
-                from cxr_core import audit
+                from cxr_core.state import audit
                 overridden.add((subject, model_key))
                 audit.record("override_gate", user=user, role=role, image_sha256=image_sha256, model=model_key,
                              details={"reasons": list(gate.reasons), "justification": reason.strip()})
@@ -156,7 +156,7 @@ def gate_override(subject: str, gate: GateResult, image_sha256: str, model_key: 
 def choose_evaluation_set(key: str, exclude: str | None = None) -> Path | None:
     """A picker for the fixed evaluation set: the server's, an uploaded dataset that passed its
     check, another folder typed in, or none. Returns the folder, or None."""
-    from cxr_core.datasets import evaluation_choices
+    from cxr_core.state.datasets import evaluation_choices
 
     choices = evaluation_choices(exclude)
     other, nothing = "Another folder on the server…", "None"

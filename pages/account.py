@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cxr_core import audit
-from cxr_core.users import AuthError, authenticate, users_file
+from cxr_core.state import audit
+from cxr_core.state.users import AuthError, authenticate, users_file
 from pages._common import ENTRY_FLAG, current_user, guarded, oidc_configured, restore_oidc_user
 
 if not st.session_state.get(ENTRY_FLAG):

@@ -7,7 +7,7 @@ from datetime import date, timedelta
 import pandas as pd
 import streamlit as st
 
-from cxr_core import audit
+from cxr_core.state import audit
 from pages._common import current_user, enter_page, guarded
 
 enter_page(role="admin")

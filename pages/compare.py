@@ -12,7 +12,7 @@ import streamlit as st
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from cxr_core import audit, config
+from cxr_core import config
 from cxr_core.errors import CxrError
 from cxr_core.explain.cam import CAM_METHODS
 from cxr_core.explain.compare import (
@@ -31,12 +31,13 @@ from cxr_core.explain.compare import (
 )
 from cxr_core.explain.export import Provenance, labelled_png
 from cxr_core.explain.overlay import COLORMAPS, colorscale
-from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.gate import GateResult
 from cxr_core.imaging.io import read_image
 from cxr_core.imaging.lungs import describe_lung_fields
 from cxr_core.inference import predict
+from cxr_core.state import audit
+from cxr_core.state.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from pages._common import (
     accountable_user,
     cached_model,

@@ -7,10 +7,17 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import audit
-from cxr_core.datasets import Dataset, confirm_dataset, delete_dataset, list_datasets, store_upload, validate_dataset
 from cxr_core.explain.overlay import fit_within
 from cxr_core.imaging.io import read_image
+from cxr_core.state import audit
+from cxr_core.state.datasets import (
+    Dataset,
+    confirm_dataset,
+    delete_dataset,
+    list_datasets,
+    store_upload,
+    validate_dataset,
+)
 from pages._common import choose_evaluation_set, current_user, enter_page, guarded
 
 enter_page(role="admin")

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 import streamlit.components.v1 as components
 
-from cxr_core import audit, config
+from cxr_core import config
 from cxr_core.errors import CxrError
 from cxr_core.explain.cam import CAM_METHODS, Explanation, explain
 from cxr_core.explain.charts import probability_chart
@@ -21,8 +21,9 @@ from cxr_core.imaging.io import read_image
 from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
 from cxr_core.models.loading import LoadedModel
 from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows
+from cxr_core.state import audit
+from cxr_core.state.site_validations import site_badge
 from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view
-from cxr_core.validation import site_badge
 from pages._common import (
     cached_model,
     current_user,

@@ -7,9 +7,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import streamlit as st
 
-from cxr_core import audit
-from cxr_core.datasets import list_datasets
-from cxr_core.evaluation import external_rows
+from cxr_core.metrics import external_rows
 from cxr_core.models.pointer import RegistryError, default_model_id
 from cxr_core.models.versions import (
     Version,
@@ -22,7 +20,9 @@ from cxr_core.models.versions import (
     rollback_target,
     set_default_model,
 )
-from cxr_core.validation import list_validations
+from cxr_core.state import audit
+from cxr_core.state.datasets import list_datasets
+from cxr_core.state.site_validations import list_validations
 from pages._common import current_user, enter_page, estimate_cell, guarded, render_validation
 
 enter_page(role="admin")
@@ -214,7 +214,8 @@ else:
     target_sensitivity = c[2].number_input("Target sensitivity", 0.5, 0.99, 0.95, step=0.01, key="validate-target")
     if st.button("Validate", type="primary", key="validate-run"):
         from cxr_core.models.loading import load_model
-        from cxr_core.validation import record_validation, validate_site
+        from cxr_core.state.site_validations import record_validation
+        from cxr_core.training.validation import validate_site
 
         with guarded("validating the model"), st.spinner("Scoring every film through the app's own prediction path…"):
             version = next(v for v in versions if v.key == version_key)
@@ -241,7 +242,7 @@ st.caption(
     "manifest and predict a sample film."
 )
 if st.button("Run the check", key="health_check", icon=":material/health_and_safety:"):
-    from cxr_core.health import check_health
+    from cxr_core.state.health import check_health
 
     with guarded("checking the installation"), st.spinner("Checking the installation…"):
         report = check_health()

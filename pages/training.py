@@ -8,9 +8,11 @@ from datetime import datetime, timezone
 import plotly.graph_objects as go
 import streamlit as st
 
-from cxr_core import audit
-from cxr_core.datasets import list_datasets
-from cxr_core.jobs import (
+from cxr_core.models.architectures import ARCHITECTURES
+from cxr_core.models.versions import list_versions
+from cxr_core.state import audit
+from cxr_core.state.datasets import list_datasets
+from cxr_core.state.jobs import (
     CANCELLED,
     FAILED,
     FINISHED,
@@ -27,8 +29,6 @@ from cxr_core.jobs import (
     read_spec,
     read_state,
 )
-from cxr_core.models.architectures import ARCHITECTURES
-from cxr_core.models.versions import list_versions
 from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP
 from cxr_core.training.run import RunDir
 from pages._common import choose_evaluation_set, current_user, default_model_key, enter_page, guarded

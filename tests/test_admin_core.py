@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core.archive import ArchiveError, Limits, extract_zip, save_files
-from cxr_core.users import AuthError, add_user, authenticate, list_users, remove_user
+from cxr_core.state.archive import ArchiveError, Limits, extract_zip, save_files
+from cxr_core.state.users import AuthError, add_user, authenticate, list_users, remove_user
 from tests.conftest import make_model_folder
 from tests.synthetic import make_labelled_folder
 
@@ -220,7 +220,7 @@ def test_a_broken_pointer_falls_back_to_the_shipped_model(registry_env: Path) ->
 
 
 def test_only_a_checked_and_confirmed_dataset_is_trainable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cxr_core.datasets import DatasetNotReady, confirm_dataset, list_datasets, store_upload, validate_dataset
+    from cxr_core.state.datasets import DatasetNotReady, confirm_dataset, list_datasets, store_upload, validate_dataset
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     source = make_labelled_folder(tmp_path / "src", per_class={"train": 4, "val": 2}, size=64)
@@ -258,10 +258,10 @@ def test_an_unevaluated_candidate_cannot_be_promoted_even_with_a_reason(registry
 def test_rolling_back_to_the_shipped_version_is_a_clean_state(registry_env: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """Issue 33: after a rollback to the shipped version nothing logs an error, the check
     passes, and a deleted version is no rollback target."""
-    from cxr_core.health import check_health
     from cxr_core.models.loading import installed_models
     from cxr_core.models.pointer import read_pointer
     from cxr_core.models.versions import delete_version, promote, rollback, rollback_target
+    from cxr_core.state.health import check_health
 
     _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     promote("dn", "2.0.0", user="alice", gate=False)
@@ -279,8 +279,8 @@ def test_rolling_back_to_the_shipped_version_is_a_clean_state(registry_env: Path
 
 
 def test_a_broken_pointer_fails_the_installation_check(registry_env: Path) -> None:
-    from cxr_core.health import check_health
     from cxr_core.models.versions import promote
+    from cxr_core.state.health import check_health
 
     target = _candidate("2.0.0", accuracy=0.93, covid_recall=0.96)
     promote("dn", "2.0.0", user="alice", gate=False)
@@ -308,7 +308,7 @@ def test_the_default_model_is_an_explicit_recorded_setting(registry_env: Path) -
 
 
 def test_evaluation_sets_to_choose_from_are_the_servers_and_the_checked_uploads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cxr_core.datasets import evaluation_choices, store_upload, validate_dataset
+    from cxr_core.state.datasets import evaluation_choices, store_upload, validate_dataset
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     server_set = make_labelled_folder(tmp_path / "server-eval", per_class={"test": 2}, size=48)

@@ -142,7 +142,7 @@ def test_compare_page_grid_review_and_persistence(use_weights: Path, dicom_data:
     # The default grid compares three CAM methods: each gets its own scale (raw units differ).
     assert "One scale per model, method and layer" in captions and "Grad-CAM++ 0 to" in captions and "leave-one-out Dice" in captions
     assert [b.label for b in at.get("download_button")][0] == "Export grid (PNG)"
-    from cxr_core.audit import entries
+    from cxr_core.state.audit import entries
 
     computed = [e for e in entries() if e.action == "compare"]
     assert len(computed) == 1 and computed[0].image_sha256 and len(computed[0].details["panels"]) == 3
@@ -194,7 +194,7 @@ def _png_bytes(pixels) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def test_rejected_input_needs_a_recorded_override(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cxr_core.audit import entries
+    from cxr_core.state.audit import entries
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     at = app().run()
@@ -222,7 +222,7 @@ def test_rejected_input_needs_a_recorded_override(use_weights: Path, dicom_data:
 
 def test_compare_gates_its_input_too(use_weights: Path, dicom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CT gets no heatmap grid on Compare until a clinician overrides, recorded."""
-    from cxr_core.audit import entries
+    from cxr_core.state.audit import entries
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     at = app().run()
@@ -272,9 +272,9 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     import time
     import zipfile
 
-    from cxr_core.audit import entries
-    from cxr_core.jobs import FAILED, FINISHED, list_jobs
-    from cxr_core.users import add_user
+    from cxr_core.state.audit import entries
+    from cxr_core.state.jobs import FAILED, FINISHED, list_jobs
+    from cxr_core.state.users import add_user
     from tests.synthetic import make_labelled_folder
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
@@ -316,7 +316,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     at.switch_page("pages/training.py").run()
     assert not at.exception
     recipe = next(r for r in at.radio if r.label == "Recipe")
-    from cxr_core.jobs import PRESETS
+    from cxr_core.state.jobs import PRESETS
 
     recipe.set_value(next(i for i, p in enumerate(PRESETS) if p.name == "Train from scratch"))
     at.run()
@@ -363,7 +363,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
 
 
 def test_audit_page_filters_verifies_and_exports(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cxr_core.audit import entries, record
+    from cxr_core.state.audit import entries, record
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     record("prediction", user="dr.a", role="radiologist", image_sha256="ab" * 32, model="m@1", details={"prediction": "covid"})
@@ -388,8 +388,8 @@ def test_a_refused_upload_says_why_and_can_be_deleted(use_weights: Path, tmp_pat
     import io
     import zipfile
 
-    from cxr_core.datasets import list_datasets
-    from cxr_core.users import add_user
+    from cxr_core.state.datasets import list_datasets
+    from cxr_core.state.users import add_user
     from tests.synthetic import make_labelled_folder
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
@@ -421,8 +421,8 @@ def test_a_refused_upload_says_why_and_can_be_deleted(use_weights: Path, tmp_pat
 
 def test_admin_validates_a_model_on_site_films_and_diagnose_shows_it(use_weights: Path, dicom_data: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from cxr_core.datasets import store_upload, validate_dataset
-    from cxr_core.validation import list_validations
+    from cxr_core.state.datasets import store_upload, validate_dataset
+    from cxr_core.state.site_validations import list_validations
     from tests.synthetic import make_labelled_folder
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))

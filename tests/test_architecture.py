@@ -1,5 +1,6 @@
-"""The shape of the code: no import cycles in the library (lazy imports included), and the
-library never reaches up into the app (streamlit, pages)."""
+"""The shape of the code: packages in layers, each importing only from layers below it; no import
+cycles in the library (lazy imports included); the library never reaches up into the app
+(streamlit, pages). docs/architecture.md draws the same layers."""
 
 from __future__ import annotations
 
@@ -81,3 +82,42 @@ def test_the_library_never_imports_the_app() -> None:
     for name, path in _modules().items():
         reached = {i.split(".")[0] for i in _imports(path)}
         assert not reached & {"streamlit", "pages", "app"}, name
+
+
+#: lowest first; a module may import its own layer and the layers below it, never one above
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("cxr_core", "errors", "config", "fileio", "metrics"),
+    ("models",),
+    ("imaging",),
+    ("inference",),
+    ("explain",),
+    ("training",),
+    ("state",),
+    ("batch", "bench", "cli", "report", "study", "__main__"),
+)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "cxr_core"
+    for i, members in enumerate(LAYERS):
+        if top in members:
+            return i
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS (and to docs/architecture.md)")
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if _layer(t) > _layer(m))
+
+
+def test_no_package_imports_one_above_it() -> None:
+    assert _upward(_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    assert _upward({"cxr_core.imaging.io": {"cxr_core.state.db", "cxr_core.models.manifest"}}) == ["cxr_core.imaging.io -> cxr_core.state.db"]
+
+
+def test_at_most_a_dozen_modules_sit_at_the_top() -> None:
+    top = sorted(p.name for p in (ROOT / "cxr_core").glob("*.py"))
+    assert len(top) <= 12, top

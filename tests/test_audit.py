@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import cxr_core.db as db
-from cxr_core.audit import entries, record, verify_chain
+import cxr_core.state.db as db
+from cxr_core.state.audit import entries, record, verify_chain
 
 
 def test_chain_records_and_verifies(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_filters_and_csv_export(tmp_path: Path) -> None:
     import csv
     import io
 
-    from cxr_core.audit import distinct_values, to_csv
+    from cxr_core.state.audit import distinct_values, to_csv
 
     path = tmp_path / "a.sqlite3"
     record("prediction", user="dr.a", role="radiologist", image_sha256="ab" * 32, model="m@1", details={"prediction": "covid"}, db=path)
@@ -88,9 +88,9 @@ def test_the_suite_keeps_its_records_out_of_the_checkout() -> None:
     """Test predictions must not land in the checkout's var/, which a server running the app from
     this folder uses for its real, append-only audit trail (conftest.private_state)."""
     from cxr_core import config
-    from cxr_core.jobs import jobs_dir
     from cxr_core.models.pointer import registry_dir
-    from cxr_core.users import users_file
+    from cxr_core.state.jobs import jobs_dir
+    from cxr_core.state.users import users_file
 
     for path in (config.var_dir(), db.database_path(), users_file(), jobs_dir(), registry_dir()):
         assert not path.resolve().is_relative_to(config.PROJECT_ROOT.resolve()), path

@@ -21,11 +21,11 @@ from cxr_core.explain.compare import (
     scale_panels,
 )
 from cxr_core.explain.faithfulness import faithfulness, random_map
-from cxr_core.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from cxr_core.imaging.io import read_image
 from cxr_core.imaging.lungs import lung_field, lung_overlap
 from cxr_core.models.architectures import ARCHITECTURES, build_network
 from cxr_core.models.loading import load_model
+from cxr_core.state.feedback import Feedback, feedback_csv, list_feedback, record_feedback, review_verdict
 from tests.synthetic import make_labelled_folder
 
 
@@ -165,7 +165,7 @@ def test_random_map_is_reproducible() -> None:
 
 
 def test_feedback_persists_across_restarts(tmp_path: Path) -> None:
-    import cxr_core.db as db
+    import cxr_core.state.db as db
 
     path = tmp_path / "app.sqlite3"
     sha = "ab" * 32
@@ -181,7 +181,7 @@ def test_feedback_persists_across_restarts(tmp_path: Path) -> None:
     with pytest.raises(CxrError, match="Nothing to record"):
         record_feedback(Feedback("m@1", sha, "gradcam", "covid", "x", None, None, None, "  "), db=path)
     # Every review is in the audit trail too: the verdicts, not the free-text comment.
-    from cxr_core.audit import entries, verify_chain
+    from cxr_core.state.audit import entries, verify_chain
 
     reviews = entries(action="review", db=path)
     assert len(reviews) == 2 and {e.image_sha256 for e in reviews} == {sha, "cd" * 32}

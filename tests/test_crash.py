@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent(
     """
     import sys, numpy as np
-    from cxr_core import audit
-    from cxr_core.feedback import Feedback, record_feedback
+    from cxr_core.state import audit
+    from cxr_core.state.feedback import Feedback, record_feedback
     from cxr_core.explain.cam import explain
     from cxr_core.inference import predict
     from cxr_core.imaging.io import read_image
@@ -63,8 +63,8 @@ def _check_state(env: dict[str, str]) -> dict[str, object]:
     code = textwrap.dedent(
         """
         import json, sqlite3
-        from cxr_core.audit import verify_chain
-        from cxr_core.db import database_path
+        from cxr_core.state.audit import verify_chain
+        from cxr_core.state.db import database_path
         from cxr_core.models.loading import installed_models, load_model
         from cxr_core.models.versions import read_pointer
         import torch
@@ -119,7 +119,7 @@ def test_kill_mid_promotion_and_prediction_leaves_a_working_app(registry_env: Pa
 
 def test_a_sqlite_file_cut_short_is_reported_not_crashed(tmp_path: Path) -> None:
     """A database truncated by a disk failure: the audit check says so in words."""
-    from cxr_core.audit import record, verify_chain
+    from cxr_core.state.audit import record, verify_chain
 
     path = tmp_path / "a.sqlite3"
     for i in range(50):

@@ -83,7 +83,7 @@ def test_cross_validation_is_refused_under_torchrun(tmp_path: Path, monkeypatch:
 
 def test_a_job_from_the_app_runs_as_two_processes_and_cancels_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a multi-GPU server does (one process per GPU under torchrun), here as 2 CPU processes."""
-    from cxr_core.jobs import CANCELLED, FINISHED, cancel, create_job, launch, read_state
+    from cxr_core.state.jobs import CANCELLED, FINISHED, cancel, create_job, launch, read_state
     from tests.test_jobs import _epochs, _spec, _wait, job_env  # noqa: F401
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))

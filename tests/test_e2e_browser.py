@@ -300,8 +300,8 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
     """The admin's whole path in a browser: sign in, upload a zip, check it, train a tiny job, promote it."""
     import zipfile
 
-    from cxr_core.audit import entries
-    from cxr_core.users import add_user
+    from cxr_core.state.audit import entries
+    from cxr_core.state.users import add_user
     from tests.synthetic import make_labelled_folder
 
     playwright = pytest.importorskip("playwright.sync_api")
@@ -371,9 +371,9 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
 def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidate(use_weights: Path, tmp_path: Path) -> None:
     """Issue 33, in a browser: the model Diagnose offers first is an explicit, audited choice
     made on the Models page; a candidate never evaluated cannot be promoted; Delete needs a tick."""
-    from cxr_core.audit import entries
     from cxr_core.models.pointer import registry_dir
-    from cxr_core.users import add_user
+    from cxr_core.state.audit import entries
+    from cxr_core.state.users import add_user
     from tests.conftest import make_model_folder
 
     var = tmp_path / "var"
@@ -416,7 +416,7 @@ def test_admin_uploads_site_films_validates_and_diagnose_shows_the_badge(use_wei
     import io
     import zipfile
 
-    from cxr_core.users import add_user
+    from cxr_core.state.users import add_user
     from tests.synthetic import make_labelled_folder
 
     var = tmp_path / "var"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_core.evaluation import compute_metrics, expected_calibration_error
+from cxr_core.metrics import compute_metrics, expected_calibration_error
 from cxr_core.training.calibration import choose_threshold, fit_temperature
 
 CLASSES = ("covid", "normal", "viral_pneumonia")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core.audit import record
 from cxr_core.cli import main
-from cxr_core.db import database_path
 from cxr_core.models.manifest import read_manifest
+from cxr_core.state.audit import record
+from cxr_core.state.db import database_path
 
 
 def _check(capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict]:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_core.archive import ArchiveError, extract_zip
 from cxr_core.errors import CxrError
 from cxr_core.imaging.io import read_image
+from cxr_core.state.archive import ArchiveError, extract_zip
 from tests.conftest import load_script
 
 pytest.importorskip("data_store")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cxr_core.errors import CxrError
-from cxr_core.jobs import CANCELLED, FAILED, FINISHED, JobError, JobSpec, cancel, create_job, launch, read_state
+from cxr_core.state.jobs import CANCELLED, FAILED, FINISHED, JobError, JobSpec, cancel, create_job, launch, read_state
 from cxr_core.training.run import RunDir
 from tests.synthetic import make_labelled_folder
 
@@ -106,7 +106,7 @@ def test_a_reused_pid_is_not_the_job_and_cancel_leaves_it_alone(job_env: Path) -
     from dataclasses import asdict
 
     from cxr_core.fileio import write_json
-    from cxr_core.jobs import RUNNING, JobState, running_job
+    from cxr_core.state.jobs import RUNNING, JobState, running_job
 
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
@@ -129,7 +129,7 @@ def test_two_launches_at_the_same_moment_start_one_job(job_env: Path, monkeypatc
     import sys
     import threading
 
-    import cxr_core.jobs as jobs
+    import cxr_core.state.jobs as jobs
 
     started: list[subprocess.Popen] = []
     real_popen, real_running_job = subprocess.Popen, jobs.running_job
@@ -173,7 +173,7 @@ def test_two_launches_at_the_same_moment_start_one_job(job_env: Path, monkeypatc
 
 
 def test_zoom_and_aspect_reach_the_training_config_and_survive_a_reload(job_env: Path) -> None:
-    from cxr_core.jobs import _train_config
+    from cxr_core.state.jobs import _train_config
 
     spec = JobSpec(dataset=str(job_env / "data"), arch="cnn5", model_id="tiny", version="9.0.0", user="alice",
                    zoom=(0.85, 1.35), aspect=0.2, edge_crop=0.1, average_every=20, aux_classes=("bacterial_pneumonia",),
@@ -194,7 +194,7 @@ def test_zoom_and_aspect_reach_the_training_config_and_survive_a_reload(job_env:
 def test_progress_says_reading_then_training_also_when_no_step_is_logged() -> None:
     """A tiny dataset logs no step within an epoch: once training has started the bar must say
     "Training", not "Reading and checking the data"."""
-    from cxr_core.jobs import describe_progress
+    from cxr_core.state.jobs import describe_progress
 
     assert describe_progress([], 2).text == "Reading and checking the data…"
     reading = [{"event": "preparing", "message": "reading"}, {"event": "preparing", "done": 2048, "total": 4000}]
@@ -210,7 +210,7 @@ def test_progress_says_reading_then_training_also_when_no_step_is_logged() -> No
 
 
 def test_presets_are_valid_jobs_the_page_can_show() -> None:
-    from cxr_core.jobs import PRESETS
+    from cxr_core.state.jobs import PRESETS
     from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP
 
     assert [p.name for p in PRESETS] == ["Fine-tune the active model (quick)", "Fine-tune (thorough)", "Adapt to this site", "Train from scratch"]
@@ -226,13 +226,13 @@ def test_presets_are_valid_jobs_the_page_can_show() -> None:
 def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(job_env: Path) -> None:
     from dataclasses import replace
 
-    from cxr_core.jobs import run_job
     from cxr_core.models.versions import (
         SITE_ADAPTATION_NAME,
         list_versions,
         promotion_problems,
         site_adaptation_problems,
     )
+    from cxr_core.state.jobs import run_job
     from tests.conftest import make_model_folder
 
     make_model_folder(job_env / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), id="tiny", version="1.0.0", size=32)

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_core.validation import Estimate, auroc, bootstrap_auroc, suggest_threshold, validate_site, wilson_interval
+from cxr_core.training.validation import (
+    Estimate,
+    auroc,
+    bootstrap_auroc,
+    suggest_threshold,
+    validate_site,
+    wilson_interval,
+)
 from tests.synthetic import make_labelled_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +81,8 @@ def test_cli_validate_json_has_the_documented_keys(use_weights: Path, tmp_path: 
 
 
 def test_a_recorded_validation_is_listed_badged_and_audited(densenet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from cxr_core.audit import entries
-    from cxr_core.validation import NOT_VALIDATED, list_validations, record_validation, site_badge
+    from cxr_core.state.audit import entries
+    from cxr_core.state.site_validations import NOT_VALIDATED, list_validations, record_validation, site_badge
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     assert site_badge(densenet.key) == NOT_VALIDATED

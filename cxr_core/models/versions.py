@@ -41,7 +41,7 @@ class Version:
     shipped: bool  # lives in weights/ (in git)
     active: bool
     evaluation: dict[str, Any] | None  # metrics on the fixed evaluation set, if measured
-    #: a site adaptation's before/after (cxr_core.jobs), when this version is one
+    #: a site adaptation's before/after (cxr_core.state.jobs), when this version is one
     site_adaptation: dict[str, Any] | None = None
 
     @property

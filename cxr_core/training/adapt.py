@@ -9,7 +9,7 @@ forgets what the public collections taught it. Each (source, label) group weighs
 so the site's films count as much as the replay's.
 
 The adapted model is an ordinary model folder; before/after on the held-out films come from
-:func:`cxr_core.validation.validate_site`, the same figures a site validation reports.
+:func:`cxr_core.training.validation.validate_site`, the same figures a site validation reports.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def adapt(
     from cxr_core.training.config import TrainConfig
     from cxr_core.training.finalize import finalize
     from cxr_core.training.trainer import train
-    from cxr_core.validation import validate_site
+    from cxr_core.training.validation import validate_site
 
     started = time.time()
     base = load_model(base_folder, device=device)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_core.evaluation import compute_metrics
+from cxr_core.metrics import compute_metrics
 from cxr_core.models.loading import select_device
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.dataset import _bucket

@@ -18,10 +18,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cxr_core.errors import CxrError
-from cxr_core.evaluation import Metrics, compute_metrics
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.io import read_image
 from cxr_core.inference import Prediction, predict
+from cxr_core.metrics import Metrics, compute_metrics
 from cxr_core.models.loading import LoadedModel
 from cxr_core.training.dataset import DatasetError, LabelPlan, Record, apply_plan, scan_folder
 

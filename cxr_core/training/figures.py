@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from sklearn.metrics import roc_curve
 
-from cxr_core.evaluation import Metrics, reliability_bins
+from cxr_core.metrics import Metrics, reliability_bins
 
 
 def training_figures(history: Sequence[dict[str, Any]]) -> dict[str, go.Figure]:

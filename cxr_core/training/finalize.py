@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from cxr_core.evaluation import EXTERNAL_MEASUREMENT, Metrics, compute_metrics, reliability_bins
 from cxr_core.inference import abstention_rule, make_prediction
+from cxr_core.metrics import EXTERNAL_MEASUREMENT, Metrics, compute_metrics, reliability_bins
 from cxr_core.models.loading import load_model, save_model_folder, select_device, update_manifest
 from cxr_core.models.manifest import Manifest, read_manifest
 from cxr_core.training import figures

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from cxr_core import distributed
 from cxr_core.errors import CxrError
-from cxr_core.evaluation import compute_metrics
 from cxr_core.imaging.preprocess import normalise, to_network_input
+from cxr_core.metrics import compute_metrics
 from cxr_core.models.architectures import CxrNet, build_network, get_architecture
 from cxr_core.models.loading import select_device
 from cxr_core.models.manifest import InputSpec, Manifest
+from cxr_core.training import distributed
 from cxr_core.training.augment import augment
 from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
 from cxr_core.training.config import TrainConfig

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxr_core.db import connect
+from cxr_core.state.db import connect
 
 GENESIS = "0" * 64
 

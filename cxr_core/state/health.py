@@ -79,7 +79,7 @@ def _state_folder() -> str:
 
 
 def _database() -> str:
-    from cxr_core.db import connect, database_path
+    from cxr_core.state.db import connect, database_path
 
     with connect() as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -87,7 +87,7 @@ def _database() -> str:
 
 
 def _audit_trail() -> str:
-    from cxr_core.audit import verify_chain
+    from cxr_core.state.audit import verify_chain
 
     report = verify_chain()
     if not report.ok:

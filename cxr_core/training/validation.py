@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cxr_core.errors import CxrError
-from cxr_core.evaluation import expected_calibration_error, reliability_bins
 from cxr_core.fileio import sha256_file
+from cxr_core.metrics import expected_calibration_error, reliability_bins
 from cxr_core.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -225,76 +225,3 @@ def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: f
         suggested_threshold=suggest_threshold(p_covid, is_covid, target_sensitivity),
         gate=dict(sorted(gate.items())), uncertain=uncertain, unreadable=unreadable, warnings=tuple(warnings),
     )
-
-
-@dataclass(frozen=True)
-class StoredValidation:
-    """A validation as recorded: who ran it, when, on what data (name and content hash)."""
-
-    id: int
-    created: str
-    user: str
-    model: str
-    data_name: str
-    data_sha256: str
-    n: int
-    result: dict[str, Any]
-
-    def badge(self) -> str:
-        """The line Diagnose shows beside the model's name."""
-        sens, spec = self.result["covid_sensitivity"], self.result["non_covid_specificity"]
-
-        def part(name: str, e: dict[str, Any]) -> str:
-            if e["value"] is None:
-                return f"{name} not measurable"
-            return f"{name} {e['value']:.2f} (95% CI {e['ci95'][0]:.2f}-{e['ci95'][1]:.2f})"
-
-        return (f"Validated at this site on {self.n} films ({self.data_name}, {self.created[:10]}): "
-                f"{part('COVID-19 sensitivity', sens)}, {part('specificity', spec)}")
-
-
-#: what Diagnose says of a model nobody has validated here
-NOT_VALIDATED = "Not validated at this site: its figures come from public data only (see the model card)."
-
-
-def record_validation(result: SiteValidation, *, user: str, role: str = "admin", data_name: str, db: Path | None = None) -> StoredValidation:
-    """Store ``result`` in the app database and the audit trail; returns the stored record."""
-    import json
-    from datetime import datetime, timezone
-
-    from cxr_core import audit
-    from cxr_core.db import connect
-
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    data = result.as_dict()
-    with connect(db) as conn:
-        cursor = conn.execute(
-            "INSERT INTO site_validation (created, user, model, data_name, data_sha256, n, result) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (created, user, result.model, data_name, result.data_sha256, result.n, json.dumps(data)))
-        new_id = int(cursor.lastrowid or 0)
-    audit.record("validate_site", user=user, role=role, model=result.model, db=db,
-                 details={"validation_id": new_id, "data_name": data_name, "data_sha256": result.data_sha256, "n": result.n,
-                          "counts": result.counts, "covid_sensitivity": data["covid_sensitivity"]["value"],
-                          "non_covid_specificity": data["non_covid_specificity"]["value"], "auroc": result.auroc["value"]})
-    return StoredValidation(new_id, created, user, result.model, data_name, result.data_sha256, result.n, data)
-
-
-def list_validations(model: str | None = None, db: Path | None = None) -> list[StoredValidation]:
-    """Recorded validations, newest first; only ``model`` (id@version) when given."""
-    import json
-
-    from cxr_core.db import connect
-
-    query = "SELECT id, created, user, model, data_name, data_sha256, n, result FROM site_validation"
-    args: tuple[Any, ...] = ()
-    if model:
-        query, args = query + " WHERE model = ?", (model,)
-    with connect(db) as conn:
-        rows = conn.execute(query + " ORDER BY id DESC", args).fetchall()
-    return [StoredValidation(*row[:7], json.loads(row[7])) for row in rows]
-
-
-def site_badge(model: str, db: Path | None = None) -> str:
-    """"Validated at this site on N films: ..." for the newest validation of ``model`` (id@version), else NOT_VALIDATED."""
-    found = list_validations(model, db)
-    return found[0].badge() if found else NOT_VALIDATED

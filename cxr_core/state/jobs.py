@@ -6,7 +6,7 @@
     var/jobs/<job_id>/job.log      the process's output
     var/jobs/.lock                 held (flock) by the running job's process
 
-The page only writes job.json, starts ``python -m cxr_core.jobs <job_dir>`` in a new
+The page only writes job.json, starts ``python -m cxr_core.state.jobs <job_dir>`` in a new
 process session and reads files back, so a job survives page reloads and closed
 browsers. A job whose process died without saying so (killed, machine restarted) shows
 as failed and can be resumed: the trainer continues from its last checkpoint.
@@ -307,9 +307,9 @@ def _launch_unlocked(job_dir: Path) -> int:
     (job_dir / "CANCEL").unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(config.PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     gpus = gpus_for(read_spec(job_dir))
-    command = [sys.executable, "-m", "cxr_core.jobs", str(job_dir)]
+    command = [sys.executable, "-m", "cxr_core.state.jobs", str(job_dir)]
     if gpus > 1:
-        # One process per GPU, data-parallel (cxr_core.distributed); torchrun leads the
+        # One process per GPU, data-parallel (cxr_core.training.distributed); torchrun leads the
         # process group, so cancel's killpg reaches every rank.
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *command[1:]]
     with open(job_dir / "job.log", "ab") as out:
@@ -405,7 +405,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     from cxr_core.models.versions import SITE_ADAPTATION_NAME, find_version
     from cxr_core.training.adapt import held_out_folder
     from cxr_core.training.evaluate import evaluate_folder
-    from cxr_core.validation import validate_site
+    from cxr_core.training.validation import validate_site
 
     held_out = held_out_folder(job_dir / SITE_VIEW)
     name, _, version = (spec.base_model or "").partition("@")
@@ -440,7 +440,7 @@ def _group() -> int:
 
 def _run_job_follower(job_dir: Path) -> int:
     """Ranks 1..N-1 of a multi-GPU job: train alongside rank 0, which does everything else."""
-    from cxr_core import distributed
+    from cxr_core.training import distributed
     from cxr_core.training.evaluation_set import exclude_evaluation_overlap
     from cxr_core.training.prepare import prepare_data
     from cxr_core.training.trainer import TrainingCancelled, final_spec, label_plan, train
@@ -462,7 +462,7 @@ def _run_job_follower(job_dir: Path) -> int:
 
 
 def run_job(job_dir: Path) -> int:
-    """Body of ``python -m cxr_core.jobs JOB_DIR``: train, write the candidate, evaluate it."""
+    """Body of ``python -m cxr_core.state.jobs JOB_DIR``: train, write the candidate, evaluate it."""
     from cxr_core.models.pointer import registry_dir
     from cxr_core.training.evaluation_set import (
         evaluate_active_alongside,
@@ -474,7 +474,7 @@ def run_job(job_dir: Path) -> int:
     from cxr_core.training.trainer import TrainingCancelled, final_spec, label_plan, train
 
     job_dir = Path(job_dir)
-    from cxr_core import distributed
+    from cxr_core.training import distributed
     if not distributed.world_from_env().main:
         return _run_job_follower(job_dir)
     lock_path = jobs_dir() / ".lock"

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_core import config
-from cxr_core.archive import extract_zip, save_files
 from cxr_core.errors import CxrError
 from cxr_core.fileio import write_json
+from cxr_core.state.archive import extract_zip, save_files
 
 
 def datasets_dir() -> Path:

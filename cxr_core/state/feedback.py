@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cxr_core.db import connect
 from cxr_core.errors import CxrError
+from cxr_core.state.db import connect
 
 MAX_COMMENT = 2000
 
@@ -51,7 +51,7 @@ def record_feedback(item: Feedback, db: Path | None = None, role: str = "anonymo
              None if item.agree_heatmap is None else int(item.agree_heatmap), item.comment.strip()),
         )
         new_id = int(cursor.lastrowid or 0)
-    from cxr_core import audit
+    from cxr_core.state import audit
     # A review is a clinical opinion on the model's output: it belongs in the audit trail
     # too (the verdicts, not the free-text comment, which may name a patient).
     audit.record("review", user=item.user, role=role, image_sha256=item.image_sha256, model=item.model, db=db,
