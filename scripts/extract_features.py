@@ -12,6 +12,7 @@ files are logged and left out. Nothing is fitted here.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
@@ -32,12 +33,24 @@ from cxr_core.training.dataset import scan_folder  # noqa: E402
 log = logging.getLogger("extract_features")
 
 
+def _cap_train(records: list, n: int) -> list:  # type: ignore[type-arg]
+    """Every val/test record, and at most ``n`` train records per (source, label), by a stable hash."""
+    groups: dict[tuple[str, str], list] = {}  # type: ignore[type-arg]
+    for r in records:
+        if r.split == "train":
+            groups.setdefault((r.source or "", r.label), []).append(r)
+    keep = {id(r) for g in groups.values() for r in sorted(g, key=lambda r: hashlib.sha256(str(r.path.name).encode()).hexdigest())[:n]}
+    return [r for r in records if r.split != "train" or id(r) in keep]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-per-group", type=int, default=0, metavar="N",
+                        help="at most N train films per (source, label), chosen by a hash of the path (0: all); val and test are whole")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -57,6 +70,8 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         for folder in args.folders:
             records = scan_folder(folder)
+            if args.train_per_group:
+                records = _cap_train(records, args.train_per_group)
             log.info("%s: %d films", folder, len(records))
             for start in range(0, len(records), args.batch_size):
                 chunk = records[start : start + args.batch_size]
