@@ -77,3 +77,30 @@ def test_direction_projection_removes_the_differences_between_means() -> None:
     # directions orthogonal to the differences are kept
     other = np.linalg.svd((means[1:] - means[:1]))[2][-1]
     assert np.allclose(other @ p, other)
+
+
+def test_a_refitted_folder_carries_the_new_head_and_the_same_backbone(tmp_path, tiny_arch: str) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from cxr_core.inference import predict_with_features
+    from cxr_core.models.loading import load_model
+    from cxr_core.training.head import write_refitted_folder
+    from tests.conftest import make_model_folder
+
+    base = make_model_folder(tmp_path / "weights", tiny_arch, ("covid", "normal", "viral_pneumonia"), size=32, thresholds={"covid": 0.4})
+    rng = np.random.default_rng(4)
+    head = LinearHead(rng.normal(size=(3, 64)).astype(np.float32), rng.normal(size=3).astype(np.float32))
+    out = tmp_path / "refitted"
+    manifest = write_refitted_folder(base, out, head, version="2.0.0", temperature=1.3, threshold=0.25,
+                                     training={"recipe": "test"}, training_data={"root": "x"}, metrics={})
+    assert manifest.version == "2.0.0" and manifest.thresholds == {"covid": 0.25} and manifest.temperature == 1.3
+    old, new = load_model(base, device="cpu"), load_model(out, device="cpu")
+    batch = torch.rand(2, 3, 32, 32)
+    old_logits, old_features = predict_with_features(old, batch)
+    new_logits, new_features = predict_with_features(new, batch)
+    assert np.allclose(old_features, new_features)  # the backbone is untouched
+    assert np.allclose(new_logits.numpy(), head.logits(new_features), atol=1e-2)  # float16 storage
+    assert not np.allclose(old_logits.numpy(), new_logits.numpy(), atol=1e-2)
+    with pytest.raises(Exception, match="does not fit"):
+        write_refitted_folder(base, tmp_path / "bad", LinearHead(np.zeros((2, 64)), np.zeros(2)), version="2.0.1", temperature=1.0,
+                              threshold=0.5, training={}, training_data={}, metrics={})

@@ -9,12 +9,19 @@ extracted once, so candidates can be compared by leave-one-source-out validation
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cxr_core.errors import ModelError
+from cxr_core.models.loading import load_model, save_model_folder
+from cxr_core.models.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +115,43 @@ def fit_linear_head(
     with torch.no_grad():
         log.info("head refitted: loss %.4f (l2 %.3g)", float(loss_fn()), l2)
     return LinearHead(weight.detach().numpy().copy(), bias.detach().numpy().copy())
+
+
+def write_refitted_folder(
+    base: Path | str,
+    out: Path | str,
+    head: LinearHead,
+    *,
+    version: str,
+    temperature: float,
+    threshold: float,
+    training: Mapping[str, Any],
+    training_data: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+) -> Manifest:
+    """A new model folder: ``base``'s network with ``head`` as ``head.fc``, its calibration, and
+    ``base``'s out-of-distribution gate (the backbone, hence the pooled features, is unchanged).
+
+    ``head.weight`` is (n_outputs, C) for ``base``'s architecture. The card is written from the
+    manifest (:func:`cxr_core.training.finalize.refresh_model_card`) by the caller.
+    """
+    base, out = Path(base), Path(out)
+    model = load_model(base, device="cpu")
+    fc = model.network.head.fc
+    if tuple(fc.weight.shape) != head.weight.shape:
+        raise ModelError(f"{base.name}: a head of shape {head.weight.shape} does not fit {tuple(fc.weight.shape)}.")
+    with torch.no_grad():
+        fc.weight.copy_(torch.as_tensor(head.weight, dtype=fc.weight.dtype))
+        fc.bias.copy_(torch.as_tensor(head.bias, dtype=fc.bias.dtype))
+    positive = model.manifest.classes[0]
+    manifest = replace(
+        model.manifest, version=version, created="", temperature=round(float(temperature), 4),
+        thresholds={positive: round(float(threshold), 4)}, training=dict(training),
+        training_data=dict(training_data), metrics=dict(metrics),
+    )
+    if model.manifest.ood:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(base / str(model.manifest.ood["file"]), out / str(model.manifest.ood["file"]))
+    written = save_model_folder(model.network, manifest, out)
+    log.info("wrote %s: %s's network with a refitted head", out, model.manifest.key)
+    return written
