@@ -14,7 +14,8 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,21 @@ from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cxr_core.models.loading import resolve_model  # noqa: E402
+from cxr_core.models.loading import (
+    resolve_model,  # noqa: E402
+    update_manifest,  # noqa: E402
+)
 from cxr_core.models.manifest import read_manifest  # noqa: E402
 from cxr_core.training.calibration import choose_threshold, fit_temperature  # noqa: E402
-from cxr_core.training.head import NOT_POSITIVE, LinearHead, direction_projection, fit_linear_head, group_weights  # noqa: E402
+from cxr_core.training.finalize import evaluate_arrays, refresh_model_card  # noqa: E402
+from cxr_core.training.head import (  # noqa: E402
+    NOT_POSITIVE,
+    LinearHead,
+    direction_projection,
+    fit_linear_head,
+    group_weights,
+    write_refitted_folder,
+)
 
 TARGET_SENSITIVITY = 0.97
 FOLDS = {
@@ -126,7 +138,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--final", metavar="CANDIDATE", help="fit CANDIDATE on every source and print its test figures")
-    parser.add_argument("--save-head", type=Path, help="with --final: write the head and calibration here (.npz)")
+    parser.add_argument("--out", type=Path, help="with --final: write the model folder here")
+    parser.add_argument("--version", default="2.0.0", help="with --out: the new folder's version")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -194,8 +207,44 @@ def final(args: argparse.Namespace, data: Data, internal: np.ndarray, start: Lin
         for group in sorted(set(data.group[(data.split == "test")])):
             rows = (data.split == "test") & (data.group == group)
             print(f"   test {group:>30}: {called_covid(scored, data, rows, kind):4d} of {int(rows.sum()):4d} called COVID-19")
-        if name == args.final and args.save_head:
-            np.savez(args.save_head, weight=scored.head.weight, bias=scored.head.bias, temperature=scored.temperature, threshold=scored.threshold)
+        if name == args.final and args.out:
+            write(args, data, train, val, scored, classes, kind)
+
+
+def write(args: argparse.Namespace, data: Data, train: np.ndarray, val: np.ndarray, scored: Scored, classes: list[str], kind: str) -> None:
+    """The chosen head as a model folder, with validation metrics through the app's decision rule and a card."""
+    folder = resolve_model(args.model).path
+    counts: dict[str, dict[str, int]] = {}
+    sources: dict[str, dict[str, int]] = {}
+    fitted = train | val | ((data.split == "test") & (data.folder != "jsrt"))
+    for split, label, group in zip(data.split[fitted], data.label[fitted], data.group[fitted]):
+        counts.setdefault(str(split), {}).setdefault(str(label), 0)
+        counts[str(split)][str(label)] += 1
+        source = str(group).split("/")[0]
+        sources.setdefault(str(split), {}).setdefault(source, 0)
+        sources[str(split)][source] += 1
+    base = read_manifest(folder)
+    training_data = dict(base.training_data, root=", ".join(sorted({f"../shared/data/{f}" for f in data.folder[fitted]})),
+                         counts=counts, sources=sources)
+    training = {
+        "recipe": (f"last layer refitted from {base.key} ({args.final}; docs/experiments/2026-12-05-last-layer-loso.md): "
+                   "the network's pooled features kept, head.fc fitted by L-BFGS on every source's train films, COVID-19 films "
+                   "half the weight and each other (source, label) group an equal share of the rest, pulled toward the old head"),
+        "command": "python scripts/last_layer_loso.py " + " ".join(sys.argv[1:]),
+        "features": str(args.features),
+        "base": base.key,
+        "base_training": dict(base.training),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    written = write_refitted_folder(folder, args.out, scored.head, version=args.version, temperature=scored.temperature,
+                                    threshold=scored.threshold, training=training, training_data=training_data, metrics={})
+    known = val & (np.isin(data.label, classes) if kind == "softmax" else np.ones(len(data.label), dtype=bool))
+    labels = np.array([classes.index(lab) if lab in classes else 1 for lab in data.label[known]], dtype=np.int64)
+    metrics, _ = evaluate_arrays(written, scored.head.logits(data.features[known]), labels,
+                                 [str(g).split("/")[0] for g in data.group[known]])
+    update_manifest(args.out, replace(written, metrics={"val": metrics.as_dict(), "test_sealed": {"n": int(((data.split == "test") & (data.folder != "jsrt")).sum())}}))
+    refresh_model_card(args.out)
+    print(f"wrote {args.out} ({written.key}); its test split is sealed: read it with scripts/refresh_model_card.py --abstention")
 
 
 if __name__ == "__main__":

@@ -229,10 +229,13 @@ def model_card(
     for note in notes:
         lines.append(f"- Data check: {note}")
     tr = m.training
+    if "base" in tr:  # a head refitted on another model's features (cxr_core.training.head)
+        tr, lines = dict(tr["base_training"]), lines + ["", "## Recipe", f"- {tr_recipe(m.training)}",
+                                                          f"- Command: `{m.training.get('command') or 'n/a'}`"]
     cfg = tr.get("config", {})
     lines += [
         "",
-        "## Recipe",
+        "## Recipe" if "base" not in m.training else f"### The recipe of {m.training['base']}, whose network is kept",
         f"- Initialisation: {cfg.get('init')}; schedule (size, epochs): {cfg.get('schedule')}; batch {cfg.get('batch_size')}; "
         f"AdamW lr {cfg.get('lr')} one-cycle, weight decay {cfg.get('weight_decay')}; balance: {cfg.get('balance')}; "
         f"label smoothing {cfg.get('label_smoothing')}; augmentation {cfg.get('augment')}.",
@@ -392,6 +395,10 @@ def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
         + ": " + "; ".join(parts) + ". "
         "A film from a softer or crisper detector, or framed differently from the training films, can change the answer by this much."
     ]
+
+
+def tr_recipe(training: Mapping[str, Any]) -> str:
+    return str(training.get("recipe") or "n/a")
 
 
 def _selection_line(training: Mapping[str, Any], config: Mapping[str, Any]) -> str:
