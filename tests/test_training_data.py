@@ -209,3 +209,17 @@ def test_a_class_with_one_patient_is_not_split(tmp_path: Path) -> None:
 def test_given_splits_are_never_moved(tmp_path: Path) -> None:
     records = [Record(Path(f"c{i}"), "covid", "train", f"p{i}") for i in range(5)]
     assert [r.split for r in assign_splits(records, val_fraction=0.5)] == ["train"] * 5
+
+
+def test_a_flat_upload_splits_the_same_wherever_its_folder_sits(tmp_path: Path) -> None:
+    """Without patient ids the split is drawn per file by label and name, not by absolute path:
+    the same upload on another machine (or in another temporary folder) gets the same splits."""
+    first = make_labelled_folder(tmp_path / "a" / "flat", per_class={"all": 12}, splits=False)
+    second = tmp_path / "somewhere" / "else" / "flat"
+    shutil.copytree(first, second)
+
+    def splits(root: Path) -> dict[str, str | None]:
+        return {f"{r.label}/{r.path.name}": r.split for r in assign_splits(scan_folder(root))}
+
+    assert splits(first) == splits(second)
+    assert set(splits(first).values()) == {"train", "val"}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_core.errors import CxrError
-from cxr_core.training.dataset import Record, _bucket, scan_folder
+from cxr_core.training.dataset import Record, _bucket, scan_folder, split_key
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _sample(records: Sequence[Record], k: int, salt: str) -> list[Record]:
     chosen: list[Record] = []
     for _, group in sorted(by_label.items()):
         share = max(1, round(k * len(group) / len(records)))
-        chosen += sorted(group, key=lambda r: _bucket(str(r.path), salt))[:share]
+        chosen += sorted(group, key=lambda r: _bucket(split_key(r), salt))[:share]
     return chosen
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from cxr_core.metrics import compute_metrics
 from cxr_core.models.loading import select_device
 from cxr_core.training.config import TrainConfig
-from cxr_core.training.dataset import _bucket
+from cxr_core.training.dataset import _bucket, split_key
 from cxr_core.training.images import ImageSet
 from cxr_core.training.prepare import PreparedData
 from cxr_core.training.run import write_json
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def fold_of(record: Any, k: int, salt: str = "cxr-folds") -> int:
     """Fold index from the patient (or the file when there is no patient id): a patient stays in one fold."""
-    return min(int(_bucket(record.patient_id or str(record.path), salt) * k), k - 1)
+    return min(int(_bucket(split_key(record), salt) * k), k - 1)
 
 
 def cross_validate(config: TrainConfig, data: PreparedData, k: int, run_dir: Path | str, stop: threading.Event | None = None) -> dict[str, Any]:

@@ -135,6 +135,12 @@ def _bucket(key: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def split_key(record: Record) -> str:
+    """What a split is drawn for: the patient, or the file (by label and name, not by where the
+    folder happens to sit, so that the same upload splits the same way on every machine)."""
+    return record.patient_id or f"{record.label}/{record.path.name}"
+
+
 def assign_splits(records: Sequence[Record], val_fraction: float = 0.1, test_fraction: float = 0.0, salt: str = "cxr") -> list[Record]:
     """Give records without a split one, grouped by patient (or by file when no patient id)."""
     out = []
@@ -142,7 +148,7 @@ def assign_splits(records: Sequence[Record], val_fraction: float = 0.1, test_fra
         if record.split is not None:
             out.append(record)
             continue
-        u = _bucket(record.patient_id or str(record.path), salt)
+        u = _bucket(split_key(record), salt)
         split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
         out.append(replace(record, split=split))
     return _validate_every_class(records, out, salt) if val_fraction > 0 else out
@@ -152,7 +158,7 @@ def _validate_every_class(given: Sequence[Record], assigned: list[Record], salt:
     """Give each class at least one validation patient when the hash gave it none and it has
     two or more patients in train (a small class would otherwise be refused for having no
     validation images). The patient whose hash is smallest moves, with all their films."""
-    group = [r.patient_id or str(r.path) for r in given]
+    group = [split_key(r) for r in given]
     auto = [g.split is None for g in given]
     for label in sorted({r.label for r in assigned}):
         if any(r.label == label and r.split == "val" for r in assigned):
