@@ -229,8 +229,11 @@ def write(args: argparse.Namespace, data: Data, train: np.ndarray, val: np.ndarr
         sources.setdefault(str(split), {}).setdefault(source, 0)
         sources[str(split)][source] += 1
     base = read_manifest(folder)
-    training_data = dict(base.training_data, root=", ".join(sorted({f"../shared/data/{f}" for f in data.folder[fitted]})),
-                         counts=counts, sources=sources)
+    roots = ", ".join(sorted({f"../shared/data/{f}" for f in data.folder[fitted]}))
+    if args.final == "T":  # the network and head are the base's: its training data stands; calibration saw every source's val
+        training_data = dict(base.training_data, calibration={"root": roots, "val": counts.get("val", {}), "val_sources": sources.get("val", {})})
+    else:
+        training_data = dict(base.training_data, root=roots, counts=counts, sources=sources)
     if args.final == "T":
         recipe = (f"{base.key}'s network and head unchanged; temperature refitted and the COVID-19 threshold re-chosen on every "
                   "source's validation films for sensitivity 0.95 instead of 0.97 (candidate T, docs/experiments/2026-12-05-last-layer-loso.md)")

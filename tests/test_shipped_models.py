@@ -50,9 +50,11 @@ def test_gate_on_real_files(shipped, dicom_data: Path, dicom_tests: Path) -> Non
     assert len(outcomes) == len(NON_CHEST) and all(o in ("rejected", "warning") for o in outcomes.values()), outcomes
 
 
-#: p(COVID-19) for RG1 as windowed by its own DICOM window, and contrast-stretched (both cards'
-#: "DICOM windowing" note): the stretch moves the answer this much, which the page shows.
-RG1_COVID = {"densenet121-covid3": (0.298, 0.432), "resnet50-covid-binary": (0.300, 0.495)}
+#: p(COVID-19) for RG1 as windowed by its own DICOM window, and contrast-stretched, for
+#: densenet121-covid3 1.3.1 and resnet50-covid-binary 1.0.1 (the cards' "DICOM windowing" note has
+#: the same networks' figures at their earlier temperatures): the stretch moves the answer this
+#: much, which the page shows.
+RG1_COVID = {"densenet121-covid3": (0.300, 0.432), "resnet50-covid-binary": (0.327, 0.496)}
 
 
 def test_rg1_brightness_is_flagged_and_the_stretch_shown_to_matter(shipped, dicom_data: Path) -> None:  # type: ignore[no-untyped-def]

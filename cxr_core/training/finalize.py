@@ -224,6 +224,10 @@ def model_card(
     td = m.training_data
     for split, counts in td.get("counts", {}).items():
         lines.append(f"- {split}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + (f" (sources: {td.get('sources', {}).get(split)})" if td.get("sources") else ""))
+    if td.get("calibration"):
+        cal = td["calibration"]
+        lines.append(f"- Temperature and threshold fitted on validation films of {cal.get('root')}: "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(cal.get("val", {}).items())) + f" (sources: {cal.get('val_sources')})")
     for source, citation in td.get("citations", {}).items():
         lines.append(f"- `{source}`: {citation}")
     for note in notes:
