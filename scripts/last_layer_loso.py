@@ -23,11 +23,12 @@ from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cxr_core.inference import decide  # noqa: E402
 from cxr_core.models.loading import (
     resolve_model,  # noqa: E402
     update_manifest,  # noqa: E402
 )
-from cxr_core.models.manifest import read_manifest  # noqa: E402
+from cxr_core.models.manifest import Manifest, read_manifest  # noqa: E402
 from cxr_core.training.calibration import choose_threshold, fit_temperature  # noqa: E402
 from cxr_core.training.finalize import evaluate_arrays, refresh_model_card  # noqa: E402
 from cxr_core.training.head import (  # noqa: E402
@@ -38,6 +39,7 @@ from cxr_core.training.head import (  # noqa: E402
     group_weights,
     write_refitted_folder,
 )
+from cxr_core.training.trainer import probabilities  # noqa: E402
 
 TARGET_SENSITIVITY = 0.97
 FOLDS = {
@@ -67,17 +69,6 @@ class Scored:
     val_accuracy: float
 
 
-def probabilities(logits: np.ndarray, temperature: float, head: str) -> np.ndarray:
-    """(N, K) logits -> (N,) p(covid) after temperature, and (N, K') class probabilities."""
-    z = logits / temperature
-    if head == "sigmoid":
-        p = 1.0 / (1.0 + np.exp(-z[:, 0]))
-        return np.stack([p, 1 - p], axis=1)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def targets_for(labels: np.ndarray, classes: list[str], head: str) -> np.ndarray:
     if head == "sigmoid":
         return (labels == classes[0]).astype(np.int64)
@@ -90,8 +81,10 @@ def target_for(name: str) -> float:
     return 0.95 if name == "T" else TARGET_SENSITIVITY
 
 
-def calibrate(head: LinearHead, data: Data, val: np.ndarray, classes: list[str], kind: str, target: float = TARGET_SENSITIVITY) -> Scored:
-    """Temperature on the validation films of the model's classes, then the threshold for ``target`` sensitivity."""
+def calibrate(head: LinearHead, data: Data, val: np.ndarray, manifest: Manifest, target: float = TARGET_SENSITIVITY) -> Scored:
+    """Temperature on the validation films of the model's classes, then the threshold for ``target`` sensitivity;
+    the accuracy is of the app's own decision rule (cxr_core.inference.decide) with both."""
+    classes, kind = list(manifest.classes), manifest.head
     targets = targets_for(data.label[val], classes, kind)
     logits = head.logits(data.features[val])
     if kind == "sigmoid":
@@ -101,22 +94,17 @@ def calibrate(head: LinearHead, data: Data, val: np.ndarray, classes: list[str],
         known = targets >= 0
         labels = targets
     temperature = fit_temperature(logits[known], labels[known], kind)
-    probs = probabilities(logits, temperature, kind)
+    probs = probabilities(logits, kind, temperature)
     is_covid = data.label[val] == classes[0]
     threshold = choose_threshold(probs[:, 0], is_covid, target)
-    decided = decide(probs, threshold)
-    accuracy = float(np.mean(decided[known] == labels[known]))
+    rule = replace(manifest, temperature=temperature, thresholds={classes[0]: threshold})
+    decided = np.array([classes.index(decide(row, rule)) for row in probs[known]])
+    accuracy = float(np.mean(decided == labels[known]))
     return Scored(head, temperature, threshold, accuracy)
 
 
-def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """The app's rule (cxr_core.inference.decide): covid at p >= threshold, else the likeliest other class."""
-    rest = 1 + np.argmax(probs[:, 1:], axis=1)
-    return np.where(probs[:, 0] >= threshold, 0, rest)
-
-
 def called_covid(scored: Scored, data: Data, rows: np.ndarray, kind: str) -> int:
-    probs = probabilities(scored.head.logits(data.features[rows]), scored.temperature, kind)
+    probs = probabilities(scored.head.logits(data.features[rows]), kind, scored.temperature)
     return int(np.sum(probs[:, 0] >= scored.threshold))
 
 
@@ -162,7 +150,7 @@ def main() -> None:
 
     candidates = ["S", "L(0.01)", "L(0.1)", "L(1)"] + (["P"] if kind == "softmax" else []) + ["T"]
     if args.final:
-        final(args, data, internal, start, classes, kind)
+        final(args, data, internal, start, manifest)
         return
     results: dict[str, dict[str, dict[str, float]]] = {c: {} for c in candidates}
     for fold, held in FOLDS.items():
@@ -172,7 +160,7 @@ def main() -> None:
         scored_rows = internal & out
         for name in candidates:
             head = fit_candidate(name, data, train, start, classes, kind)
-            scored = calibrate(head, data, val, classes, kind, target_for(name))
+            scored = calibrate(head, data, val, manifest, target_for(name))
             n = called_covid(scored, data, scored_rows, kind)
             results[name][fold] = {"called_covid": n, "n": int(scored_rows.sum()), "val_accuracy": round(scored.val_accuracy, 4),
                                    "threshold": round(scored.threshold, 4), "temperature": round(scored.temperature, 3)}
@@ -202,12 +190,13 @@ def main() -> None:
         args.json.write_text(json.dumps({"model": str(z["model"]), "results": results, "verdicts": verdicts, "chosen": chosen}, indent=2, default=bool) + "\n")
 
 
-def final(args: argparse.Namespace, data: Data, internal: np.ndarray, start: LinearHead, classes: list[str], kind: str) -> None:
+def final(args: argparse.Namespace, data: Data, internal: np.ndarray, start: LinearHead, manifest: Manifest) -> None:
     """Fit the chosen candidate on every source's train films, calibrate on every val film, print test figures."""
+    classes, kind = list(manifest.classes), manifest.head
     train = internal & (data.split == "train")
     val = internal & (data.split == "val")
     for name in ("S", args.final):
-        scored = calibrate(fit_candidate(name, data, train, start, classes, kind), data, val, classes, kind, target_for(name))
+        scored = calibrate(fit_candidate(name, data, train, start, classes, kind), data, val, manifest, target_for(name))
         print(f"{name}: T {scored.temperature:.3f}, threshold {scored.threshold:.4f}, val accuracy {scored.val_accuracy:.4f}")
         for group in sorted(set(data.group[(data.split == "test")])):
             rows = (data.split == "test") & (data.group == group)

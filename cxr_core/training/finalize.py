@@ -233,13 +233,14 @@ def model_card(
     for note in notes:
         lines.append(f"- Data check: {note}")
     tr = m.training
-    if "base" in tr:  # a head refitted on another model's features (cxr_core.training.head)
-        tr, lines = dict(tr["base_training"]), lines + ["", "## Recipe", f"- {tr_recipe(m.training)}",
-                                                          f"- Command: `{m.training.get('command') or 'n/a'}`"]
+    heading = "## Recipe"
+    if "base" in tr:  # a head refitted on another model's features (cxr_core.training.head): its recipe, then the base's
+        lines += ["", heading, f"- {tr.get('recipe') or 'n/a'}", f"- Command: `{tr.get('command') or 'n/a'}`"]
+        heading, tr = f"### The recipe of {tr['base']}, whose network is kept", tr["base_training"]
     cfg = tr.get("config", {})
     lines += [
         "",
-        "## Recipe" if "base" not in m.training else f"### The recipe of {m.training['base']}, whose network is kept",
+        heading,
         f"- Initialisation: {cfg.get('init')}; schedule (size, epochs): {cfg.get('schedule')}; batch {cfg.get('batch_size')}; "
         f"AdamW lr {cfg.get('lr')} one-cycle, weight decay {cfg.get('weight_decay')}; balance: {cfg.get('balance')}; "
         f"label smoothing {cfg.get('label_smoothing')}; augmentation {cfg.get('augment')}.",
@@ -399,10 +400,6 @@ def _probe_lines(probe: Mapping[str, Any] | None) -> list[str]:
         + ": " + "; ".join(parts) + ". "
         "A film from a softer or crisper detector, or framed differently from the training films, can change the answer by this much."
     ]
-
-
-def tr_recipe(training: Mapping[str, Any]) -> str:
-    return str(training.get("recipe") or "n/a")
 
 
 def _selection_line(training: Mapping[str, Any], config: Mapping[str, Any]) -> str:
