@@ -460,3 +460,65 @@ def test_admin_uploads_site_films_validates_and_diagnose_shows_the_badge(use_wei
             _shot(page, tmp_path, "diagnose-validated")
     finally:
         os.environ["CXR_VAR_DIR"] = previous_var
+
+
+@pytest.mark.slow
+def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights: Path, tmp_path: Path) -> None:
+    """Issue 31 in a browser: upload a site's labelled films, launch "Adapt to this site" with the
+    training films replayed, and the Models page shows the candidate's before and after on the
+    site's held-out patients and its COVID-19 sensitivity on the replay folder's test split."""
+    import io
+    import zipfile
+
+    from cxr_core.state.audit import entries
+    from cxr_core.state.users import add_user
+    from tests.synthetic import make_labelled_folder
+
+    var = tmp_path / "var"
+    replay = make_labelled_folder(tmp_path / "replay", per_class={"train": 6, "val": 3, "test": 3}, size=48, seed=6)
+    env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu",
+           "CXR_DEFAULT_MODEL": "densenet121-test", "CXR_REPLAY_DIRS": str(replay)}
+    previous_var = os.environ["CXR_VAR_DIR"]
+    os.environ["CXR_VAR_DIR"] = str(var)
+    source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 12}, splits=False, size=64, seed=5)
+    archive = tmp_path / "site-c.zip"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for path in source.rglob("*.png"):
+            z.write(path, f"site-c/{path.relative_to(source).as_posix()}")
+    archive.write_bytes(buffer.getvalue())
+    try:
+        add_user("alice", "a long enough password", "admin")
+        with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
+            _sign_in(page)
+            _upload_dataset(page, "Site C films", archive)
+            page.get_by_role("button", name="Use this dataset for training").click()
+            _streamlit_idle(page)
+            page.get_by_role("link", name="Training", exact=True).click()
+            page.get_by_text("Adapt to this site").click()
+            _streamlit_idle(page)
+            page.get_by_text("The candidate is evaluated on the held-out half").wait_for(timeout=60_000)
+            page.get_by_text("Advanced: every setting of this job").click()
+            for label, value in (("Epochs", "1"), ("Image size (px)", "64"), ("Batch size", "8")):
+                field = page.get_by_label(label, exact=True)
+                field.fill(value)
+                field.press("Enter")
+                _streamlit_idle(page)
+            page.get_by_label("New version name").fill("9.9.9-site-c")
+            page.get_by_label("New version name").press("Enter")
+            _streamlit_idle(page)
+            page.get_by_role("button", name="Launch").click()
+            page.get_by_text("started").first.wait_for(timeout=60_000)
+            page.get_by_text("✅ finished").first.wait_for(timeout=600_000)
+
+            page.get_by_role("link", name="Models").click()
+            page.get_by_text("Site adaptation").first.wait_for(timeout=60_000)
+            body = page.inner_text("body")
+            assert "films adapted on" in body and "held out (patients never trained on)" in body, body[-3000:]
+            assert "COVID-19 sensitivity on the shared test split (" in body, body[-3000:]
+            assert "Traceback" not in body
+            _shot(page, tmp_path, "admin-site-adaptation")
+        launches = entries(action="launch_job")
+        assert len(launches) == 1 and launches[0].model == "densenet121-test@9.9.9-site-c"
+    finally:
+        os.environ["CXR_VAR_DIR"] = previous_var
