@@ -72,7 +72,10 @@ def _row(v: Version) -> dict[str, object]:
 def render_site_adaptation(record: dict) -> None:
     """An adapted candidate's before and after on the site's held-out films, side by side."""
     films = record.get("films", {})
-    st.markdown(f"**Site adaptation** on {record.get('site')}: {films.get('adapt', 0)} films adapted on, {films.get('validation', 0)} "
+    names = {str(d.root): d.name for d in list_datasets()}
+    site = str(record.get("site"))
+    site = f"the dataset \"{names[site]}\"" if site in names else f"`{site}`"
+    st.markdown(f"**Site adaptation** on {site}: {films.get('adapt', 0)} films adapted on, {films.get('validation', 0)} "
                 f"validated on, {films.get('held_out', 0)} held out (patients never trained on), {films.get('replay_train', 0)} "
                 "replayed training films.")
     rows = []

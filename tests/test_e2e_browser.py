@@ -495,6 +495,8 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
             page.get_by_role("button", name="Use this dataset for training").click()
             _streamlit_idle(page)
             page.get_by_role("link", name="Training", exact=True).click()
+            page.get_by_text("Adapt to this site").wait_for(timeout=180_000)
+            _streamlit_idle(page)
             page.get_by_text("Adapt to this site").click()
             _streamlit_idle(page)
             page.get_by_text("The candidate is evaluated on the held-out half").wait_for(timeout=60_000)
@@ -514,6 +516,7 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
             page.get_by_role("link", name="Models").click()
             page.get_by_text("Site adaptation").first.wait_for(timeout=60_000)
             body = page.inner_text("body")
+            assert 'Site adaptation on the dataset "Site C films"' in body, body[-3000:]
             assert "films adapted on" in body and "held out (patients never trained on)" in body, body[-3000:]
             assert "COVID-19 sensitivity on the shared test split (" in body, body[-3000:]
             assert "Traceback" not in body
