@@ -18,7 +18,7 @@ from cxr_core.imaging.annotations import Box, detect_burned_in, mask_boxes
 from cxr_core.imaging.film import ImageMetadata, XrayImage
 from cxr_core.imaging.gate import ACCEPTED, REJECTED, WARNING, judge, metadata_verdict
 from cxr_core.imaging.io import read_image
-from cxr_core.imaging.quality import EXPOSURE_ASSET, assess_quality, exposure_range, fix_orientation
+from cxr_core.imaging.quality import EXPOSURE_ASSET, assess_quality, exposed_field, exposure_range, fix_orientation
 from cxr_core.inference import is_uncertain, make_prediction
 from cxr_core.models.feature_gate import FeatureGate, fit_feature_gate
 from cxr_core.models.manifest import Manifest
@@ -144,6 +144,35 @@ def test_upright_film_passes(chest: XrayImage) -> None:
     assert report.exposure == "brighter" and len(report.warnings) == 1 and "median grey 0.81" in report.warnings[0]
     # The same film with a gamma that brings its median grey to about 0.55: nothing to say.
     assert assess_quality(_image(chest.pixels**2.8)).warnings == ()
+
+
+@pytest.mark.parametrize("value, share", [(1.0, 0.05), (0.0, 0.08), (1.0, 0.2)])
+def test_a_framed_film_is_judged_on_its_exposed_field(chest: XrayImage, value: float, share: float) -> None:
+    """A collimated CR shows its unexposed border white and an export may pad a film black: the
+    frame is trimmed before orientation, polarity, exposure and appearance are judged, so an
+    upright film in a white frame is not called rotated and inverted (it was before)."""
+    film = chest.pixels**2.8  # RG1 at an ordinary exposure (see test_upright_film_passes)
+    h, w = film.shape
+    t, s = int(share * h), int(share * w)
+    framed = np.full((h + 2 * t, w + 2 * s), value, np.float32)
+    framed[t : t + h, s : s + w] = film
+    field = exposed_field(framed)
+    assert abs(field.shape[0] - exposed_field(film).shape[0]) <= 8 and abs(field.shape[1] - exposed_field(film).shape[1]) <= 8
+    report, plain = assess_quality(_image(framed)), assess_quality(_image(film))
+    assert (report.rotation, report.inverted, report.exposure) == (0, False, None)
+    assert report.median_grey == pytest.approx(plain.median_grey, abs=0.02)
+    assert report.film_distance == pytest.approx(plain.film_distance, abs=0.05)
+
+
+def test_the_exposed_field_keeps_a_film_without_a_frame_and_a_blank_frame_whole(chest: XrayImage) -> None:
+    rng = np.random.default_rng(0)
+    noisy = rng.uniform(0.2, 0.8, (300, 240)).astype(np.float32)
+    assert exposed_field(noisy).shape == (300, 240)
+    assert exposed_field(np.full((300, 240), 0.9, np.float32)).shape == (300, 240)
+    # At most 30% of a side goes: a film mostly frame is not cut down to nothing.
+    mostly = np.zeros((1000, 1000), np.float32)
+    mostly[450:550, 450:550] = rng.uniform(0, 1, (100, 100))
+    assert exposed_field(mostly).shape == (400, 400)
 
 
 def test_exposure_is_judged_against_the_training_films(chest: XrayImage) -> None:

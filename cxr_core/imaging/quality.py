@@ -38,6 +38,37 @@ EXPOSURE_ASSET = ASSETS / "exposure.json"
 BLANK_CONTRAST = 0.02
 
 
+#: a band along the frame's edge flatter than this (pixel SD on [0, 1]) is collimation or
+#: padding, not anatomy: a body part, even a shoulder or the abdomen, is never this uniform
+FLAT_EDGE_SD = 0.02
+#: at most this share of a side is trimmed from each edge
+MAX_EDGE_TRIM = 0.3
+
+
+def exposed_field(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) -> the film without flat bands along its edges (a view of ``pixels``).
+
+    A collimated CR shows its unexposed plate white, and an export may pad a film black or
+    white to a square; neither is part of the chest, and a white frame made the orientation
+    check below call upright films rotated and inverted (scripts/stress_gate.py). The whole
+    film when no edge is flat, or when every row or column is (a blank frame).
+    """
+    height, width = pixels.shape
+    step = max(1, max(height, width) // 512)
+    small = np.asarray(pixels[::step, ::step], dtype=np.float32)
+    rows, cols = small.std(axis=1) < FLAT_EDGE_SD, small.std(axis=0) < FLAT_EDGE_SD
+    if rows.all() or cols.all():
+        return pixels
+
+    def leading(flat: np.ndarray, side: int) -> int:
+        n = len(flat) if flat.all() else int(np.argmin(flat))
+        return min(n * step, int(MAX_EDGE_TRIM * side))
+
+    top, bottom = leading(rows, height), leading(rows[::-1], height)
+    left, right = leading(cols, width), leading(cols[::-1], width)
+    return pixels[top : height - bottom, left : width - right]
+
+
 def _standardise(a: np.ndarray) -> np.ndarray:
     a = a.astype(np.float32) - float(a.mean())
     return a / (float(np.linalg.norm(a)) + 1e-6)
@@ -110,13 +141,19 @@ def _exposure(grey: float, contrast: float, inverted: bool) -> tuple[str | None,
 
 
 def assess_quality(image: XrayImage) -> QualityReport:
-    pixels = image.pixels
+    """Orientation, polarity, exposure and chest-likeness of the exposed field
+    (:func:`exposed_field`); resolution and shape of the image as sent. Chest-likeness is of
+    the exposed field only when that has a chest film's shape: a limb film's narrow strip,
+    its flat surround trimmed, must not pass for a chest."""
+    pixels = exposed_field(image.pixels)
+    field_aspect = pixels.shape[1] / pixels.shape[0]
+    judged = pixels if ASPECT_RANGE[0] <= field_aspect <= ASPECT_RANGE[1] else image.pixels
     small = _standardise(cv2.resize(pixels, (64, 64), interpolation=cv2.INTER_AREA))
     scores = {key: float((small * t).sum()) for key, t in _templates().items()}
     best = max(scores, key=scores.get)  # type: ignore[arg-type]
     margin = scores[best] - scores[(0, False)]
     rotation, inverted = best if margin > ORIENTATION_MARGIN else (0, False)
-    height, width = pixels.shape
+    height, width = image.pixels.shape
     low = min(height, width) < MIN_SIDE
     aspect = width / height
     cropped = not ASPECT_RANGE[0] <= aspect <= ASPECT_RANGE[1]
@@ -139,9 +176,9 @@ def assess_quality(image: XrayImage) -> QualityReport:
         # As presented: a rotated film is not what the model reads, so it is judged as it is
         # (chest-likeness under the best of eight orientations would let documents and
         # photos through); the corrected distance tells whether a correction would help.
-        distance = corrected = space.distance(pixels)
+        distance = corrected = space.distance(judged)
         if rotation or inverted:
-            upright = np.rot90(pixels, -rotation) if rotation else pixels
+            upright = np.rot90(judged, -rotation) if rotation else judged
             corrected = space.distance(1.0 - upright if inverted else upright)
     return QualityReport(rotation, inverted, margin, scores[best], low, cropped, tuple(warnings), distance, corrected, contrast, grey, exposure)
 
