@@ -614,9 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "installed lung segmenter (recorded in the model, so every prediction and heatmap does the same)")
     p.add_argument("--crop-margin", type=float, default=0.1, metavar="F",
                    help="with --crop lungs: widen the lung box by F of its size on each side (default: %(default)s)")
-    p.add_argument("--intensity", default="fixed", choices=["fixed", "standardise"],
+    p.add_argument("--intensity", default="fixed", choices=["fixed", "standardise", "clahe"],
                    help="standardise: give every film zero mean and unit spread before the network (removes a site's "
-                        "brightness and contrast); recorded in the model")
+                        "brightness and contrast); clahe: give every film the same local-contrast processing (CLAHE) "
+                        "before the network (a site's own processing cannot stand in for disease); recorded in the model")
     p.add_argument("--average-every", type=int, default=0, metavar="STEPS",
                    help="export the average of the weights taken every STEPS steps of the final phase (SWA), "
                         "batch-norm statistics recomputed, instead of the best epoch (default: off)")

@@ -152,6 +152,23 @@ def test_standardised_intensity_ignores_brightness_and_contrast_in_training_and_
     assert torch.allclose(batch, to_input(film, spec), atol=1e-5)
 
 
+def test_clahe_intensity_is_the_same_in_training_and_inference(dicom_data: Path) -> None:
+    """intensity "clahe": the same local-contrast processing before every prediction and every
+    training step (the trainer reads a uint8 cache at the input size)."""
+    import cv2
+
+    chest_pixels = read_image(dicom_data / "RG1_UNCR.dcm").pixels
+    spec = InputSpec(size=(128, 128), intensity="clahe")
+    fixed = replace(spec, intensity="fixed")
+    as_is = network_view(chest_pixels, fixed)
+    cached = torch.from_numpy((as_is * 255 + 0.5).astype(np.uint8))[None, None]
+    batch = to_network_input(cached.float() / 255.0, spec)[0]
+    assert torch.allclose(batch, to_input(chest_pixels, spec), atol=1e-5)
+    expected = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(cached[0, 0].numpy()) / 255.0
+    assert np.allclose(network_view(chest_pixels, spec), expected, atol=1e-6)
+    assert not torch.allclose(batch, to_input(chest_pixels, fixed), atol=1e-2)
+
+
 def test_a_heatmap_of_a_lung_crop_covers_its_box_only() -> None:
     low = np.ones((7, 7), np.float32)
     heatmap = Heatmap("covid", 0.9, low, (100, 200), box=(0.2, 0.8, 0.25, 0.75))

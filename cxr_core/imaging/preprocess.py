@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cxr_core.imaging.film import resize_pixels
-from cxr_core.models.manifest import InputSpec
+from cxr_core.models.manifest import CLAHE_CLIP, InputSpec
 
 
 def mask_burned_in(pixels: np.ndarray) -> np.ndarray:
@@ -65,6 +65,24 @@ def standardise_intensity(pixels: np.ndarray) -> np.ndarray:
     return (pixels - pixels.mean()) / (pixels.std() + 1e-6) * 0.25 + 0.5
 
 
+def clahe_intensity(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> the same film after CLAHE (clip CLAHE_CLIP, 8x8 tiles), float32 in
+    [0, 1]. Quantised to 8 bits first, as the training films are (their cache is uint8), so
+    inference and training give the same picture."""
+    import cv2
+
+    film = (np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(8, 8)).apply(film).astype(np.float32) / 255.0
+
+
+def _apply_intensity(small: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "standardise":
+        return standardise_intensity(small)
+    if mode == "clahe":
+        return clahe_intensity(small)
+    return small
+
+
 def network_view(pixels: np.ndarray, spec: InputSpec, box: Box | None = None) -> np.ndarray:
     """(H, W) film in [0, 1] -> the (h, w) float32 picture the network is given, before
     normalisation: text masked, cropped to ``box`` (default: :func:`lung_crop_boxes`), resized,
@@ -74,7 +92,7 @@ def network_view(pixels: np.ndarray, spec: InputSpec, box: Box | None = None) ->
     if spec.crop != "film":
         pixels = crop_box(pixels, box if box is not None else lung_crop_boxes([pixels], spec)[0])
     small = resize_pixels(pixels, spec.size)
-    return standardise_intensity(small) if spec.intensity == "standardise" else small
+    return _apply_intensity(small, spec.intensity)
 
 
 def to_input(pixels: np.ndarray, spec: InputSpec, box: Box | None = None) -> torch.Tensor:
@@ -106,6 +124,10 @@ def to_network_input(pixels01: torch.Tensor, spec: InputSpec) -> torch.Tensor:
         mu = pixels01.mean(dim=(2, 3), keepdim=True)
         sigma = pixels01.std(dim=(2, 3), keepdim=True, correction=0)
         pixels01 = (pixels01 - mu) / (sigma + 1e-6) * 0.25 + 0.5
+    elif spec.intensity == "clahe":
+        # cxr_core.imaging.preprocess.clahe_intensity, per film (OpenCV works on one 8-bit image)
+        films = pixels01[:, 0].detach().cpu().numpy()
+        pixels01 = torch.from_numpy(np.stack([clahe_intensity(f) for f in films])).unsqueeze(1).to(pixels01.dtype)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
     return (pixels01.expand(-1, spec.channels, -1, -1) - mean) / std

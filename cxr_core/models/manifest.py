@@ -24,8 +24,13 @@ HEAD_TYPES = ("softmax", "sigmoid")
 TASKS = ("classification", "segmentation")
 #: how a film's grey levels reach the network: "fixed" keeps them; "standardise" gives every
 #: film zero mean and unit spread first (then ``mean + std * z``, so a network normalised for
-#: [0, 1] films sees films of one exposure), which removes a site's brightness and contrast
-INTENSITY_MODES = ("fixed", "standardise")
+#: [0, 1] films sees films of one exposure), which removes a site's brightness and contrast;
+#: "clahe" gives every film the same local-contrast processing (CLAHE, clip CLAHE_CLIP, 8x8
+#: tiles, at the network's input size), so a site's own processing, or its absence, cannot
+#: stand in for disease
+INTENSITY_MODES = ("fixed", "standardise", "clahe")
+#: the CLAHE clip limit of intensity "clahe" (OpenCV's units: 2 is what processing software ships)
+CLAHE_CLIP = 2.0
 #: what part of the film the network sees: "film" the whole of it; "lungs" the box around
 #: both lung fields (the lung segmenter's), widened by ``crop_margin`` of its size per side,
 #: so borders, labels, collimation and the body's framing are out of sight

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from cxr_core.models.manifest import INTENSITY_MODES
 from cxr_core.training.augment import AugmentConfig
 
 BALANCE_MODES = ("weights", "sampler", "source", "none")
@@ -68,7 +69,8 @@ class TrainConfig:
     #: uses the installed lung segmenter, recorded in the model's manifest
     crop: str = "film"
     crop_margin: float = 0.1
-    #: "fixed" or "standardise": per-film intensity standardisation (cxr_core.models.manifest.INTENSITY_MODES)
+    #: "fixed", "standardise" or "clahe": what every film's grey levels get before the network
+    #: (cxr_core.models.manifest.INTENSITY_MODES)
     intensity: str = "fixed"
 
     @property
@@ -155,7 +157,7 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2")
         if self.crop not in ("film", "lungs") or not 0.0 <= self.crop_margin <= 1.0:
             raise ValueError("crop must be film or lungs, with a margin in [0, 1]")
-        if self.intensity not in ("fixed", "standardise"):
-            raise ValueError("intensity must be fixed or standardise")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}")
         if self.average_every < 0:
             raise ValueError("average_every must be 0 (off) or a number of steps")

@@ -20,7 +20,7 @@ import torch
 from cxr_core.inference import abstention_rule, make_prediction
 from cxr_core.metrics import EXTERNAL_MEASUREMENT, Metrics, compute_metrics, reliability_bins
 from cxr_core.models.loading import load_model, save_model_folder, select_device, update_manifest
-from cxr_core.models.manifest import Manifest, read_manifest
+from cxr_core.models.manifest import CLAHE_CLIP, Manifest, read_manifest
 from cxr_core.training import figures
 from cxr_core.training.calibration import choose_threshold, fit_temperature
 from cxr_core.training.config import TrainConfig
@@ -284,7 +284,9 @@ def model_card(
         "are both in the normal class to weaken that shortcut, and results are reported per source, but high accuracy on this test "
         "split does not show the model works on films from another hospital.",
         "- Trained on 224 px or smaller JPEG-derived images; full-resolution DICOM are resized the same way, but their look (processing, "
-        "windowing) may differ from the training films.",
+        "windowing) may differ from the training films. A hospital's own processing can change the answer: strong local-contrast "
+        "processing, as many digital systems apply, can turn non-COVID films into COVID-19 calls (measured with "
+        "`scripts/stress_gate.py`; figures in the reviewer's note).",
         "- Not trained on lateral views, CT, children with COVID-19, adults with non-COVID viral pneumonia, or devices/lines in "
         "unusual numbers." + (" The input gate flags films far from the training data, but a film close to it can still be wrong." if m.ood else " It cannot say a film is outside what it knows."),
     ]
@@ -311,6 +313,10 @@ def _view_lines(m: Manifest) -> list[str]:
     if m.input.intensity == "standardise":
         lines.append("- Intensity: every film standardised to one mean and spread before the network (a site's overall brightness "
                      "and contrast are removed).")
+    if m.input.intensity == "clahe":
+        lines.append(f"- Intensity: every film given the same local-contrast processing (CLAHE, clip {CLAHE_CLIP:g}, 8x8 tiles, at "
+                     "the input size) before the network, in training and at every prediction, so that a site's own processing "
+                     "is not read as a sign of disease.")
     return lines
 
 
