@@ -84,11 +84,11 @@ VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def _films(per_source: int) -> list[tuple[str, Path]]:
+def _films(per_source: int, shared: Path = SHARED) -> list[tuple[str, Path]]:
     def key(p: Path) -> str:
         return hashlib.sha256(p.name.encode()).hexdigest()
-    test = sorted((SHARED / "cxr").glob("test/*/*.jpg"), key=key)[:per_source]
-    extra = sorted((SHARED / "cxr-extra").glob("*/*/*.jpg"), key=key)[:per_source]
+    test = sorted((shared / "cxr").glob("test/*/*.jpg"), key=key)[:per_source]
+    extra = sorted((shared / "cxr-extra").glob("*/*/*.jpg"), key=key)[:per_source]
     return [("cxr:test", p) for p in test] + [("cxr-extra", p) for p in extra]
 
 
@@ -110,11 +110,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model")
     parser.add_argument("--per-source", type=int, default=150)
+    parser.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder (default: ../shared/data)")
     parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="only these (default: all)")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = load_model(resolve_model(args.model).path)
-    films = _films(args.per_source)
+    films = _films(args.per_source, args.shared)
     arrays = [(source, p.name, cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)) for source, p in films]
     non_covid = {p.name for _, p in films if p.parent.name != "covid"}
     report: dict[str, dict] = {}

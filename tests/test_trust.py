@@ -82,6 +82,28 @@ def test_feature_gate_separates_far_points_and_round_trips(tmp_path: Path) -> No
     assert verdict.outcome == REJECTED and verdict.image_checked
 
 
+def test_the_feature_distance_alone_warns_about_a_film_that_looks_like_a_chest_film(chest: XrayImage) -> None:
+    """Far from the model's training films but a typical chest film to look at (another site's
+    processing): warned about, with the reason, not turned away. Far in both: rejected."""
+    gate = FeatureGate(np.zeros(4), np.eye(4), np.zeros((1, 4)), np.eye(4), warn=1.0, reject=2.0)
+    film = _image(chest.pixels**2.8)  # RG1 at an ordinary exposure: a typical chest film
+    quality = assess_quality(film)
+    verdict = judge(film.metadata, 2.5, gate, quality)
+    assert verdict.outcome == WARNING and "though it looks like a chest film" in " ".join(verdict.reasons), verdict
+    assert judge(film.metadata, 1.5, gate, quality).outcome == WARNING
+    assert judge(film.metadata, 0.5, gate, quality).outcome == ACCEPTED
+    rng = np.random.default_rng(1)
+    noise = _image(rng.uniform(0, 1, (256, 256)).astype(np.float32))
+    assert judge(noise.metadata, 2.5, gate, assess_quality(noise)).outcome == REJECTED
+    # Nothing about its appearance known: the feature distance decides, as before.
+    assert judge(film.metadata, 5.0, gate, None).outcome == REJECTED
+    # Very far (beyond 1.5 x the rejection distance), or another check objects: rejected.
+    assert judge(film.metadata, 3.5, gate, quality).outcome == REJECTED
+    assert judge(film.metadata, 2.5, gate, quality, lungs="no plausible pair of lungs").outcome == REJECTED
+    small = _image(cv2.resize(film.pixels, (96, 96), interpolation=cv2.INTER_AREA))
+    assert judge(small.metadata, 2.5, gate, assess_quality(small)).outcome == REJECTED
+
+
 def test_a_model_without_a_gate_warns(chest: XrayImage) -> None:
     verdict = judge(chest.metadata, None, None, assess_quality(chest))
     assert verdict.outcome == WARNING and "no feature-space check" in " ".join(verdict.reasons)

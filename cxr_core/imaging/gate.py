@@ -30,6 +30,9 @@ from cxr_core.models.feature_gate import FeatureGate
 log = logging.getLogger(__name__)
 
 ACCEPTED, WARNING, REJECTED = "accepted", "warning", "rejected"
+#: beyond this multiple of the feature gate's rejection distance a film is turned away whatever
+#: its appearance
+FEATURE_ONLY_REJECT = 1.5
 _RANK = {ACCEPTED: 0, WARNING: 1, REJECTED: 2}
 
 # Projection radiography modalities (PS3.3 C.7.3.1.1.1): CR, DX and the retired RG/DR.
@@ -109,8 +112,25 @@ def judge(
                 f"The image looks unlike most chest radiographs (appearance distance {film:.2f}; typical films stay below "
                 f"{space.warn:.2f}). Check that it is a whole frontal chest film."
             )
+    # The feature distance says "unlike this model's training films", not "not a chest film": a
+    # film that every other check takes for an ordinary chest film (typical appearance, upright,
+    # bones bright, a readable size, a plausible pair of lungs) and that is not very far is
+    # warned about, not turned away: another site's processing (CLAHE, a white collimation
+    # border) must not lock its films out (scripts/stress_gate.py). Small or smooth images
+    # (gradients, dose grids) can look chest-like at 32 px, hence every condition.
+    chest_like = (
+        space is not None and film is not None and quality is not None and film <= space.warn
+        and not quality.low_resolution and not quality.fixable and not lungs
+    )
     if gate is not None and distance is not None:
-        if distance > gate.reject:
+        if gate.reject < distance <= FEATURE_ONLY_REJECT * gate.reject and chest_like and outcome != REJECTED:
+            outcome = max(outcome, WARNING, key=_RANK.get)
+            reasons.append(
+                f"The image is far from every chest film this model was trained on (distance {distance:.1f}; "
+                f"typical films stay below {gate.warn:.1f}), though it looks like a chest film: read the answer with "
+                "particular care, the model may not know films like this one."
+            )
+        elif distance > gate.reject:
             outcome = REJECTED
             reasons.append(
                 f"The image is far from every chest film the model was trained on (distance {distance:.1f}; "
