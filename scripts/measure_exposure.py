@@ -5,7 +5,9 @@
 The statistic is the median grey of the whole film on [0, 1], as the app reads it. The range
 kept is the 0.5th to 99.5th percentile over every training film (all labels, both sources);
 the share of validation and test films outside it is recorded beside it, since that is how
-often the check warns on films like the training ones.
+often the check warns on films like the training ones. The same for local contrast
+(cxr_core.imaging.quality.local_contrast, strong CLAHE-type processing): its 99.5th percentile
+over the training films, and how many validation and test films are above it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_core.imaging.quality import EXPOSURE_ASSET, median_grey  # noqa: E402
+from cxr_core.imaging.quality import EXPOSURE_ASSET, exposed_field, local_contrast, median_grey  # noqa: E402
 
 QUANTILES = (0.005, 0.995)
 
 
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255
+
+
 def medians(paths: list[Path]) -> np.ndarray:
-    return np.array([median_grey(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255) for p in paths])
+    return np.array([median_grey(_pixels(p)) for p in paths])
+
+
+def contrasts(paths: list[Path]) -> np.ndarray:
+    """Local contrast of each film's exposed field, as cxr_core.imaging.quality.assess_quality measures it."""
+    return np.array([local_contrast(exposed_field(_pixels(p))) for p in paths])
 
 
 def measure(root: Path) -> dict[str, object]:
@@ -38,12 +49,24 @@ def measure(root: Path) -> dict[str, object]:
     for split in ("val", "test"):
         values = medians(sorted(root.glob(f"{split}/*/*.jpg")))
         outside[split] = {"n": int(values.size), "darker": int((values < lo).sum()), "brighter": int((values > hi).sum())}
+    train_contrast = contrasts(sorted(root.glob("train/*/*.jpg")))
+    upper = round(float(np.quantile(train_contrast, QUANTILES[1])), 4)
+    above = {}
+    for split in ("val", "test"):
+        values = contrasts(sorted(root.glob(f"{split}/*/*.jpg")))
+        above[split] = {"n": int(values.size), "above": int((values > upper).sum())}
     return {
         "statistic": "median grey of the whole film on [0, 1]",
         "range": [lo, hi],
         "quantiles": list(QUANTILES),
         "measured_on": f"{train.size} training films of the shared data (COVID-19 Radiography Database and Kermany, all labels)",
         "outside_range": outside,
+        "local_contrast": {
+            "statistic": "mean local standard deviation of the exposed field on [0, 1] (15 px windows, stretched to 256x256)",
+            "upper": upper,
+            "quantile": QUANTILES[1],
+            "above": above,
+        },
     }
 
 

@@ -209,6 +209,20 @@ def test_exposure_is_judged_against_the_training_films(chest: XrayImage) -> None
     assert assess_quality(_image(np.full((400, 400), 0.95, np.float32))).exposure is None
 
 
+def test_strong_local_contrast_processing_is_named(chest: XrayImage) -> None:
+    """CLAHE-type processing, which the models read as COVID-19, is warned about; the film as it
+    comes, brighter or darker, is not."""
+    film = _image(chest.pixels**2.8)
+    plain = assess_quality(film)
+    assert not plain.processed and not any("local contrast" in w for w in plain.warnings), plain.local_contrast
+    u8 = (film.pixels * 255 + 0.5).astype(np.uint8)
+    processed = assess_quality(_image(cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8)).apply(u8).astype(np.float32) / 255))
+    assert processed.processed and processed.local_contrast > plain.local_contrast
+    assert any("strongly processed for local contrast" in w for w in processed.warnings)
+    verdict = judge(film.metadata, None, None, processed)
+    assert verdict.outcome == WARNING and any("read a COVID-19 call with particular care" in r for r in verdict.reasons)
+
+
 def test_contrast_stretch_spans_the_range_and_says_so(chest: XrayImage) -> None:
     from cxr_core.study import STRETCH_NOTE, contrast_stretched
 
@@ -227,6 +241,9 @@ def test_exposure_range_is_measured_from_the_training_films(tmp_path: Path) -> N
     measured = load_script("measure_exposure").measure(SHARED_DATA)
     shipped = json.loads(EXPOSURE_ASSET.read_text())
     assert measured["range"] == shipped["range"] and measured["outside_range"] == shipped["outside_range"]
+    assert measured["local_contrast"] == shipped["local_contrast"]
+    contrast = shipped["local_contrast"]["above"]["test"]
+    assert contrast["above"] / contrast["n"] <= 0.02
     test = shipped["outside_range"]["test"]
     assert (test["darker"] + test["brighter"]) / test["n"] <= 0.02
 
