@@ -207,6 +207,35 @@ def _film_png(dicom_data: Path) -> bytes:
     return buffer.getvalue()
 
 
+def test_a_film_with_strong_local_contrast_processing_is_named_on_diagnose(server: str, dicom_data: Path, tmp_path: Path) -> None:
+    """The models call most non-COVID films with CLAHE-type processing COVID-19: the radiologist
+    is told so beside the prediction, for the processed film and not for the same film as it came."""
+    import io
+
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    plain = tmp_path / "as-it-came.png"
+    plain.write_bytes(_film_png(dicom_data))
+    grey = np.asarray(Image.open(io.BytesIO(plain.read_bytes())).convert("L"))
+    processed = tmp_path / "processed.png"
+    cv2.imwrite(str(processed), cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8)).apply(grey))
+    with diagnose_page(server) as page:
+        page.set_input_files("input[type=file]", [str(processed)])
+        page.get_by_text("strongly processed for local contrast").first.wait_for(timeout=180_000)
+        _streamlit_idle(page)
+        body = page.inner_text("body")
+        assert "read a COVID-19 call with particular care" in body and "Decision support only" in body
+        assert "Traceback" not in body
+        _shot(page, tmp_path, "processed")
+        open_app(page, server)
+        page.set_input_files("input[type=file]", [str(plain)])
+        page.get_by_text("Prediction:").first.wait_for(timeout=180_000)
+        _streamlit_idle(page)
+        assert "strongly processed for local contrast" not in page.inner_text("body")
+
+
 def test_reviewer_compares_methods_with_synchronised_zoom(server: str, dicom_data: Path, tmp_path: Path) -> None:
     with diagnose_page(server) as page:
         page.get_by_role("link", name="Compare").click()
