@@ -104,6 +104,17 @@ def test_the_feature_distance_alone_warns_about_a_film_that_looks_like_a_chest_f
     assert judge(small.metadata, 2.5, gate, assess_quality(small)).outcome == REJECTED
 
 
+def test_a_distance_just_past_its_limit_never_reads_as_equal_to_it(chest: XrayImage) -> None:
+    from cxr_core.imaging.quality import shown_apart
+
+    assert shown_apart(0.6512, 0.6489, 2) == ("0.651", "0.649")
+    assert shown_apart(13.5312, 13.5, 1) == ("13.53", "13.50")
+    assert shown_apart(0.7, 0.2, 2) == ("0.70", "0.20")
+    gate = FeatureGate(np.zeros(4), np.eye(4), np.zeros((1, 4)), np.eye(4), warn=1.0, reject=2.0)
+    reason = " ".join(judge(chest.metadata, 1.004, gate, None).reasons)
+    assert "distance 1.004; typical films stay below 1.000" in reason, reason
+
+
 def test_a_model_without_a_gate_warns(chest: XrayImage) -> None:
     verdict = judge(chest.metadata, None, None, assess_quality(chest))
     assert verdict.outcome == WARNING and "no feature-space check" in " ".join(verdict.reasons)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from cxr_core.imaging.chest_space import chest_space
 from cxr_core.imaging.film import ImageMetadata
-from cxr_core.imaging.quality import BLANK_CONTRAST, QualityReport
+from cxr_core.imaging.quality import BLANK_CONTRAST, QualityReport, shown_apart
 from cxr_core.models.feature_gate import FeatureGate
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,10 @@ def judge(
     elif space is not None and film is not None and quality is not None:
         if film > space.reject:
             outcome = REJECTED
+            shown, limit = shown_apart(film, space.reject, 2)
             reasons.append(
-                f"The image does not look like a chest radiograph (appearance distance {film:.2f} from real chest films; "
-                f"rejected above {space.reject:.2f})."
+                f"The image does not look like a chest radiograph (appearance distance {shown} from real chest films; "
+                f"rejected above {limit})."
             )
             corrected = quality.corrected_film_distance
             if quality.fixable and corrected is not None and corrected <= space.warn:
@@ -108,9 +109,10 @@ def judge(
                 fixes_rejection = True
         elif film > space.warn:
             outcome = max(outcome, WARNING, key=_RANK.get)
+            shown, limit = shown_apart(film, space.warn, 2)
             reasons.append(
-                f"The image looks unlike most chest radiographs (appearance distance {film:.2f}; typical films stay below "
-                f"{space.warn:.2f}). Check that it is a whole frontal chest film."
+                f"The image looks unlike most chest radiographs (appearance distance {shown}; typical films stay below "
+                f"{limit}). Check that it is a whole frontal chest film."
             )
     # The feature distance says "unlike this model's training films", not "not a chest film": a
     # film that every other check takes for an ordinary chest film (typical appearance, upright,
@@ -127,19 +129,21 @@ def judge(
             outcome = max(outcome, WARNING, key=_RANK.get)
             reasons.append(
                 f"The image is far from every chest film this model was trained on (distance {distance:.1f}; "
-                f"typical films stay below {gate.warn:.1f}), though it looks like a chest film: read the answer with "
+                f"typical films stay below {gate.warn:.1f}, rejected above {gate.reject:.1f}), though it looks like a chest film: read the answer with "
                 "particular care, the model may not know films like this one."
             )
         elif distance > gate.reject:
             outcome = REJECTED
+            shown, limit = shown_apart(distance, gate.reject, 1)
             reasons.append(
-                f"The image is far from every chest film the model was trained on (distance {distance:.1f}; "
-                f"rejected above {gate.reject:.1f}). It may not be a frontal chest radiograph."
+                f"The image is far from every chest film the model was trained on (distance {shown}; "
+                f"rejected above {limit}). It may not be a frontal chest radiograph."
             )
         elif distance > gate.warn:
             outcome = max(outcome, WARNING, key=_RANK.get)
+            shown, limit = shown_apart(distance, gate.warn, 1)
             reasons.append(
-                f"The image is unusual for this model (distance {distance:.1f}; typical films stay below {gate.warn:.1f}). "
+                f"The image is unusual for this model (distance {shown}; typical films stay below {limit}). "
                 "Check that it is a frontal chest radiograph."
             )
     elif gate is None:

@@ -119,6 +119,17 @@ class QualityReport:
         return self.rotation != 0 or self.inverted
 
 
+def shown_apart(value: float, limit: float, digits: int) -> tuple[str, str]:
+    """``value`` and ``limit`` as text with ``digits`` decimals, or as many more (up to three) as it
+    takes for them to differ: a value just past its limit must not read "0.65; typical films stay
+    below 0.65"."""
+    for places in range(digits, digits + 4):
+        shown = f"{value:.{places}f}", f"{limit:.{places}f}"
+        if shown[0] != shown[1]:
+            break
+    return shown
+
+
 def median_grey(pixels: np.ndarray) -> float:
     """Median of (H, W) pixels on [0, 1]; every 4th row and column of a large film (16x fewer pixels;
     on pydicom-data's RG1 and RG3, 0.8125 vs 0.8124 and 0.8925 vs 0.8925)."""
@@ -150,9 +161,10 @@ def _processing_warning(value: float, contrast: float) -> str | None:
     limit = local_contrast_limit()
     if limit is None or contrast < BLANK_CONTRAST or value <= limit:
         return None
+    shown, bound = shown_apart(value, limit, 3)
     return (
-        f"The film looks strongly processed for local contrast (local contrast {value:.3f}; 99.5% of the training films stay "
-        f"below {limit:.3f}), as CLAHE or edge enhancement does. On films processed this way the models called most non-COVID "
+        f"The film looks strongly processed for local contrast (local contrast {shown}; 99.5% of the training films stay "
+        f"below {bound}), as CLAHE or edge enhancement does. On films processed this way the models called most non-COVID "
         "films COVID-19 in our tests: read a COVID-19 call with particular care."
     )
 
@@ -177,9 +189,11 @@ def _exposure(grey: float, contrast: float, inverted: bool) -> tuple[str | None,
     if lo <= grey <= hi:
         return None, None
     side = "darker" if grey < lo else "brighter"
+    shown, bound = shown_apart(grey, lo if side == "darker" else hi, 2)
+    low, high = (bound, f"{hi:.2f}") if side == "darker" else (f"{lo:.2f}", bound)
     return side, (
-        f"The film is {side} overall than 99% of the films the models were trained on (median grey {grey:.2f}; "
-        f"theirs {lo:.2f} to {hi:.2f}). The probabilities can shift with brightness: for a DICOM, its display "
+        f"The film is {side} overall than 99% of the films the models were trained on (median grey {shown}; "
+        f"theirs {low} to {high}). The probabilities can shift with brightness: for a DICOM, its display "
         "window (under the image) may differ from how the training films were exported."
     )
 
