@@ -204,7 +204,28 @@ def test_a_crash_during_promotion_leaves_a_working_model(registry_env: Path, mon
     models = installed_models()
     assert [m.manifest.version for m in models] == ["1.0.0"]
     load_model(models[0].path, device="cpu")
-    assert not list((registry_env / "var" / "registry").glob(".active.*"))  # no temporary file left behind
+    leftovers = [p for p in (registry_env / "var" / "registry").glob(".active.*") if p.suffix != ".lock"]
+    assert not leftovers  # no temporary file left behind
+
+
+def test_a_writer_killed_before_its_rename_leaves_nothing_behind_for_long(registry_env: Path) -> None:
+    """SIGKILL between the temporary pointer file and its rename leaves the temporary file; the
+    next reader or writer removes it, unless a live writer holds the pointer's lock."""
+    import fcntl
+
+    from cxr_core.models.pointer import read_pointer, registry_dir, write_pointer
+
+    write_pointer({"active": {}, "history": []})
+    orphan = registry_dir() / ".active.json.k1ll3d0x"
+    orphan.write_text("{half a pointer")
+    with open(registry_dir() / ".active.json.lock", "a") as held:  # a live writer
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert read_pointer() == {"active": {}, "history": []} and orphan.exists()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert read_pointer() == {"active": {}, "history": []} and not orphan.exists()
+    orphan.write_text("{half a pointer")
+    write_pointer({"active": {"dn": "1.0.0"}, "history": []})
+    assert not orphan.exists() and read_pointer()["active"] == {"dn": "1.0.0"}
 
 
 def test_a_broken_pointer_falls_back_to_the_shipped_model(registry_env: Path) -> None:
