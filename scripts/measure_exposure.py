@@ -31,30 +31,24 @@ def _pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255
 
 
-def medians(paths: list[Path]) -> np.ndarray:
-    return np.array([median_grey(_pixels(p)) for p in paths])
-
-
-def contrasts(paths: list[Path]) -> np.ndarray:
-    """Local contrast of each film's exposed field, as cxr_core.imaging.quality.assess_quality measures it."""
-    return np.array([local_contrast(exposed_field(_pixels(p))) for p in paths])
+def statistics(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Each film's median grey (whole film) and local contrast (its exposed field, as
+    cxr_core.imaging.quality.assess_quality measures it), each film read once."""
+    pairs = [(median_grey(pixels), local_contrast(exposed_field(pixels))) for pixels in map(_pixels, paths)]
+    return np.array([m for m, _ in pairs]), np.array([c for _, c in pairs])
 
 
 def measure(root: Path) -> dict[str, object]:
-    train = medians(sorted(root.glob("train/*/*.jpg")))
+    train, train_contrast = statistics(sorted(root.glob("train/*/*.jpg")))
     if train.size == 0:
         raise SystemExit(f"No training films under {root}/train/<label>/*.jpg.")
     lo, hi = (round(float(q), 4) for q in np.quantile(train, QUANTILES))
-    outside = {}
-    for split in ("val", "test"):
-        values = medians(sorted(root.glob(f"{split}/*/*.jpg")))
-        outside[split] = {"n": int(values.size), "darker": int((values < lo).sum()), "brighter": int((values > hi).sum())}
-    train_contrast = contrasts(sorted(root.glob("train/*/*.jpg")))
     upper = round(float(np.quantile(train_contrast, QUANTILES[1])), 4)
-    above = {}
+    outside, above = {}, {}
     for split in ("val", "test"):
-        values = contrasts(sorted(root.glob(f"{split}/*/*.jpg")))
-        above[split] = {"n": int(values.size), "above": int((values > upper).sum())}
+        values, contrast = statistics(sorted(root.glob(f"{split}/*/*.jpg")))
+        outside[split] = {"n": int(values.size), "darker": int((values < lo).sum()), "brighter": int((values > hi).sum())}
+        above[split] = {"n": int(contrast.size), "above": int((contrast > upper).sum())}
     return {
         "statistic": "median grey of the whole film on [0, 1]",
         "range": [lo, hi],
