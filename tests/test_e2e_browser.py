@@ -323,6 +323,21 @@ def open_app(page, url: str) -> None:  # type: ignore[no-untyped-def]
     _streamlit_idle(page)
 
 
+def _launch_small_job(page, epochs: str, version: str) -> None:  # type: ignore[no-untyped-def]
+    """On the Training page, with "Advanced: every setting of this job" open: a tiny job (64 px,
+    batch 8, ``epochs``) named ``version``, launched, and seen to start."""
+    for label, value in (("Epochs", epochs), ("Image size (px)", "64"), ("Batch size", "8")):
+        field = page.get_by_label(label, exact=True)
+        field.fill(value)
+        field.press("Enter")
+        _streamlit_idle(page)
+    page.get_by_label("New version name").fill(version)
+    page.get_by_label("New version name").press("Enter")
+    _streamlit_idle(page)
+    page.get_by_role("button", name="Launch").click()
+    page.get_by_text("started").first.wait_for(timeout=60_000)
+
+
 def _streamlit_idle(page, timeout_ms: int = 180_000) -> None:  # type: ignore[no-untyped-def]
     """Wait until the script run triggered by the last action has finished."""
     page.wait_for_timeout(300)
@@ -371,16 +386,7 @@ def test_admin_signs_in_uploads_trains_and_promotes(use_weights: Path, tmp_path:
             page.locator("[data-testid=stSelectbox]").filter(has_text="Architecture").click()
             page.get_by_role("option", name="cnn5").click()
             _streamlit_idle(page)
-            for label, value in (("Epochs", "2"), ("Image size (px)", "64"), ("Batch size", "8")):
-                field = page.get_by_label(label, exact=True)
-                field.fill(value)
-                field.press("Enter")
-                _streamlit_idle(page)
-            page.get_by_label("New version name").fill("9.9.9")
-            page.get_by_label("New version name").press("Enter")
-            _streamlit_idle(page)
-            page.get_by_role("button", name="Launch").click()
-            page.get_by_text("started").first.wait_for(timeout=60_000)
+            _launch_small_job(page, epochs="2", version="9.9.9")
             # The live view reruns itself; reload the page meanwhile: the job carries on.
             # A reload starts a new session (signed out); the job is a separate process and carries on.
             page.reload()
@@ -530,16 +536,7 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
             _streamlit_idle(page)
             page.get_by_text("The candidate is evaluated on the held-out half").wait_for(timeout=60_000)
             page.get_by_text("Advanced: every setting of this job").click()
-            for label, value in (("Epochs", "1"), ("Image size (px)", "64"), ("Batch size", "8")):
-                field = page.get_by_label(label, exact=True)
-                field.fill(value)
-                field.press("Enter")
-                _streamlit_idle(page)
-            page.get_by_label("New version name").fill("9.9.9-site-c")
-            page.get_by_label("New version name").press("Enter")
-            _streamlit_idle(page)
-            page.get_by_role("button", name="Launch").click()
-            page.get_by_text("started").first.wait_for(timeout=60_000)
+            _launch_small_job(page, epochs="1", version="9.9.9-site-c")
             page.get_by_text("✅ finished").first.wait_for(timeout=600_000)
 
             page.get_by_role("link", name="Models").click()
