@@ -296,6 +296,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         crop=args.crop,
         crop_margin=args.crop_margin,
         intensity=args.intensity,
+        mix_style=_fraction("--mix-style", args.mix_style, "P", 1.0, "0.5 mixes every other step"),
         arch=args.arch,
         out=str(out),
         model_id=model_id,
@@ -618,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standardise: give every film zero mean and unit spread before the network (removes a site's "
                         "brightness and contrast); clahe: give every film the same local-contrast processing (CLAHE) "
                         "before the network (a site's own processing cannot stand in for disease); recorded in the model")
+    p.add_argument("--mix-style", type=float, default=0.0, metavar="P",
+                   help="MixStyle: with probability P per step, the channel statistics of the network's early feature "
+                        "maps are mixed between films of the batch, whatever their class, so a collection's look "
+                        "cannot stand in for its label (training only; default: off)")
     p.add_argument("--average-every", type=int, default=0, metavar="STEPS",
                    help="export the average of the weights taken every STEPS steps of the final phase (SWA), "
                         "batch-norm statistics recomputed, instead of the best epoch (default: off)")

@@ -72,6 +72,9 @@ class TrainConfig:
     #: "fixed", "standardise" or "clahe": what every film's grey levels get before the network
     #: (cxr_core.models.manifest.INTENSITY_MODES)
     intensity: str = "fixed"
+    #: probability per training step of MixStyle (cxr_core.training.mixstyle): the channel
+    #: statistics of early feature maps mixed between films of the batch; 0 = off
+    mix_style: float = 0.0
 
     @property
     def data_dirs(self) -> tuple[str, ...]:
@@ -159,5 +162,7 @@ class TrainConfig:
             raise ValueError("crop must be film or lungs, with a margin in [0, 1]")
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}")
+        if not 0.0 <= self.mix_style <= 1.0:
+            raise ValueError("mix_style is a probability in [0, 1]")
         if self.average_every < 0:
             raise ValueError("average_every must be 0 (off) or a number of steps")

@@ -33,6 +33,7 @@ from cxr_core.training.averaging import WeightAverage, recompute_batchnorm
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.dataset import LabelPlan
 from cxr_core.training.images import ImageSet
+from cxr_core.training.mixstyle import mixing_styles
 from cxr_core.training.prepare import PreparedData, prepare_data, scan_folders
 from cxr_core.training.run import RunDir, atomic_write, write_json
 
@@ -227,6 +228,15 @@ def _epoch_order(config: TrainConfig, labels: np.ndarray, epoch: int) -> np.ndar
     return rng.permutation(len(labels))
 
 
+def mix_style_layers(config: TrainConfig) -> tuple[str, ...]:
+    """Where MixStyle acts: after the first two stages past the stem (DenseNet121's
+    denseblock1-2, ResNet50's layer1-2), where the paper found style and content
+    best separated; deeper statistics carry the content the label needs."""
+    if not config.mix_style:
+        return ()
+    return get_architecture(config.arch).stage_layers[1:3]
+
+
 def _set_backbone_trainable(network: CxrNet, trainable: bool) -> None:
     for p in network.backbone.parameters():
         p.requires_grad_(trainable)
@@ -352,89 +362,94 @@ def train(
     for prev in history:
         stale = 0 if prev.get("improved") else stale + (1 if config.in_final_phase(prev["epoch"]) else 0)
     epoch_times: list[float] = []
-    for epoch in range(start_epoch, config.total_epochs):
-        size = config.size_at(epoch)
-        if size not in train_cache:
-            train_cache = {size: data.train.resized(size)}  # keep one size in memory at a time
-        pixels = train_cache[size]
-        frozen = epoch < config.freeze_epochs
-        _set_backbone_trainable(network, not frozen)
-        network.train()
-        if frozen:
-            network.backbone.eval()  # frozen BN statistics too
-        order = _epoch_order(config, y_train, epoch)
-        t0 = time.time()
-        running, seen = 0.0, 0
-        for step in range(steps_per_epoch):
-            if distributed.any_rank(stop is not None and stop.is_set(), device):
-                run.event("cancelled", epoch=epoch, step=step)
-                raise TrainingCancelled("Training was cancelled; it can be resumed from its last completed epoch.")
-            idx = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
-            if len(idx) < 2 * world.size:
+    # Hooks only while the loop runs: validation (eval mode) never mixes, and the exported
+    # or averaged network below is scored without them.
+    style_generator = torch.Generator()
+    with mixing_styles(network, mix_style_layers(config), config.mix_style, style_generator):
+        for epoch in range(start_epoch, config.total_epochs):
+            size = config.size_at(epoch)
+            if size not in train_cache:
+                train_cache = {size: data.train.resized(size)}  # keep one size in memory at a time
+            pixels = train_cache[size]
+            frozen = epoch < config.freeze_epochs
+            _set_backbone_trainable(network, not frozen)
+            network.train()
+            if frozen:
+                network.backbone.eval()  # frozen BN statistics too
+            order = _epoch_order(config, y_train, epoch)
+            style_generator.manual_seed(config.seed * 1_000_003 + epoch * 10_007 + 7_919 * world.rank + 1)  # a resumed run mixes as the uninterrupted one
+            t0 = time.time()
+            running, seen = 0.0, 0
+            for step in range(steps_per_epoch):
+                if distributed.any_rank(stop is not None and stop.is_set(), device):
+                    run.event("cancelled", epoch=epoch, step=step)
+                    raise TrainingCancelled("Training was cancelled; it can be resumed from its last completed epoch.")
+                idx = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
+                if len(idx) < 2 * world.size:
+                    scheduler.step()
+                    continue
+                # Each rank takes its share of the same global batch; DDP averages the gradients.
+                idx = idx[world.rank :: world.size]
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step + 7_919 * world.rank)
+                x = augment(normalise(torch.from_numpy(pixels[idx])), config.augment, generator)
+                x = to_network_input(x, spec).to(device, non_blocking=True)
+                if config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = torch.from_numpy(y_train[idx]).to(device)
+                w = None if w_train is None else torch.from_numpy(w_train[idx]).float().to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = forward(x)
+                loss = loss_fn(logits.float(), y, w)
+                loss.backward()
+                optimizer.step()
                 scheduler.step()
-                continue
-            # Each rank takes its share of the same global batch; DDP averages the gradients.
-            idx = idx[world.rank :: world.size]
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step + 7_919 * world.rank)
-            x = augment(normalise(torch.from_numpy(pixels[idx])), config.augment, generator)
-            x = to_network_input(x, spec).to(device, non_blocking=True)
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(y_train[idx]).to(device)
-            w = None if w_train is None else torch.from_numpy(w_train[idx]).float().to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = forward(x)
-            loss = loss_fn(logits.float(), y, w)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if config.average_every and config.in_final_phase(epoch) and (step + 1) % config.average_every == 0:
-                average.update(network)
-            running += loss.item() * len(idx)
-            seen += len(idx) * world.size
-            if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
-                elapsed = time.time() - t0
-                per_step = elapsed / (step + 1)
-                done_steps = epoch * steps_per_epoch + step + 1
-                epoch_rate = (sum(epoch_times) / len(epoch_times) / steps_per_epoch) if epoch_times else per_step
-                eta = epoch_rate * (total_steps - done_steps)
-                run.event("step", epoch=epoch, step=step + 1, steps=steps_per_epoch, size=size, loss=round(running * world.size / seen, 5), lr=scheduler.get_last_lr()[0], images_per_s=round(seen / elapsed, 2), eta_s=round(eta, 1))
-        epoch_seconds = time.time() - t0
-        epoch_times.append(epoch_seconds)
-        record: dict[str, Any] = {"epoch": epoch, "size": size, "train_loss": round(running * world.size / max(seen, 1), 5), "seconds": round(epoch_seconds, 1), "frozen": frozen}
-        # Rank 0 validates and tells the others, so every rank takes the same
-        # early-stopping decision (batch-norm statistics differ slightly between ranks).
-        record.update(distributed.from_main(lambda size=size: _validate(network, val_set, config, size, spec, device, val_cache), world))
-        value = record["val_loss"] if config.select_on == "loss" else -record["val_accuracy"]
-        improved = config.in_final_phase(epoch) and (best["value"] is None or value < best["value"])
-        record["improved"] = improved
-        if improved:
-            best = {"epoch": epoch, "value": value}
+                if config.average_every and config.in_final_phase(epoch) and (step + 1) % config.average_every == 0:
+                    average.update(network)
+                running += loss.item() * len(idx)
+                seen += len(idx) * world.size
+                if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
+                    elapsed = time.time() - t0
+                    per_step = elapsed / (step + 1)
+                    done_steps = epoch * steps_per_epoch + step + 1
+                    epoch_rate = (sum(epoch_times) / len(epoch_times) / steps_per_epoch) if epoch_times else per_step
+                    eta = epoch_rate * (total_steps - done_steps)
+                    run.event("step", epoch=epoch, step=step + 1, steps=steps_per_epoch, size=size, loss=round(running * world.size / seen, 5), lr=scheduler.get_last_lr()[0], images_per_s=round(seen / elapsed, 2), eta_s=round(eta, 1))
+            epoch_seconds = time.time() - t0
+            epoch_times.append(epoch_seconds)
+            record: dict[str, Any] = {"epoch": epoch, "size": size, "train_loss": round(running * world.size / max(seen, 1), 5), "seconds": round(epoch_seconds, 1), "frozen": frozen}
+            # Rank 0 validates and tells the others, so every rank takes the same
+            # early-stopping decision (batch-norm statistics differ slightly between ranks).
+            record.update(distributed.from_main(lambda size=size: _validate(network, val_set, config, size, spec, device, val_cache), world))
+            value = record["val_loss"] if config.select_on == "loss" else -record["val_accuracy"]
+            improved = config.in_final_phase(epoch) and (best["value"] is None or value < best["value"])
+            record["improved"] = improved
+            if improved:
+                best = {"epoch": epoch, "value": value}
+                if world.main:
+                    _save_best(network, run)
+                stale = 0
+            elif config.in_final_phase(epoch):
+                stale += 1
+            history.append(record)
             if world.main:
-                _save_best(network, run)
-            stale = 0
-        elif config.in_final_phase(epoch):
-            stale += 1
-        history.append(record)
-        if world.main:
-            run.save_checkpoint(
-                {
-                    "model": network.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "best": best,
-                    "average": average.state() if config.average_every else None,
-                }
-            )
-        distributed.barrier()  # nobody runs ahead of a checkpoint that a resume would need
-        run.event("epoch", **record)
-        log.info("epoch %d/%d: %s", epoch + 1, config.total_epochs, record)
-        if config.patience and stale >= config.patience:
-            run.event("early_stop", epoch=epoch, best_epoch=best["epoch"])
-            break
+                run.save_checkpoint(
+                    {
+                        "model": network.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "best": best,
+                        "average": average.state() if config.average_every else None,
+                    }
+                )
+            distributed.barrier()  # nobody runs ahead of a checkpoint that a resume would need
+            run.event("epoch", **record)
+            log.info("epoch %d/%d: %s", epoch + 1, config.total_epochs, record)
+            if config.patience and stale >= config.patience:
+                run.event("early_stop", epoch=epoch, best_epoch=best["epoch"])
+                break
 
     if world.distributed:
         digests = distributed.gather(distributed.parameter_digest(network))

@@ -1,0 +1,112 @@
+"""How much of a shipped classifier's COVID-19 call is carried by early feature statistics?
+
+    python scripts/probe_style.py --model densenet121-covid3 \
+        --recipients ../shared/data/cxr-extra --recipient-source openist \
+        --donors ../shared/data/cxr:val:normal [--json OUT]
+
+A "style transplant": every recipient film goes through the network with the channel
+mean and spread of its early feature maps (the layers MixStyle acts on,
+cxr_core.training.trainer.mix_style_layers) replaced by those of a donor film drawn at
+random, content untouched. Reported: recipient films called COVID-19 at the model's own
+threshold as they are and after the transplant. If films of an unseen source stop being
+called COVID-19 once they carry the statistics of the training normals, the call rests
+on "style" (exposure, processing, texture), which MixStyle aims to make useless.
+A probe of the shipped model; nothing is fitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cxr_core.imaging.io import read_image  # noqa: E402
+from cxr_core.imaging.preprocess import to_batch  # noqa: E402
+from cxr_core.inference import decide, logits_to_probabilities, predict_logits  # noqa: E402
+from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
+from cxr_core.training.config import TrainConfig  # noqa: E402
+from cxr_core.training.dataset import scan_folder  # noqa: E402
+from cxr_core.training.trainer import mix_style_layers  # noqa: E402
+
+POSITIVE = "covid"
+
+
+def _records(target: str, source: str | None = None) -> list:
+    folder, _, rest = target.partition(":")
+    split, _, label = rest.partition(":")
+    return [r for r in scan_folder(folder)
+            if (not split or r.split == split) and (not label or r.label == label) and (source is None or r.source == source)]
+
+
+def _stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = t.float()
+    return x.mean(dim=(2, 3), keepdim=True), (x.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--recipients", required=True, metavar="FOLDER[:SPLIT[:LABEL]]")
+    parser.add_argument("--recipient-source")
+    parser.add_argument("--donors", required=True, metavar="FOLDER[:SPLIT[:LABEL]]")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    model = load_model(resolve_model(args.model).path)
+    layers = mix_style_layers(TrainConfig(data_dir="-", arch=model.manifest.architecture, out="-", model_id="-", mix_style=1.0))
+    recipients = _records(args.recipients, args.recipient_source)
+    donors = _records(args.donors)
+    rng = np.random.default_rng(args.seed)
+    drawn = rng.integers(0, len(donors), len(recipients))
+    spec = model.manifest.input
+    mode: dict = {"record": None, "apply": None}
+
+    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if mode["record"] is not None:
+            mode["record"].append(_stats(output))
+            return None
+        if mode["apply"]:
+            mu, sigma = _stats(output)
+            mu_d, sigma_d = mode["apply"].pop(0)
+            return ((output.float() - mu) / sigma * sigma_d + mu_d).to(output.dtype)
+        return None
+
+    handles = [model.network.get_submodule(p).register_forward_hook(hook) for p in layers]
+    as_is = transplanted = 0
+    try:
+        for start in range(0, len(recipients), args.batch_size):
+            batch = recipients[start : start + args.batch_size]
+            x = to_batch([read_image(r.path).pixels for r in batch], spec)
+            d = to_batch([read_image(donors[i].path).pixels for i in drawn[start : start + len(batch)]], spec)
+            mode.update(record=None, apply=None)
+            plain = logits_to_probabilities(predict_logits(model, x), model.manifest)
+            mode["record"] = []
+            predict_logits(model, d)
+            recorded, mode["record"] = mode["record"], None
+            mode["apply"] = list(recorded)
+            moved = logits_to_probabilities(predict_logits(model, x), model.manifest)
+            mode["apply"] = None
+            as_is += sum(decide(row, model.manifest) == POSITIVE for row in plain)
+            transplanted += sum(decide(row, model.manifest) == POSITIVE for row in moved)
+    finally:
+        for h in handles:
+            h.remove()
+    result = {"model": f"{model.manifest.key}", "layers": list(layers), "n": len(recipients),
+              "called_covid_as_is": int(as_is), "called_covid_with_donor_statistics": int(transplanted),
+              "recipients": args.recipients + (f" ({args.recipient_source})" if args.recipient_source else ""), "donors": args.donors}
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
