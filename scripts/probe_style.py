@@ -7,7 +7,8 @@
 A "style transplant": every recipient film goes through the network with the channel
 mean and spread of its early feature maps (the layers MixStyle acts on,
 cxr_core.training.trainer.mix_style_layers) replaced by those of a donor film drawn at
-random, content untouched. Reported: recipient films called COVID-19 at the model's own
+random (or, with ``--reference mean``, the donors' average statistics, the same for every
+film: a test-time normalisation), content untouched. Reported: recipient films called COVID-19 at the model's own
 threshold as they are and after the transplant. If films of an unseen source stop being
 called COVID-19 once they carry the statistics of the training normals, the call rests
 on "style" (exposure, processing, texture), which MixStyle aims to make useless.
@@ -55,6 +56,8 @@ def main() -> int:
     parser.add_argument("--recipients", required=True, metavar="FOLDER[:SPLIT[:LABEL]]")
     parser.add_argument("--recipient-source")
     parser.add_argument("--donors", required=True, metavar="FOLDER[:SPLIT[:LABEL]]")
+    parser.add_argument("--reference", choices=["random", "mean"], default="random",
+                        help="each recipient takes a random donor's statistics, or all take the donors' mean")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
@@ -80,17 +83,31 @@ def main() -> int:
         return None
 
     handles = [model.network.get_submodule(p).register_forward_hook(hook) for p in layers]
+    reference: list | None = None
+    if args.reference == "mean":
+        # Every donor once; per layer, the mean over donors of each channel's mean and spread.
+        per_batch = []
+        for start in range(0, len(donors), args.batch_size):
+            mode["record"] = []
+            predict_logits(model, to_batch([read_image(r.path).pixels for r in donors[start : start + args.batch_size]], spec))
+            per_batch.append(mode["record"])
+        mode["record"] = None
+        reference = [(torch.cat([b[k][0] for b in per_batch]).mean(0, keepdim=True), torch.cat([b[k][1] for b in per_batch]).mean(0, keepdim=True))
+                     for k in range(len(layers))]
     as_is = transplanted = 0
     try:
         for start in range(0, len(recipients), args.batch_size):
             batch = recipients[start : start + args.batch_size]
             x = to_batch([read_image(r.path).pixels for r in batch], spec)
-            d = to_batch([read_image(donors[i].path).pixels for i in drawn[start : start + len(batch)]], spec)
             mode.update(record=None, apply=None)
             plain = logits_to_probabilities(predict_logits(model, x), model.manifest)
-            mode["record"] = []
-            predict_logits(model, d)
-            recorded, mode["record"] = mode["record"], None
+            if reference is None:
+                d = to_batch([read_image(donors[i].path).pixels for i in drawn[start : start + len(batch)]], spec)
+                mode["record"] = []
+                predict_logits(model, d)
+                recorded, mode["record"] = mode["record"], None
+            else:
+                recorded = reference
             mode["apply"] = list(recorded)
             moved = logits_to_probabilities(predict_logits(model, x), model.manifest)
             mode["apply"] = None
@@ -101,7 +118,7 @@ def main() -> int:
             h.remove()
     result = {"model": f"{model.manifest.key}", "layers": list(layers), "n": len(recipients),
               "called_covid_as_is": int(as_is), "called_covid_with_donor_statistics": int(transplanted),
-              "recipients": args.recipients + (f" ({args.recipient_source})" if args.recipient_source else ""), "donors": args.donors}
+              "recipients": args.recipients + (f" ({args.recipient_source})" if args.recipient_source else ""), "donors": args.donors, "reference": args.reference}
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
