@@ -439,7 +439,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: the folder exists and is not empty; adapted models go to a new folder")
     result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=[Path(r) for r in args.replay],
                    replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                   run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed)
+                   run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
+                   min_replay_validation=args.min_replay_validation)
     if args.json:
         from dataclasses import asdict
 
@@ -713,6 +714,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0.0-site")
     p.add_argument("--replay", nargs="*", default=[], metavar="DATA_DIR", help="the model's training data folders, to mix in")
     p.add_argument("--replay-share", type=float, default=0.5, help="share of training films from --replay (default: %(default)s)")
+    p.add_argument("--min-replay-validation", type=int, default=0, metavar="N",
+                   help="draw at least N validation films from --replay, every class in its proportion: they choose the "
+                        "epoch, temperature and COVID-19 threshold and are never trained on. 300 keeps COVID-19 "
+                        "sensitivity on the replayed collections but costs the site specificity (default: in "
+                        "proportion to the site's validation films)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

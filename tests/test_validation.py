@@ -112,6 +112,9 @@ def test_adaptation_splits_by_patient_mixes_in_replay_and_reports_before_and_aft
     counts = build_adapt_folder(site, tmp_path / "view", [replay], 0.5)
     # As many replay films as site films (to rounding per class), every class among them.
     assert abs(counts["replay_train"] - counts["adapt"]) <= 3 and abs(counts["replay_val"] - counts["validation"]) <= 3
+    # Asked for, validation takes more replay films than that (never trained on): here all 12 there are.
+    wider = build_adapt_folder(site, tmp_path / "view-wider", [replay], 0.5, min_replay_validation=300)
+    assert wider["replay_val"] == 12 and wider["replay_train"] == counts["replay_train"]
     for split in ("train", "val"):
         assert {p.name for p in (tmp_path / "view" / split).iterdir()} >= {"covid", "normal", "viral_pneumonia"}
     assert counts["adapt"] + counts["validation"] + counts["held_out"] == 48

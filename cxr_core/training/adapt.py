@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 
 HELD_OUT = 0.5  # share of the site's patients judged before and after, never trained on
 VALIDATION = 0.25  # share of the remaining patients that choose the epoch, temperature and threshold
+#: replay validation films drawn at least (every class in its own proportion; 0: in proportion to
+#: the site's validation films alone). Validation films are never trained on; a site without
+#: COVID-19 films of its own chooses its COVID-19 threshold on the replay's (12 for a site of 274
+#: films in proportion). Measured on a held-out source as the site (DenseNet121 1.3.1, `openist`):
+#: 300 kept shared-test COVID-19 sensitivity at 0.953 (in proportion: 0.875) but the site's
+#: specificity fell to 0.895 (0.992), so it is an option, off by default
+#: (docs/experiments/2026-12-05-adapt-replay-validation.md)
+MIN_REPLAY_VALIDATION = 0
 SITE_SOURCE = "site"
 
 
@@ -83,10 +91,12 @@ def _sample(records: Sequence[Record], k: int, salt: str) -> list[Record]:
     return chosen
 
 
-def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), replay_share: float = 0.5, *, seed: int = 0) -> dict[str, int]:
+def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), replay_share: float = 0.5, *, seed: int = 0,
+                       min_replay_validation: int = MIN_REPLAY_VALIDATION) -> dict[str, int]:
     """A labelled folder under ``work`` (symbolic links and a metadata.csv): the site's films
     split by :func:`split_site`, plus replay films for train and validation, ``replay_share`` of
-    each (a share of 0.5 adds as many replay films as there are site films). Returns counts."""
+    each (a share of 0.5 adds as many replay films as there are site films), and at least
+    ``min_replay_validation`` replay validation films. Returns counts."""
     if not 0.0 <= replay_share < 1.0:
         raise AdaptationError(f"replay share {replay_share}: need 0 <= share < 1")
     records = split_site(scan_folder(site))
@@ -101,7 +111,8 @@ def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), repl
         pool = [r for root in replay for r in scan_folder(root)]
         ratio = replay_share / (1 - replay_share)
         for split, key, n_site in (("train", "replay_train", counts["adapt"]), ("val", "replay_val", counts["validation"])):
-            chosen = _sample([r for r in pool if r.split == split], round(ratio * n_site), f"replay-{split}-{seed}")
+            k = round(ratio * n_site) if split == "train" else max(round(ratio * n_site), min_replay_validation)
+            chosen = _sample([r for r in pool if r.split == split], k, f"replay-{split}-{seed}")
             for r in chosen:
                 rows.append({"path": str(r.path.resolve()), "split": split, "label": r.label, "source": r.source or "replay",
                              "patient_id": f"replay-{r.patient_id or r.path.stem}"})
@@ -141,6 +152,7 @@ def adapt(
     target_sensitivity: float = 0.95,
     device: str | None = None,
     seed: int = 0,
+    min_replay_validation: int = MIN_REPLAY_VALIDATION,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``."""
     from cxr_core.models.loading import load_model
@@ -155,7 +167,7 @@ def adapt(
     manifest = base.manifest
     run_dir = run_dir or Path("runs") / f"adapt-{out.name}"
     work = run_dir / "data"
-    counts = build_adapt_folder(site, work, replay, replay_share, seed=seed)
+    counts = build_adapt_folder(site, work, replay, replay_share, seed=seed, min_replay_validation=min_replay_validation)
     if counts["held_out"] == 0 or counts["adapt"] == 0:
         raise AdaptationError(f"Too few films to adapt and judge: {counts['adapt']} to adapt on, {counts['held_out']} held out.")
     binary = manifest.classes[0] if manifest.head == "sigmoid" else None
