@@ -42,8 +42,9 @@ def mix_styles(features: torch.Tensor, generator: torch.Generator, alpha: float 
     sigma = (x.var(dim=(2, 3), keepdim=True) + EPS).sqrt()
     mu, sigma = mu.detach(), sigma.detach()
     normed = (x - mu) / sigma
-    lam = _beta(n, alpha, generator)
-    perm = torch.randperm(n, generator=generator)
+    # Drawn on the CPU (the generator's device), used where the features are.
+    lam = _beta(n, alpha, generator).to(x.device)
+    perm = torch.randperm(n, generator=generator).to(x.device)
     mu_mix = lam * mu + (1 - lam) * mu[perm]
     sigma_mix = lam * sigma + (1 - lam) * sigma[perm]
     return (normed * sigma_mix + mu_mix).to(features.dtype)
