@@ -440,7 +440,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=[Path(r) for r in args.replay],
                    replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
-                   min_replay_validation=args.min_replay_validation)
+                   min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary")
     if args.json:
         from dataclasses import asdict
 
@@ -719,6 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch, temperature and COVID-19 threshold and are never trained on. 300 keeps COVID-19 "
                         "sensitivity on the replayed collections but costs the site specificity (default: in "
                         "proportion to the site's validation films)")
+    p.add_argument("--unknown-labels", choices=["leave-out", "auxiliary"], default="leave-out",
+                   help="multi-class models: films whose label the model has no class for (nodule, pneumonia, ...) are "
+                        "left out of the fine-tune, or trained as auxiliary outputs that the adapted model drops "
+                        "(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

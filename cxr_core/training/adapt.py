@@ -153,8 +153,14 @@ def adapt(
     device: str | None = None,
     seed: int = 0,
     min_replay_validation: int = MIN_REPLAY_VALIDATION,
+    auxiliary: bool = False,
 ) -> AdaptResult:
-    """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``."""
+    """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``.
+
+    ``auxiliary``: a multi-class model trains the site's (and the replay's) labels it has no class
+    for (``nodule``, ``pneumonia``, ...) as auxiliary outputs, dropped from the adapted model,
+    instead of leaving those films out: they are films the model must learn apart from its classes.
+    """
     from cxr_core.models.loading import load_model
     from cxr_core.training.augment import AugmentConfig
     from cxr_core.training.config import TrainConfig
@@ -171,10 +177,13 @@ def adapt(
     if counts["held_out"] == 0 or counts["adapt"] == 0:
         raise AdaptationError(f"Too few films to adapt and judge: {counts['adapt']} to adapt on, {counts['held_out']} held out.")
     binary = manifest.classes[0] if manifest.head == "sigmoid" else None
+    aux: tuple[str, ...] = ()
+    if auxiliary and binary is None:
+        aux = tuple(sorted({r.label for r in scan_folder(work)} - set(manifest.classes)))
     inp = manifest.input
     config = TrainConfig(
         data_dir=str(work), arch=manifest.architecture, out=str(out), model_id=out.name, version=version,
-        name=f"{manifest.name}, adapted to {site.name}", classes=tuple(manifest.classes), binary_positive=binary,
+        name=f"{manifest.name}, adapted to {site.name}", classes=tuple(manifest.classes), binary_positive=binary, aux_classes=aux,
         schedule=((inp.size[0], epochs),), batch_size=batch_size, lr=lr, balance="source",
         augment=AugmentConfig(scale=(0.85, 1.35), aspect=0.2), init=str(base_folder / manifest.weights_file),
         layer_decay=0.7, target_sensitivity=target_sensitivity, device=device, seed=seed, workers=2,
@@ -191,4 +200,5 @@ def adapt(
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()
     after = validate_site(load_model(out, device=device), held_out, target_sensitivity=target_sensitivity).as_dict()
     notes = tuple(f"{label}: not a class of {manifest.key}, left out of training" for label in sorted(set(data.report.excluded_labels)))
+    notes += tuple(f"{label}: not a class of {manifest.key}, trained as an auxiliary output (not in the adapted model)" for label in aux)
     return AdaptResult(adapted.key, manifest.key, str(out), counts, before, after, round(time.time() - started, 1), notes)
