@@ -719,9 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch, temperature and COVID-19 threshold and are never trained on. 300 keeps COVID-19 "
                         "sensitivity on the replayed collections but costs the site specificity (default: in "
                         "proportion to the site's validation films)")
-    p.add_argument("--unknown-labels", choices=["leave-out", "auxiliary"], default="leave-out",
+    p.add_argument("--unknown-labels", choices=["auxiliary", "leave-out"], default="auxiliary",
                    help="multi-class models: films whose label the model has no class for (nodule, pneumonia, ...) are "
-                        "left out of the fine-tune, or trained as auxiliary outputs that the adapted model drops "
+                        "trained as auxiliary outputs that the adapted model drops, or left out of the fine-tune "
                         "(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)

@@ -242,6 +242,8 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
                    schedule=((32, 1),), batch_size=8, lr=1e-3, balance="source", site_adaptation=True, replay=(str(replay),))
     job_dir = create_job(spec)
     assert run_job(job_dir) == 0, (read_state(job_dir), (job_dir / "job.log").read_text()[-2000:] if (job_dir / "job.log").exists() else "")
+    # The site's nodules, a label the model has no class for, were trained as an auxiliary output (as `adapt` does).
+    assert json.loads((job_dir / "run" / "config.json").read_text())["aux_classes"] == ["nodule"]
     candidate = next(v for v in list_versions("tiny") if v.version == "1.1.0-site")
     record = json.loads((candidate.path / SITE_ADAPTATION_NAME).read_text())
     films = record["films"]

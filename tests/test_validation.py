@@ -130,3 +130,24 @@ def test_adaptation_splits_by_patient_mixes_in_replay_and_reports_before_and_aft
         assert side["n"] == counts["held_out"] and set(side["counts"]) == {"covid", "normal", "nodule"}
     assert result.before["model"] == "cnn5-test@0.0.1" and result.after["model"] == "adapted@1.0.0-site"
     assert any("nodule" in note for note in result.notes)
+
+
+def test_adaptation_trains_labels_the_model_has_no_class_for_as_auxiliary_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.models.loading import load_model
+    from cxr_core.training.adapt import adapt
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
+    replay = make_labelled_folder(tmp_path / "replay", per_class={"train": 12, "val": 4, "test": 4}, size=48, seed=4)
+    result = adapt(base, site, tmp_path / "adapted", version="1.0.0-site", replay=[replay], epochs=1, batch_size=8,
+                   run_dir=tmp_path / "run", device="cpu")  # the default
+    assert [n for n in result.notes if "nodule" in n] == ["nodule: not a class of cnn5-test@0.0.1, trained as an auxiliary output (not in the adapted model)"]
+    config = json.loads((tmp_path / "run" / "run" / "config.json").read_text())
+    assert config["aux_classes"] == ["nodule"]
+    # The adapted model has the base model's classes and outputs only; nodules are still judged as non-COVID.
+    adapted = load_model(tmp_path / "adapted", device="cpu")
+    assert adapted.manifest.classes == ("covid", "normal", "viral_pneumonia")
+    assert adapted.network.head.fc.out_features == 3
+    assert result.after["counts"]["nodule"] == result.before["counts"]["nodule"] > 0

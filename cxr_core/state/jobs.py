@@ -510,6 +510,12 @@ def run_job(job_dir: Path) -> int:
         dataset, eval_dir, eval_split = spec.dataset, spec.eval_dir, spec.eval_split
         if spec.site_adaptation:
             dataset, eval_dir, eval_split = _site_view(job_dir, spec)
+            if spec.binary_positive is None and not spec.aux_classes:
+                from cxr_core.training.adapt import auxiliary_labels
+
+                # As `adapt` does: the site's labels the model has no class for are trained as
+                # auxiliary outputs instead of being left out.
+                spec = replace(spec, aux_classes=auxiliary_labels(Path(dataset), spec.classes))
         config_ = _train_config(replace(spec, dataset=dataset), staging)
         data = prepare_data(dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
         if eval_dir:
