@@ -397,6 +397,34 @@ def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:
     return str(view), str(held_out_folder(view)), None
 
 
+#: how long a follower rank waits for rank 0 to build a site adaptation's view of its data
+SITE_VIEW_WAIT_S = 600.0
+
+
+def _training_inputs(job_dir: Path, spec: JobSpec, *, follower: bool = False) -> tuple[JobSpec, str | None, str | None]:
+    """(the spec as trained: dataset and auxiliary classes, evaluation folder, its split).
+
+    A site adaptation trains on its view of the data (:func:`_site_view`), and a multi-class
+    model trains the site's labels it has no class for as auxiliary outputs, as ``adapt`` does.
+    Every rank must train on the same view: rank 0 builds it, a follower waits for it.
+    """
+    if not spec.site_adaptation:
+        return spec, spec.eval_dir, spec.eval_split
+    if follower:
+        deadline = time.monotonic() + SITE_VIEW_WAIT_S
+        while not (job_dir / "site-films.json").is_file():
+            if time.monotonic() > deadline:
+                raise JobError("The site adaptation's view of its data was not built in time by the first process.")
+            time.sleep(0.5)
+    dataset, eval_dir, eval_split = _site_view(job_dir, spec)
+    trained = replace(spec, dataset=dataset)
+    if spec.binary_positive is None and not spec.aux_classes:
+        from cxr_core.training.adapt import auxiliary_labels
+
+        trained = replace(trained, aux_classes=auxiliary_labels(Path(dataset), spec.classes))
+    return trained, eval_dir, eval_split
+
+
 def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None:
     """Before/after on the site's held-out films (the figures of a site validation) and the
     candidate's COVID-19 sensitivity on the first replay folder's test split, in the candidate's
@@ -448,10 +476,11 @@ def _run_job_follower(job_dir: Path) -> int:
     spec = read_spec(job_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    config_ = _train_config(spec, _staging_folder(spec))
-    data = prepare_data(spec.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
-    if spec.eval_dir:
-        data = exclude_evaluation_overlap(data, Path(spec.eval_dir), spec.eval_split)
+    trained, eval_dir, eval_split = _training_inputs(job_dir, spec, follower=True)
+    config_ = _train_config(trained, _staging_folder(spec))
+    data = prepare_data(trained.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
+    if eval_dir:
+        data = exclude_evaluation_overlap(data, Path(eval_dir), eval_split)
     try:
         train(config_, job_dir / "run", data=data, stop=stop)
     except TrainingCancelled:
@@ -507,17 +536,9 @@ def run_job(job_dir: Path) -> int:
     device = str(select_device(spec.device))
     write_json(job_dir / "state.json", asdict(JobState(RUNNING, pid=_group(), started=started, device=device)))
     try:
-        dataset, eval_dir, eval_split = spec.dataset, spec.eval_dir, spec.eval_split
-        if spec.site_adaptation:
-            dataset, eval_dir, eval_split = _site_view(job_dir, spec)
-            if spec.binary_positive is None and not spec.aux_classes:
-                from cxr_core.training.adapt import auxiliary_labels
-
-                # As `adapt` does: the site's labels the model has no class for are trained as
-                # auxiliary outputs instead of being left out.
-                spec = replace(spec, aux_classes=auxiliary_labels(Path(dataset), spec.classes))
-        config_ = _train_config(replace(spec, dataset=dataset), staging)
-        data = prepare_data(dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
+        trained, eval_dir, eval_split = _training_inputs(job_dir, spec)
+        config_ = _train_config(trained, staging)
+        data = prepare_data(trained.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
         if eval_dir:
             data = exclude_evaluation_overlap(data, Path(eval_dir), eval_split)
         result, data = train(config_, job_dir / "run", data=data, stop=stop)
