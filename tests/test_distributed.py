@@ -124,20 +124,15 @@ def _alive_group(pgid: int) -> bool:
 def test_a_site_adaptation_job_trains_every_rank_on_the_same_view_of_the_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 0 builds the site's view (split by patient, replay mixed in); the other rank must train
     on that view too, not on the raw site folder, or the ranks' batches would not match."""
-    from cxr_core.state.jobs import FINISHED, JobSpec, create_job, launch, read_state
-    from tests.conftest import make_model_folder
-    from tests.test_jobs import _wait
+    from cxr_core.state.jobs import FINISHED, create_job, launch, read_state
+    from tests.test_jobs import _wait, site_adaptation_spec
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("CXR_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("CXR_DEVICE", "cpu")
     monkeypatch.setenv("CXR_TRAIN_PROCESSES", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), id="tiny", version="1.0.0", size=32)
-    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 12}, splits=False, size=48, seed=5)
-    replay = make_labelled_folder(tmp_path / "replay", per_class={"train": 8, "val": 4, "test": 4}, size=48, seed=6)
-    spec = JobSpec(dataset=str(site), arch="cnn5", model_id="tiny", version="1.1.0-site", user="alice", base_model="tiny@1.0.0",
-                   schedule=((32, 1),), batch_size=8, lr=1e-3, balance="source", site_adaptation=True, replay=(str(replay),))
+    spec = site_adaptation_spec(tmp_path)
     job = create_job(spec)
     launch(job)
     _wait(job, lambda: read_state(job).state in (FINISHED, "failed"), timeout=600)

@@ -32,6 +32,18 @@ def _spec(env: Path, epochs: int, version: str) -> JobSpec:
                    schedule=((32, epochs),), batch_size=8, lr=3e-3, eval_dir=str(env / "eval"), eval_split="test")
 
 
+def site_adaptation_spec(env: Path) -> JobSpec:
+    """A base model tiny@1.0.0 (3 classes), a site of 36 films with a label it has no class for
+    (nodule), a replay folder, and the job that adapts the model to the site."""
+    from tests.conftest import make_model_folder
+
+    make_model_folder(env / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), id="tiny", version="1.0.0", size=32)
+    site = make_labelled_folder(env / "site", ("covid", "normal", "nodule"), per_class={"all": 12}, splits=False, size=48, seed=5)
+    replay = make_labelled_folder(env / "replay", per_class={"train": 8, "val": 4, "test": 4}, size=48, seed=6)
+    return JobSpec(dataset=str(site), arch="cnn5", model_id="tiny", version="1.1.0-site", user="alice", base_model="tiny@1.0.0",
+                   schedule=((32, 1),), batch_size=8, lr=1e-3, balance="source", site_adaptation=True, replay=(str(replay),))
+
+
 def _wait(job_dir: Path, predicate, timeout: float = 420.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -233,13 +245,9 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
         site_adaptation_problems,
     )
     from cxr_core.state.jobs import run_job
-    from tests.conftest import make_model_folder
 
-    make_model_folder(job_env / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), id="tiny", version="1.0.0", size=32)
-    site = make_labelled_folder(job_env / "site", ("covid", "normal", "nodule"), per_class={"all": 12}, splits=False, size=48, seed=5)
-    replay = make_labelled_folder(job_env / "replay", per_class={"train": 8, "val": 4, "test": 4}, size=48, seed=6)
-    spec = JobSpec(dataset=str(site), arch="cnn5", model_id="tiny", version="1.1.0-site", user="alice", base_model="tiny@1.0.0",
-                   schedule=((32, 1),), batch_size=8, lr=1e-3, balance="source", site_adaptation=True, replay=(str(replay),))
+    spec = site_adaptation_spec(job_env)
+    replay = Path(spec.replay[0])
     job_dir = create_job(spec)
     assert run_job(job_dir) == 0, (read_state(job_dir), (job_dir / "job.log").read_text()[-2000:] if (job_dir / "job.log").exists() else "")
     # The site's nodules, a label the model has no class for, were trained as an auxiliary output (as `adapt` does).
