@@ -85,9 +85,9 @@ def test_missing_input_check_assets_fail(use_weights: Path, tmp_path: Path, monk
 
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setattr(quality, "EXPOSURE_ASSET", tmp_path / "exposure.json")
-    quality.exposure_range.cache_clear()
+    quality.exposure_asset.cache_clear()
     try:
         code, report = _check(capsys, "--no-models")
     finally:
-        quality.exposure_range.cache_clear()
+        quality.exposure_asset.cache_clear()
     assert code == 1 and list(_failed(report)) == ["input checks"] and "exposure.json" in _failed(report)["input checks"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any
 
 import cv2
 import numpy as np
@@ -148,12 +149,18 @@ def local_contrast(pixels: np.ndarray) -> float:
 
 
 @lru_cache(maxsize=1)
+def exposure_asset() -> dict[str, Any] | None:
+    """The training films' exposure statistics (``assets/exposure.json``, read once per process),
+    or None when the asset is absent (the checks that need it are skipped)."""
+    if not EXPOSURE_ASSET.is_file():
+        return None
+    return dict(json.loads(EXPOSURE_ASSET.read_text()))
+
+
 def local_contrast_limit() -> float | None:
     """The training films' upper local contrast (asset ``local_contrast.upper``), or None when the
     asset does not have it (check skipped)."""
-    if not EXPOSURE_ASSET.is_file():
-        return None
-    entry = json.loads(EXPOSURE_ASSET.read_text()).get("local_contrast")
+    entry = (exposure_asset() or {}).get("local_contrast")
     return None if entry is None else float(entry["upper"])
 
 
@@ -169,12 +176,12 @@ def _processing_warning(value: float, contrast: float) -> str | None:
     )
 
 
-@lru_cache(maxsize=1)
 def exposure_range() -> tuple[float, float] | None:
     """The training films' median-grey range, or None when the asset is absent (check skipped)."""
-    if not EXPOSURE_ASSET.is_file():
+    asset = exposure_asset()
+    if asset is None:
         return None
-    lo, hi = json.loads(EXPOSURE_ASSET.read_text())["range"]
+    lo, hi = asset["range"]
     return float(lo), float(hi)
 
 
