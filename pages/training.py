@@ -125,6 +125,10 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
                              help="Other labelled folders of this dataset trained as extra outputs and removed from the "
                                   "exported model. Bacterial pneumonia this way shows the network children with pneumonia "
                                   "that is not viral, so being a child cannot stand in for viral pneumonia.")
+        if preset.site_adaptation and not binary:
+            st.caption("Left empty, a site adaptation trains every label of the site and of the replayed folders that the "
+                       "model has no class for (e.g. nodule, pneumonia) as an auxiliary class: those films still teach it "
+                       "what is not COVID-19.")
         replay: list[str] = []
         replay_share = 0.5
         if preset.site_adaptation:

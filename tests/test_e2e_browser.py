@@ -535,12 +535,15 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
             page.get_by_text("Adapt to this site").click()
             _streamlit_idle(page)
             page.get_by_text("The candidate is evaluated on the held-out half").wait_for(timeout=60_000)
+            page.get_by_text("Left empty, a site adaptation trains every label").wait_for(timeout=10_000)
             page.get_by_text("Advanced: every setting of this job").click()
             _launch_small_job(page, epochs="1", version="9.9.9-site-c")
             page.get_by_text("✅ finished").first.wait_for(timeout=600_000)
 
             page.get_by_role("link", name="Models").click()
-            page.get_by_text("Site adaptation").first.wait_for(timeout=60_000)
+            # The Training page names the preset "Site adaptation" too: wait for the Models page's own line.
+            page.get_by_text('on the dataset "Site C films"').first.wait_for(timeout=60_000)
+            _streamlit_idle(page)
             body = page.inner_text("body")
             assert 'Site adaptation on the dataset "Site C films"' in body, body[-3000:]
             assert "films adapted on" in body and "held out (patients never trained on)" in body, body[-3000:]
