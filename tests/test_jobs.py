@@ -280,3 +280,19 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
     unmeasured = {**better, "shared_test": None}
     assert "not measured" in site_adaptation_problems(replace(candidate, site_adaptation=unmeasured))[0]
     assert site_adaptation_problems(replace(candidate, site_adaptation=None)) == []
+
+
+def test_a_follower_rank_stops_waiting_for_the_site_view_when_the_job_is_cancelled(tmp_path: Path) -> None:
+    import threading
+
+    from cxr_core.state.jobs import _training_inputs
+    from cxr_core.training.trainer import TrainingCancelled
+
+    spec = JobSpec(dataset=str(tmp_path / "site"), arch="cnn5", model_id="tiny", version="1.1.0-site", user="alice",
+                   base_model="tiny@1.0.0", site_adaptation=True)
+    stop = threading.Event()
+    stop.set()
+    started = time.monotonic()
+    with pytest.raises(TrainingCancelled):
+        _training_inputs(tmp_path, spec, follower=True, stop=stop)  # rank 0 never built the view
+    assert time.monotonic() - started < 5

@@ -401,18 +401,24 @@ def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:
 SITE_VIEW_WAIT_S = 600.0
 
 
-def _training_inputs(job_dir: Path, spec: JobSpec, *, follower: bool = False) -> tuple[JobSpec, str | None, str | None]:
+def _training_inputs(job_dir: Path, spec: JobSpec, *, follower: bool = False,
+                     stop: threading.Event | None = None) -> tuple[JobSpec, str | None, str | None]:
     """(the spec as trained: dataset and auxiliary classes, evaluation folder, its split).
 
     A site adaptation trains on its view of the data (:func:`_site_view`), and a multi-class
     model trains the site's labels it has no class for as auxiliary outputs, as ``adapt`` does.
-    Every rank must train on the same view: rank 0 builds it, a follower waits for it.
+    Every rank must train on the same view: rank 0 builds it, a follower waits for it (and
+    stops waiting when ``stop`` is set: the job was cancelled).
     """
     if not spec.site_adaptation:
         return spec, spec.eval_dir, spec.eval_split
     if follower:
+        from cxr_core.training.trainer import TrainingCancelled
+
         deadline = time.monotonic() + SITE_VIEW_WAIT_S
         while not (job_dir / "site-films.json").is_file():
+            if stop is not None and stop.is_set():
+                raise TrainingCancelled("The job was cancelled before its site view was built.")
             if time.monotonic() > deadline:
                 raise JobError("The site adaptation's view of its data was not built in time by the first process.")
             time.sleep(0.5)
@@ -476,7 +482,10 @@ def _run_job_follower(job_dir: Path) -> int:
     spec = read_spec(job_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    trained, eval_dir, eval_split = _training_inputs(job_dir, spec, follower=True)
+    try:
+        trained, eval_dir, eval_split = _training_inputs(job_dir, spec, follower=True, stop=stop)
+    except TrainingCancelled:
+        return 0
     config_ = _train_config(trained, _staging_folder(spec))
     data = prepare_data(trained.dataset, label_plan(config_), max(s for s, _ in config_.schedule), workers=2, mask_text=config_.mask_burned_in, crop=final_spec(config_))
     if eval_dir:
