@@ -113,6 +113,10 @@ def test_a_distance_just_past_its_limit_never_reads_as_equal_to_it(chest: XrayIm
     gate = FeatureGate(np.zeros(4), np.eye(4), np.zeros((1, 4)), np.eye(4), warn=1.0, reject=2.0)
     reason = " ".join(judge(chest.metadata, 1.004, gate, None).reasons)
     assert "distance 1.004; typical films stay below 1.000" in reason, reason
+    # The warning for a chest-like film beyond the feature rejection distance, too.
+    film = _image(chest.pixels**2.8)
+    reason = " ".join(judge(film.metadata, 2.004, gate, assess_quality(film)).reasons)
+    assert "distance 2.004; typical films stay below 1.0, rejected above 2.000)" in reason, reason
 
 
 def test_a_model_without_a_gate_warns(chest: XrayImage) -> None:

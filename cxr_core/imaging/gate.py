@@ -127,9 +127,10 @@ def judge(
     if gate is not None and distance is not None:
         if gate.reject < distance <= FEATURE_ONLY_REJECT * gate.reject and chest_like and outcome != REJECTED:
             outcome = max(outcome, WARNING, key=_RANK.get)
+            shown, limit = shown_apart(distance, gate.reject, 1)
             reasons.append(
-                f"The image is far from every chest film this model was trained on (distance {distance:.1f}; "
-                f"typical films stay below {gate.warn:.1f}, rejected above {gate.reject:.1f}), though it looks like a chest film: read the answer with "
+                f"The image is far from every chest film this model was trained on (distance {shown}; "
+                f"typical films stay below {gate.warn:.1f}, rejected above {limit}), though it looks like a chest film: read the answer with "
                 "particular care, the model may not know films like this one."
             )
         elif distance > gate.reject:
