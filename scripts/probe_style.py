@@ -33,6 +33,7 @@ from cxr_core.inference import decide, logits_to_probabilities, predict_logits  
 from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
 from cxr_core.training.config import TrainConfig  # noqa: E402
 from cxr_core.training.dataset import scan_folder  # noqa: E402
+from cxr_core.training.mixstyle import channel_statistics  # noqa: E402
 from cxr_core.training.trainer import mix_style_layers  # noqa: E402
 
 POSITIVE = "covid"
@@ -43,11 +44,6 @@ def _records(target: str, source: str | None = None) -> list:
     split, _, label = rest.partition(":")
     return [r for r in scan_folder(folder)
             if (not split or r.split == split) and (not label or r.label == label) and (source is None or r.source == source)]
-
-
-def _stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = t.float()
-    return x.mean(dim=(2, 3), keepdim=True), (x.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
 
 
 def main() -> int:
@@ -74,10 +70,10 @@ def main() -> int:
 
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if mode["record"] is not None:
-            mode["record"].append(_stats(output))
+            mode["record"].append(channel_statistics(output))
             return None
         if mode["apply"]:
-            mu, sigma = _stats(output)
+            mu, sigma = channel_statistics(output)
             mu_d, sigma_d = mode["apply"].pop(0)
             return ((output.float() - mu) / sigma * sigma_d + mu_d).to(output.dtype)
         return None
@@ -116,7 +112,7 @@ def main() -> int:
     finally:
         for h in handles:
             h.remove()
-    result = {"model": f"{model.manifest.key}", "layers": list(layers), "n": len(recipients),
+    result = {"model": model.manifest.key, "layers": list(layers), "n": len(recipients),
               "called_covid_as_is": int(as_is), "called_covid_with_donor_statistics": int(transplanted),
               "recipients": args.recipients + (f" ({args.recipient_source})" if args.recipient_source else ""), "donors": args.donors, "reference": args.reference}
     print(json.dumps(result))

@@ -30,6 +30,13 @@ ALPHA = 0.1
 EPS = 1e-6
 
 
+def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) -> (mean, spread), each (N, C, 1, 1) float32: the "style" MixStyle mixes
+    (and scripts/probe_style.py transplants), over each feature map's spatial positions."""
+    x = features.float()
+    return x.mean(dim=(2, 3), keepdim=True), (x.var(dim=(2, 3), keepdim=True) + EPS).sqrt()
+
+
 def mix_styles(features: torch.Tensor, generator: torch.Generator, alpha: float = ALPHA) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, H, W): each film's channel statistics mixed with another's.
 
@@ -38,9 +45,7 @@ def mix_styles(features: torch.Tensor, generator: torch.Generator, alpha: float 
     """
     n = features.shape[0]
     x = features.float()
-    mu = x.mean(dim=(2, 3), keepdim=True)
-    sigma = (x.var(dim=(2, 3), keepdim=True) + EPS).sqrt()
-    mu, sigma = mu.detach(), sigma.detach()
+    mu, sigma = (t.detach() for t in channel_statistics(x))
     normed = (x - mu) / sigma
     # Drawn on the CPU (the generator's device), used where the features are.
     lam = _beta(n, alpha, generator).to(x.device)
