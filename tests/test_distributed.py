@@ -81,16 +81,36 @@ def test_cross_validation_is_refused_under_torchrun(tmp_path: Path, monkeypatch:
     assert "without torchrun" in capsys.readouterr().err
 
 
-def test_a_job_from_the_app_runs_as_two_processes_and_cancels_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a multi-GPU server does (one process per GPU under torchrun), here as 2 CPU processes."""
-    from cxr_core.state.jobs import CANCELLED, FINISHED, cancel, create_job, launch, read_state
-    from tests.test_jobs import _epochs, _spec, _wait, job_env  # noqa: F401
-
+@pytest.fixture()
+def two_process_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The app's jobs run as two CPU processes under torchrun, with their state under ``tmp_path``."""
     monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("CXR_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("CXR_DEVICE", "cpu")
     monkeypatch.setenv("CXR_TRAIN_PROCESSES", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return tmp_path
+
+
+def _finishes_in_sync_on_two_ranks(job: Path) -> None:
+    """Launch ``job`` and check that it finished, trained as two ranks, and the ranks ended in sync."""
+    from cxr_core.state.jobs import FINISHED, launch, read_state
+    from tests.test_jobs import _wait
+
+    launch(job)
+    _wait(job, lambda: read_state(job).state in (FINISHED, "failed"), timeout=600)
+    assert read_state(job).state == FINISHED, (job / "job.log").read_text()[-3000:]
+    events = RunDir(job / "run").events()
+    assert next(e for e in events if e["event"] == "start")["world_size"] == 2
+    assert next(e for e in events if e["event"] == "ranks")["in_sync"]
+
+
+def test_a_job_from_the_app_runs_as_two_processes_and_cancels_together(two_process_jobs: Path) -> None:
+    """What a multi-GPU server does (one process per GPU under torchrun), here as 2 CPU processes."""
+    from cxr_core.state.jobs import CANCELLED, cancel, create_job, launch, read_state
+    from tests.test_jobs import _epochs, _spec, _wait, job_env  # noqa: F401
+
+    tmp_path = two_process_jobs
     make_labelled_folder(tmp_path / "data", per_class={"train": 16, "val": 6})
     make_labelled_folder(tmp_path / "eval", per_class={"test": 6}, seed=9)
 
@@ -104,12 +124,7 @@ def test_a_job_from_the_app_runs_as_two_processes_and_cancels_together(tmp_path:
     assert pid and not _alive_group(pid)
 
     job2 = create_job(_spec(tmp_path, 2, "5.0.1"))
-    launch(job2)
-    _wait(job2, lambda: read_state(job2).state in (FINISHED, "failed"), timeout=600)
-    assert read_state(job2).state == FINISHED, (job2 / "job.log").read_text()[-3000:]
-    events = RunDir(job2 / "run").events()
-    assert next(e for e in events if e["event"] == "start")["world_size"] == 2
-    assert next(e for e in events if e["event"] == "ranks")["in_sync"]
+    _finishes_in_sync_on_two_ranks(job2)
     assert (tmp_path / "var" / "registry" / "tiny" / "5.0.1" / "evaluation.json").exists()
 
 
@@ -121,23 +136,12 @@ def _alive_group(pgid: int) -> bool:
     return True
 
 
-def test_a_site_adaptation_job_trains_every_rank_on_the_same_view_of_the_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_site_adaptation_job_trains_every_rank_on_the_same_view_of_the_site(two_process_jobs: Path) -> None:
     """Rank 0 builds the site's view (split by patient, replay mixed in); the other rank must train
     on that view too, not on the raw site folder, or the ranks' batches would not match."""
-    from cxr_core.state.jobs import FINISHED, create_job, launch, read_state
-    from tests.test_jobs import _wait, site_adaptation_spec
+    from cxr_core.state.jobs import create_job
+    from tests.test_jobs import site_adaptation_spec
 
-    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("CXR_WEIGHTS_DIR", str(tmp_path / "weights"))
-    monkeypatch.setenv("CXR_DEVICE", "cpu")
-    monkeypatch.setenv("CXR_TRAIN_PROCESSES", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    spec = site_adaptation_spec(tmp_path)
-    job = create_job(spec)
-    launch(job)
-    _wait(job, lambda: read_state(job).state in (FINISHED, "failed"), timeout=600)
-    assert read_state(job).state == FINISHED, (job / "job.log").read_text()[-3000:]
-    events = RunDir(job / "run").events()
-    assert next(e for e in events if e["event"] == "start")["world_size"] == 2
-    assert next(e for e in events if e["event"] == "ranks")["in_sync"]
+    job = create_job(site_adaptation_spec(two_process_jobs))
+    _finishes_in_sync_on_two_ranks(job)
     assert json.loads((job / "run" / "config.json").read_text())["aux_classes"] == ["nodule"]
