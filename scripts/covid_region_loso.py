@@ -1,11 +1,15 @@
-"""Leave-one-source-out test of a COVID-19 region on the pooled features
-(docs/experiments/2026-12-05-covid-region-loso.md; the rule there was written before this ran).
+"""Leave-one-source-out test of a second condition for calling COVID-19, on the pooled features
+(docs/experiments/2026-12-05-covid-region-loso.md and 2026-12-06-opacity-gate-loso.md; each rule
+was written before this ran).
 
     python scripts/covid_region_loso.py var/features/densenet.npz --model densenet121-covid3@1.3.1 [--json OUT]
+    python scripts/covid_region_loso.py ... --candidates opacity
 
-A film is called COVID-19 only if its probability reaches the threshold *and* its features lie
-within radius r of the training COVID-19 films (Mahalanobis to the class mean, or mean cosine
-distance to the 10 nearest). JSRT and every test split are never fitted, calibrated or chosen on.
+A film is called COVID-19 only if its probability reaches the threshold *and* (``region``) its
+features lie within radius r of the training COVID-19 films (Mahalanobis to the class mean, or
+mean cosine distance to the 10 nearest), or (``opacity``) it scores high enough on a pneumonia
+direction fitted within single sources only. JSRT and every test split are never fitted,
+calibrated or chosen on.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from cxr_core.training.head import LinearHead  # noqa: E402
 from cxr_core.training.trainer import probabilities  # noqa: E402
 
 SENSITIVITY = 0.95
-CANDIDATES = ("T", "K-m(0.98)", "K-m(0.99)", "K-nn(0.98)", "K-nn(0.99)")
+CANDIDATE_SETS = {
+    "region": ("T", "K-m(0.98)", "K-m(0.99)", "K-nn(0.98)", "K-nn(0.99)"),
+    "opacity": ("T", "G(0.02)", "G(0.05)"),
+}
+# Pneumonia vs normal inside one source each: the collection cannot separate these labels.
+WITHIN_SOURCE = {"c19rdb/normal": 0, "nih_pneumonia/pneumonia": 1,
+                 "kermany/normal": 0, "kermany/bacterial_pneumonia": 1, "kermany/viral_pneumonia": 1}
 
 
 def covid_distance(kind: str, features: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray):
@@ -59,6 +69,29 @@ def covid_distance(kind: str, features: np.ndarray, labels: np.ndarray, train: n
     return knn
 
 
+def opacity_score(features: np.ndarray, groups: np.ndarray, train: np.ndarray):
+    """A function (N, C) features -> (N,) pneumonia score, a logistic regression fitted on the ``train``
+    rows of the within-source contrasts only (no COVID-19 film), each source weighted equally and
+    each label balanced within its source."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = train & np.isin(groups, list(WITHIN_SOURCE))
+    g = groups[rows]
+    y = np.array([WITHIN_SOURCE[k] for k in g])
+    source = np.array([k.split("/")[0] for k in g])
+    weights = np.zeros(len(g))
+    for s in np.unique(source):
+        for label in (0, 1):
+            cell = (source == s) & (y == label)
+            if cell.any():
+                weights[cell] = 1.0 / cell.sum()
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    model.fit(features[rows], y, logisticregression__sample_weight=weights / weights.mean())
+    return model.decision_function
+
+
 def region_threshold(p: np.ndarray, inside: np.ndarray) -> float:
     """Highest threshold with mean(p >= t and inside) >= SENSITIVITY over the validation COVID-19 films."""
     need = math.ceil(SENSITIVITY * len(p))
@@ -73,7 +106,9 @@ def main() -> None:
     parser.add_argument("features", type=Path)
     parser.add_argument("--model", required=True)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--candidates", choices=sorted(CANDIDATE_SETS), default="region")
     args = parser.parse_args()
+    candidates = CANDIDATE_SETS[args.candidates]
     logging.basicConfig(level=logging.WARNING)
 
     folder = resolve_model(args.model).path
@@ -85,7 +120,7 @@ def main() -> None:
     data = Data(z["features"].astype(np.float64), np.char.add(np.char.add(z["source"], "/"), z["label"]), z["label"], z["split"], z["folder"])
     internal = data.folder != "jsrt"
 
-    results: dict[str, dict[str, dict]] = {c: {} for c in CANDIDATES}
+    results: dict[str, dict[str, dict]] = {c: {} for c in candidates}
     for fold, held in FOLDS.items():
         out = np.isin(data.group, list(held))
         train = internal & ~out & (data.split == "train")
@@ -98,11 +133,20 @@ def main() -> None:
         targets = targets_for(data.label[val], classes, kind)
         known = np.ones(len(targets), bool) if kind == "sigmoid" else targets >= 0
         truth = np.where(targets == 1, 0, 1) if kind == "sigmoid" else targets
-        distances = {k: covid_distance(k, data.features, data.label, train, val) for k in ("m", "nn")}
-        for name in CANDIDATES:
+        if args.candidates == "region":
+            distances = {k: covid_distance(k, data.features, data.label, train, val) for k in ("m", "nn")}
+        else:
+            opacity = opacity_score(data.features, data.group, train)
+            o_val, o_rows = opacity(data.features[val]), opacity(data.features[rows])
+        for name in candidates:
             if name == "T":
                 threshold, inside_val, inside_rows = scored.threshold, np.ones(val.sum(), bool), np.ones(rows.sum(), bool)
                 radius = math.inf
+            elif name.startswith("G"):
+                q = float(name[2:-1])
+                radius = float(np.quantile(o_val[is_covid_val], q))  # here the lowest opacity still called
+                inside_val, inside_rows = o_val >= radius, o_rows >= radius
+                threshold = region_threshold(p_val[is_covid_val, 0], inside_val[is_covid_val])
             else:
                 d = distances[name[2:name.index("(")]]
                 q = float(name[name.index("(") + 1:-1])
@@ -128,7 +172,7 @@ def main() -> None:
 
     base = results["T"]
     verdicts = {}
-    for name in CANDIDATES[1:]:
+    for name in candidates[1:]:
         r = results[name]
         conditions = {
             "1: primary at most 0.8 x T's": primary(name) <= 0.8 * primary("T"),
