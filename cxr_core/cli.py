@@ -440,7 +440,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=[Path(r) for r in args.replay],
                    replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
-                   min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary")
+                   min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
+                   distill=args.distill)
     if args.json:
         from dataclasses import asdict
 
@@ -706,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_validate)
 
+    from cxr_core.training.adapt import DISTILL
+
     p = sub.add_parser("adapt", help="fine-tune a model on a site's films (split by patient: half held out to judge "
                                      "before and after), optionally mixing in the original training films")
     p.add_argument("data_dir", metavar="DATA_DIR", help="the site's labelled films (one folder per label)")
@@ -723,6 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-class models: films whose label the model has no class for (nodule, pneumonia, ...) are "
                         "trained as auxiliary outputs that the adapted model drops, or left out of the fine-tune "
                         "(default: %(default)s)")
+    p.add_argument("--distill", type=float, default=DISTILL, metavar="W",
+                   help="weight of a term that keeps the adapted model's answers near the base model's on every film it "
+                        "trains on (learning without forgetting); with it a class the site has no films of is kept "
+                        "(0: off; default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

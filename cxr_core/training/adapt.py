@@ -37,6 +37,9 @@ VALIDATION = 0.25  # share of the remaining patients that choose the epoch, temp
 #: specificity fell to 0.895 (0.992), so it is an option, off by default
 #: (docs/experiments/2026-12-05-adapt-replay-validation.md)
 MIN_REPLAY_VALIDATION = 0
+#: weight of the distillation term (cxr_core.training.distill) toward the base model; 0 = off
+#: (docs/experiments/2026-12-06-adapt-distillation.md)
+DISTILL = 0.0
 SITE_SOURCE = "site"
 
 
@@ -161,6 +164,7 @@ def adapt(
     seed: int = 0,
     min_replay_validation: int = MIN_REPLAY_VALIDATION,
     auxiliary: bool = True,
+    distill: float = DISTILL,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``.
 
@@ -195,13 +199,15 @@ def adapt(
         augment=AugmentConfig(scale=(0.85, 1.35), aspect=0.2), init=str(base_folder / manifest.weights_file),
         layer_decay=0.7, target_sensitivity=target_sensitivity, device=device, seed=seed, workers=2,
         mask_burned_in=inp.mask_burned_in, crop=inp.crop, crop_margin=inp.crop_margin or 0.1, intensity=inp.intensity,
+        distill=distill,
     )
     from cxr_core.training.dataset import DatasetError
 
     try:
         result, data = train(config, run_dir / "run")
     except DatasetError as exc:
-        raise AdaptationError(f"{exc} Give --replay with the model's training data so that every class has films.") from exc
+        raise AdaptationError(f"{exc} Give --replay with the model's training data so that every class has films, "
+                              "or --distill 1 to keep the base model's view of a class the site has no films of.") from exc
     adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}")
     held_out = held_out_folder(work)
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()

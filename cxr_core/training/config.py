@@ -75,6 +75,10 @@ class TrainConfig:
     #: probability per training step of MixStyle (cxr_core.training.mixstyle): the channel
     #: statistics of early feature maps mixed between films of the batch; 0 = off
     mix_style: float = 0.0
+    #: weight of a distillation term that keeps the outputs near those of the ``init`` model
+    #: (learning without forgetting: cxr_core.training.distill); 0 = off. With it, a model class
+    #: other than the first may have no films: the ``init`` model's view of it is what is kept
+    distill: float = 0.0
 
     @property
     def data_dirs(self) -> tuple[str, ...]:
@@ -164,5 +168,9 @@ class TrainConfig:
             raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}")
         if not 0.0 <= self.mix_style <= 1.0:
             raise ValueError("mix_style is a probability in [0, 1]")
+        if self.distill < 0:
+            raise ValueError("distill is a weight >= 0")
+        if self.distill and self.init in ("random", "imagenet"):
+            raise ValueError("distill keeps a trained model's outputs: init must be that model's weights")
         if self.average_every < 0:
             raise ValueError("average_every must be 0 (off) or a number of steps")

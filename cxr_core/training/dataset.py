@@ -56,6 +56,8 @@ class LabelPlan:
 
     classes: tuple[str, ...]
     mapping: Mapping[str, str] = field(default_factory=dict)
+    #: classes that may hold no films (taught by distillation from the model trained before)
+    optional: frozenset[str] = frozenset()
 
     @classmethod
     def multiclass(cls, classes: Sequence[str]) -> "LabelPlan":

@@ -156,7 +156,7 @@ def prepare_data(
     plan = plan or LabelPlan.multiclass(labels)
     records, excluded = apply_plan(records, plan)
     present = {r.label for r in records}
-    empty = [c for c in plan.classes if c not in present]
+    empty = [c for c in plan.classes if c not in present and c not in plan.optional]
     if empty:
         raise DatasetError(
             f"Class folder(s) {', '.join(empty)} hold no images (labels found: {', '.join(labels) or 'none'})."
@@ -178,6 +178,9 @@ def prepare_data(
     notes: list[str] = []
     train_counts = counts.get("train", {})
     for cls in plan.classes:
+        if cls in plan.optional and cls not in present:
+            notes.append(f"Class {cls!r} has no films: the model trained before keeps it (distillation).")
+            continue
         if train_counts.get(cls, 0) == 0:
             problems.append(f"Class {cls!r} has no readable training images.")
         if counts.get("val", {}).get(cls, 0) == 0:

@@ -62,7 +62,11 @@ def label_plan(config: TrainConfig) -> LabelPlan:
     if config.binary_positive:
         labels = sorted({r.label for r in scan_folders(config.data_dirs)})
         return LabelPlan.binary(config.binary_positive, labels)
-    return LabelPlan.multiclass(config.training_classes)
+    plan = LabelPlan.multiclass(config.training_classes)
+    if config.distill:
+        # The first class is thresholded on validation films, so it must have them.
+        return replace(plan, optional=frozenset(config.model_classes[1:]))
+    return plan
 
 
 def _labels(data_records: tuple, classes: tuple[str, ...]) -> np.ndarray:
@@ -334,6 +338,11 @@ def train(
     )
     loss_fn = _loss_fn(config, y_train, device)
     w_train = sample_weights(config, data.train.records, y_train)
+    teacher = None
+    if config.distill:
+        from cxr_core.training.distill import distillation_loss, load_teacher
+
+        teacher = load_teacher(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes), config.init, device)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": -1, "value": None}
@@ -400,7 +409,12 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = forward(x)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            kept = teacher(x)
                 loss = loss_fn(logits.float(), y, w)
+                if teacher is not None:
+                    loss = loss + config.distill * distillation_loss(logits, kept, config.head, w)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()

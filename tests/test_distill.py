@@ -1,0 +1,82 @@
+"""Learning without forgetting: the distillation term, and adaptation at a site that lacks a class."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_core.training.config import TrainConfig
+from cxr_core.training.distill import distillation_loss, load_teacher
+from tests.synthetic import make_labelled_folder
+
+
+def test_the_term_is_zero_for_the_same_answers_and_grows_with_the_difference() -> None:
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    aux = torch.tensor([[5.0], [-3.0]])  # an auxiliary output, after the model's classes: ignored
+    same = torch.cat([teacher, aux], dim=1)
+    assert distillation_loss(same, teacher, "softmax").item() == pytest.approx(0.0, abs=1e-6)
+    near = torch.cat([teacher + torch.tensor([0.3, 0.0, 0.0]), aux], dim=1)
+    far = torch.cat([teacher + torch.tensor([3.0, 0.0, 0.0]), aux], dim=1)
+    assert 0 < distillation_loss(near, teacher, "softmax").item() < distillation_loss(far, teacher, "softmax").item()
+    # KL(p || q) at temperature 2, times 4, worked by hand for one film.
+    p, q = torch.softmax(teacher[:1] / 2, 1), torch.softmax(far[:1, :3] / 2, 1)
+    assert distillation_loss(far[:1], teacher[:1], "softmax").item() == pytest.approx(4 * float((p * (p / q).log()).sum()), rel=1e-5)
+    # Weighted: a film of weight 0 does not count.
+    mixed = torch.cat([far[:1], same[1:]])
+    assert distillation_loss(mixed, teacher, "softmax", torch.tensor([0.0, 1.0])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_sigmoid_term_is_a_kl_between_bernoullis() -> None:
+    teacher = torch.tensor([[1.0], [-2.0]])
+    assert distillation_loss(teacher.clone(), teacher, "sigmoid").item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.tensor([[-1.0], [-2.0]])
+    p, q = torch.sigmoid(torch.tensor(0.5)), torch.sigmoid(torch.tensor(-0.5))
+    kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+    assert distillation_loss(student, teacher, "sigmoid").item() == pytest.approx(4 * float(kl) / 2, rel=1e-5)
+
+
+def test_distillation_needs_a_trained_model_to_keep(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="init must be"):
+        TrainConfig(data_dir="x", arch="cnn5", out="o", model_id="m", distill=1.0).validate()
+    with pytest.raises(ValueError, match="weight"):
+        TrainConfig(data_dir="x", arch="cnn5", out="o", model_id="m", init="w.safetensors", distill=-1.0).validate()
+
+
+def test_the_teacher_is_the_base_model_frozen(tmp_path: Path) -> None:
+    from cxr_core.models.loading import load_model
+    from tests.conftest import make_model_folder
+
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    teacher = load_teacher("cnn5", 3, base / "model.safetensors", torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), load_model(base, device="cpu").network(x).float(), atol=1e-2)
+    with pytest.raises(ValueError, match="does not hold every weight"):
+        load_teacher("cnn5", 4, base / "model.safetensors", torch.device("cpu"))
+
+
+def test_a_site_without_one_of_the_model_classes_adapts_with_distillation_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.models.loading import load_model
+    from cxr_core.training.adapt import AdaptationError, adapt
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    # A hospital's set: COVID-19, normal and nodule films, no (children's) viral pneumonia; no replay.
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
+    with pytest.raises(AdaptationError, match="viral_pneumonia"):
+        adapt(base, site, tmp_path / "refused", version="1.0.0-site", epochs=1, batch_size=8, run_dir=tmp_path / "run0", device="cpu")
+    result = adapt(base, site, tmp_path / "adapted", version="1.0.0-site", epochs=1, batch_size=8,
+                   run_dir=tmp_path / "run", device="cpu", distill=1.0)
+    assert result.films["replay_train"] == 0
+    config = json.loads((tmp_path / "run" / "run" / "config.json").read_text())
+    assert config["distill"] == 1.0
+    validation = json.loads((tmp_path / "run" / "run" / "validation.json").read_text())
+    assert any("viral_pneumonia" in n and "distillation" in n for n in validation["notes"])
+    adapted = load_model(tmp_path / "adapted", device="cpu")
+    assert adapted.manifest.classes == ("covid", "normal", "viral_pneumonia") and adapted.network.head.fc.out_features == 3
+    assert result.after["n"] == result.before["n"] > 0
