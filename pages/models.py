@@ -77,7 +77,7 @@ def render_site_adaptation(record: dict) -> None:
     site = f"the dataset \"{names[site]}\"" if site in names else f"`{site}`"
     st.markdown(f"**Site adaptation** on {site}: {films.get('adapt', 0)} films adapted on, {films.get('validation', 0)} "
                 f"validated on, {films.get('held_out', 0)} held out (patients never trained on), {films.get('replay_train', 0)} "
-                "replayed training films.")
+                "replayed training films" + ("; kept near the base model by distillation." if record.get("distill") else "."))
     rows = []
     for name, key in (("COVID-19 sensitivity", "covid_sensitivity"), ("Specificity", "non_covid_specificity"), ("PPV", "ppv"), ("NPV", "npv")):
         row = {"on the held-out films": name}

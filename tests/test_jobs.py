@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -280,6 +280,26 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
     unmeasured = {**better, "shared_test": None}
     assert "not measured" in site_adaptation_problems(replace(candidate, site_adaptation=unmeasured))[0]
     assert site_adaptation_problems(replace(candidate, site_adaptation=None)) == []
+
+
+def test_a_site_adaptation_without_replay_keeps_a_class_the_site_lacks_by_distillation(job_env: Path) -> None:
+    from cxr_core.models.versions import list_versions
+    from cxr_core.state.jobs import run_job
+
+    # No training data to mix in, and the site has no viral pneumonias: refused without distillation...
+    site = make_labelled_folder(job_env / "site16", ("covid", "normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
+    bare = replace(site_adaptation_spec(job_env), dataset=str(site), replay=(), version="1.1.0-bare")
+    refused = create_job(bare)
+    assert run_job(refused) != 0
+    assert read_state(refused).state == FAILED and "viral_pneumonia" in (read_state(refused).error or "")
+    # ... and adapted with it: the candidate keeps the base model's three classes.
+    kept = create_job(replace(bare, distill=1.0, version="1.1.0-kept", job_id="kept"))
+    assert run_job(kept) == 0, (kept / "job.log").read_text()[-2000:]
+    assert json.loads((kept / "run" / "config.json").read_text())["distill"] == 1.0
+    candidate = next(v for v in list_versions("tiny") if v.version == "1.1.0-kept")
+    assert candidate.manifest.classes == ("covid", "normal", "viral_pneumonia")
+    record = candidate.site_adaptation
+    assert record["films"]["replay_train"] == 0 and record["shared_test"] is None and record["distill"] == 1.0
 
 
 def test_a_follower_rank_stops_waiting_for_the_site_view_when_the_job_is_cancelled(tmp_path: Path) -> None:

@@ -84,6 +84,8 @@ class JobSpec:
     site_adaptation: bool = False
     replay: tuple[str, ...] = ()
     replay_share: float = 0.5
+    #: weight of the distillation term toward the base model (TrainConfig.distill); 0 = off
+    distill: float = 0.0
     job_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -376,7 +378,7 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
                               acquisition=spec.acquisition) if spec.augment else AugmentConfig.none(),
         init=init, freeze_epochs=spec.freeze_epochs, layer_decay=spec.layer_decay, patience=spec.patience,
         target_sensitivity=spec.target_sensitivity, device=spec.device, workers=2, mask_burned_in=mask,
-        average_every=spec.average_every, **view,
+        average_every=spec.average_every, distill=spec.distill if spec.base_model else 0.0, **view,
     )
 
 
@@ -449,7 +451,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     record: dict[str, Any] = {
         "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),
         "before": validate_site(load_model(base.path), held_out).as_dict() if base else None,
-        "after": validate_site(candidate, held_out).as_dict(), "shared_test": None,
+        "after": validate_site(candidate, held_out).as_dict(), "shared_test": None, "distill": spec.distill,
     }
     if spec.replay:
         shared = evaluate_folder(candidate, Path(spec.replay[0]), split="test").as_dict()
