@@ -302,6 +302,30 @@ def test_a_site_adaptation_without_replay_keeps_a_class_the_site_lacks_by_distil
     assert record["films"]["replay_train"] == 0 and record["shared_test"] is None and record["distill"] == 1.0
 
 
+def test_a_follower_rank_stops_waiting_for_the_site_view_when_rank_0_fails(tmp_path: Path) -> None:
+    import threading
+
+    from cxr_core.state.jobs import JobState, _training_inputs
+
+    spec = JobSpec(dataset=str(tmp_path / "site"), arch="cnn5", model_id="tiny", version="1.1.0-site", user="alice",
+                   base_model="tiny@1.0.0", site_adaptation=True)
+    # A failure left by an earlier attempt (older than the wait) is not this attempt's.
+    (tmp_path / "state.json").write_text(json.dumps(asdict(JobState(FAILED, error="earlier attempt"))))
+    os.utime(tmp_path / "state.json", (time.time() - 60, time.time() - 60))
+    stop = threading.Event()
+    threading.Timer(1.5, stop.set).start()
+    from cxr_core.training.trainer import TrainingCancelled
+
+    with pytest.raises(TrainingCancelled):
+        _training_inputs(tmp_path, spec, follower=True, stop=stop)
+    # Rank 0 fails while the follower waits: it stops at once instead of waiting out SITE_VIEW_WAIT_S.
+    threading.Timer(1.0, lambda: (tmp_path / "state.json").write_text(json.dumps(asdict(JobState(FAILED, error="no images"))))).start()
+    started = time.monotonic()
+    with pytest.raises(JobError, match="first process failed"):
+        _training_inputs(tmp_path, spec, follower=True, stop=threading.Event())
+    assert time.monotonic() - started < 10
+
+
 def test_a_follower_rank_stops_waiting_for_the_site_view_when_the_job_is_cancelled(tmp_path: Path) -> None:
     import threading
 

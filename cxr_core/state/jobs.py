@@ -403,6 +403,16 @@ def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:
 SITE_VIEW_WAIT_S = 600.0
 
 
+def _failed_since(job_dir: Path, since: float) -> bool:
+    """Whether rank 0 recorded a failure after ``since`` (a failure left by an earlier attempt
+    of a resumed job is older, and rank 0 overwrites it when it starts)."""
+    path = job_dir / "state.json"
+    try:
+        return path.stat().st_mtime >= since and json.loads(path.read_text(encoding="utf-8")).get("state") == FAILED
+    except (OSError, ValueError):
+        return False  # not written yet, or being written
+
+
 def _training_inputs(job_dir: Path, spec: JobSpec, *, follower: bool = False,
                      stop: threading.Event | None = None) -> tuple[JobSpec, str | None, str | None]:
     """(the spec as trained: dataset and auxiliary classes, evaluation folder, its split).
@@ -418,9 +428,12 @@ def _training_inputs(job_dir: Path, spec: JobSpec, *, follower: bool = False,
         from cxr_core.training.trainer import TrainingCancelled
 
         deadline = time.monotonic() + SITE_VIEW_WAIT_S
+        waiting_since = time.time()
         while not (job_dir / "site-films.json").is_file():
             if stop is not None and stop.is_set():
                 raise TrainingCancelled("The job was cancelled before its site view was built.")
+            if _failed_since(job_dir, waiting_since):
+                raise JobError("The first process failed before it built the site adaptation's view of its data.")
             if time.monotonic() > deadline:
                 raise JobError("The site adaptation's view of its data was not built in time by the first process.")
             time.sleep(0.5)
