@@ -80,3 +80,16 @@ def test_a_site_without_one_of_the_model_classes_adapts_with_distillation_only(t
     adapted = load_model(tmp_path / "adapted", device="cpu")
     assert adapted.manifest.classes == ("covid", "normal", "viral_pneumonia") and adapted.network.head.fc.out_features == 3
     assert result.after["n"] == result.before["n"] > 0
+
+
+def test_a_site_without_covid_films_and_no_replay_is_told_why_it_cannot_adapt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.training.adapt import AdaptationError, adapt
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    site = make_labelled_folder(tmp_path / "site", ("normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
+    with pytest.raises(AdaptationError, match="None of the validation films is covid.*--replay"):
+        adapt(base, site, tmp_path / "adapted", version="1.0.0-site", epochs=1, batch_size=8, run_dir=tmp_path / "run", device="cpu", distill=1.0)
+    assert not (tmp_path / "adapted").exists()
+

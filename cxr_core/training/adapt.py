@@ -101,6 +101,11 @@ def _sample(records: Sequence[Record], k: int, salt: str) -> list[Record]:
     return chosen
 
 
+def _has_validation_films(work: Path, label: str) -> bool:
+    with open(work / "metadata.csv", newline="", encoding="utf-8") as handle:
+        return any(row["split"] == "val" and row["label"] == label for row in csv.DictReader(handle))
+
+
 def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), replay_share: float = 0.5, *, seed: int = 0,
                        min_replay_validation: int = MIN_REPLAY_VALIDATION) -> dict[str, int]:
     """A labelled folder under ``work`` (symbolic links and a metadata.csv): the site's films
@@ -189,6 +194,11 @@ def adapt(
     counts = build_adapt_folder(site, work, replay, replay_share, seed=seed, min_replay_validation=min_replay_validation)
     if counts["held_out"] == 0 or counts["adapt"] == 0:
         raise AdaptationError(f"Too few films to adapt and judge: {counts['adapt']} to adapt on, {counts['held_out']} held out.")
+    positive = manifest.classes[0]
+    if not _has_validation_films(work, positive):
+        # Distillation cannot stand in here: the threshold is chosen on these films.
+        raise AdaptationError(f"None of the validation films is {positive}: the {positive} threshold cannot be chosen again. "
+                              f"Give --replay with the model's training data, or a site with more {positive} films.")
     binary = manifest.classes[0] if manifest.head == "sigmoid" else None
     aux = auxiliary_labels(work, manifest.classes) if auxiliary and binary is None else ()
     inp = manifest.input
