@@ -441,7 +441,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                    replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
                    min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
-                   distill=args.distill)
+                   distill=args.distill, distill_on=args.distill_on)
     if args.json:
         from dataclasses import asdict
 
@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_validate)
 
-    from cxr_core.training.adapt import DISTILL
+    from cxr_core.training.adapt import DISTILL, DISTILL_ON
 
     p = sub.add_parser("adapt", help="fine-tune a model on a site's films (split by patient: half held out to judge "
                                      "before and after), optionally mixing in the original training films")
@@ -730,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of a term that keeps the adapted model's answers near the base model's on every film it "
                         "trains on (learning without forgetting); with it a class the site has no films of is kept "
                         "(0: off; default: %(default)s)")
+    p.add_argument("--distill-on", choices=["all", "replay"], default=DISTILL_ON,
+                   help="which training films get that term: all, or only the replayed ones, so that the site's own "
+                        "films are learned from their labels alone (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

@@ -93,3 +93,23 @@ def test_a_site_without_covid_films_and_no_replay_is_told_why_it_cannot_adapt(tm
         adapt(base, site, tmp_path / "adapted", version="1.0.0-site", epochs=1, batch_size=8, run_dir=tmp_path / "run", device="cpu", distill=1.0)
     assert not (tmp_path / "adapted").exists()
 
+
+
+def test_films_of_skipped_sources_get_no_distillation_term(tmp_path: Path) -> None:
+    from cxr_core.training.trainer import train
+    from tests.conftest import make_model_folder
+    from tests.test_training_run import tiny_config
+
+    data = make_labelled_folder(tmp_path / "data", per_class={"train": 8, "val": 3, "test": 2}, size=32)
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    init = str(base / "model.safetensors")
+
+    def losses(name: str, **changes: object) -> list[float]:
+        config = tiny_config(data, tmp_path / name / "out", schedule=((32, 2),), init=init, **changes)
+        result, _ = train(config, tmp_path / name / "run")
+        return [h["train_loss"] for h in result.history]
+
+    plain = losses("plain")
+    # Synthetic films have no source: skipping "" skips every film, which trains exactly as no term.
+    assert losses("skipped", distill=1.0, distill_skip_sources=("",)) == plain
+    assert losses("distilled", distill=1.0) != plain

@@ -40,6 +40,8 @@ MIN_REPLAY_VALIDATION = 0
 #: weight of the distillation term (cxr_core.training.distill) toward the base model; 0 = off
 #: (docs/experiments/2026-12-06-adapt-distillation.md)
 DISTILL = 0.0
+#: "all" films or the "replay" films only get the distillation term
+DISTILL_ON = "all"
 SITE_SOURCE = "site"
 
 
@@ -170,6 +172,7 @@ def adapt(
     min_replay_validation: int = MIN_REPLAY_VALIDATION,
     auxiliary: bool = True,
     distill: float = DISTILL,
+    distill_on: str = DISTILL_ON,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``.
 
@@ -209,7 +212,7 @@ def adapt(
         augment=AugmentConfig(scale=(0.85, 1.35), aspect=0.2), init=str(base_folder / manifest.weights_file),
         layer_decay=0.7, target_sensitivity=target_sensitivity, device=device, seed=seed, workers=2,
         mask_burned_in=inp.mask_burned_in, crop=inp.crop, crop_margin=inp.crop_margin or 0.1, intensity=inp.intensity,
-        distill=distill,
+        distill=distill, distill_skip_sources=(SITE_SOURCE,) if distill_on == "replay" else (),
     )
     from cxr_core.training.dataset import DatasetError
 

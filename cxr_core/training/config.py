@@ -79,6 +79,9 @@ class TrainConfig:
     #: (learning without forgetting: cxr_core.training.distill); 0 = off. With it, a model class
     #: other than the first may have no films: the ``init`` model's view of it is what is kept
     distill: float = 0.0
+    #: films of these sources get no distillation term (a site adaptation's own films, so that
+    #: what the base model got wrong there is learned from the labels alone)
+    distill_skip_sources: tuple[str, ...] = ()
 
     @property
     def data_dirs(self) -> tuple[str, ...]:
@@ -135,6 +138,7 @@ class TrainConfig:
         values["classes"] = tuple(values.get("classes", ()))
         values["aux_classes"] = tuple(values.get("aux_classes", ()))
         values["extra_data_dirs"] = tuple(values.get("extra_data_dirs", ()))
+        values["distill_skip_sources"] = tuple(values.get("distill_skip_sources", ()))
         values["schedule"] = tuple(tuple(p) for p in values.get("schedule", ((224, 10),)))
         aug = dict(values.get("augment") or {})
         if "scale" in aug:

@@ -343,6 +343,8 @@ def train(
         from cxr_core.training.distill import distillation_loss, load_teacher
 
         teacher = load_teacher(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes), config.init, device)
+        skip = set(config.distill_skip_sources)
+        distilled = np.array([0.0 if (getattr(r, "source", None) or "") in skip else 1.0 for r in data.train.records])
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": -1, "value": None}
@@ -414,7 +416,9 @@ def train(
                             kept = teacher(x)
                 loss = loss_fn(logits.float(), y, w)
                 if teacher is not None:
-                    loss = loss + config.distill * distillation_loss(logits, kept, config.head, w)
+                    d = torch.from_numpy(distilled[idx]).float().to(device) * (1.0 if w is None else w)
+                    if d.sum() > 0:  # a batch of skipped films only has no term
+                        loss = loss + config.distill * distillation_loss(logits, kept, config.head, d)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
