@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from style_reference_eval import Transplant  # noqa: E402
 
 from cxr_core.imaging.io import read_image  # noqa: E402
 from cxr_core.imaging.preprocess import to_batch  # noqa: E402
-from cxr_core.inference import decide, logits_to_probabilities, predict_logits  # noqa: E402
+from cxr_core.inference import decide, logits_to_probabilities  # noqa: E402
 from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
-from cxr_core.training.config import TrainConfig  # noqa: E402
 from cxr_core.training.dataset import scan_folder  # noqa: E402
-from cxr_core.training.mixstyle import channel_statistics  # noqa: E402
-from cxr_core.training.trainer import mix_style_layers  # noqa: E402
 
 POSITIVE = "covid"
 
@@ -60,58 +60,35 @@ def main() -> int:
     args = parser.parse_args()
 
     model = load_model(resolve_model(args.model).path)
-    layers = mix_style_layers(TrainConfig(data_dir="-", arch=model.manifest.architecture, out="-", model_id="-", mix_style=1.0))
     recipients = _records(args.recipients, args.recipient_source)
     donors = _records(args.donors)
     rng = np.random.default_rng(args.seed)
     drawn = rng.integers(0, len(donors), len(recipients))
     spec = model.manifest.input
-    mode: dict = {"record": None, "apply": None}
+    t = Transplant(model)  # the hooks of style_reference_eval.py: record a batch's statistics, or give it others'
+    layers = t.layers
 
-    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if mode["record"] is not None:
-            mode["record"].append(channel_statistics(output))
-            return None
-        if mode["apply"]:
-            mu, sigma = channel_statistics(output)
-            mu_d, sigma_d = mode["apply"].pop(0)
-            return ((output.float() - mu) / sigma * sigma_d + mu_d).to(output.dtype)
-        return None
+    def called(logits: np.ndarray) -> int:
+        return sum(decide(row, model.manifest) == POSITIVE for row in logits_to_probabilities(torch.from_numpy(logits), model.manifest))
 
-    handles = [model.network.get_submodule(p).register_forward_hook(hook) for p in layers]
-    reference: list | None = None
-    if args.reference == "mean":
-        # Every donor once; per layer, the mean over donors of each channel's mean and spread.
-        per_batch = []
-        for start in range(0, len(donors), args.batch_size):
-            mode["record"] = []
-            predict_logits(model, to_batch([read_image(r.path).pixels for r in donors[start : start + args.batch_size]], spec))
-            per_batch.append(mode["record"])
-        mode["record"] = None
-        reference = [(torch.cat([b[k][0] for b in per_batch]).mean(0, keepdim=True), torch.cat([b[k][1] for b in per_batch]).mean(0, keepdim=True))
-                     for k in range(len(layers))]
     as_is = transplanted = 0
-    try:
+    with t.hooked():
+        reference = None
+        if args.reference == "mean":
+            # Every donor once; per layer, the mean over donors of each channel's mean and spread.
+            per_batch = [t.record(to_batch([read_image(r.path).pixels for r in donors[start : start + args.batch_size]], spec))
+                         for start in range(0, len(donors), args.batch_size)]
+            reference = [(torch.cat([b[k][0] for b in per_batch]).mean(0, keepdim=True), torch.cat([b[k][1] for b in per_batch]).mean(0, keepdim=True))
+                         for k in range(len(layers))]
         for start in range(0, len(recipients), args.batch_size):
             batch = recipients[start : start + args.batch_size]
             x = to_batch([read_image(r.path).pixels for r in batch], spec)
-            mode.update(record=None, apply=None)
-            plain = logits_to_probabilities(predict_logits(model, x), model.manifest)
             if reference is None:
-                d = to_batch([read_image(donors[i].path).pixels for i in drawn[start : start + len(batch)]], spec)
-                mode["record"] = []
-                predict_logits(model, d)
-                recorded, mode["record"] = mode["record"], None
+                recorded = t.record(to_batch([read_image(donors[i].path).pixels for i in drawn[start : start + len(batch)]], spec))
             else:
                 recorded = reference
-            mode["apply"] = list(recorded)
-            moved = logits_to_probabilities(predict_logits(model, x), model.manifest)
-            mode["apply"] = None
-            as_is += sum(decide(row, model.manifest) == POSITIVE for row in plain)
-            transplanted += sum(decide(row, model.manifest) == POSITIVE for row in moved)
-    finally:
-        for h in handles:
-            h.remove()
+            as_is += called(t.logits(x, None))
+            transplanted += called(t.logits(x, recorded))
     result = {"model": model.manifest.key, "layers": list(layers), "n": len(recipients),
               "called_covid_as_is": int(as_is), "called_covid_with_donor_statistics": int(transplanted),
               "recipients": args.recipients + (f" ({args.recipient_source})" if args.recipient_source else ""), "donors": args.donors, "reference": args.reference}

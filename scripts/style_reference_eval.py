@@ -38,7 +38,7 @@ from cxr_core.models.loading import LoadedModel, load_model, resolve_model  # no
 from cxr_core.training.calibration import choose_threshold, fit_temperature  # noqa: E402
 from cxr_core.training.config import TrainConfig  # noqa: E402
 from cxr_core.training.dataset import Record, scan_folder  # noqa: E402
-from cxr_core.training.mixstyle import channel_statistics  # noqa: E402
+from cxr_core.training.mixstyle import channel_statistics, restyle  # noqa: E402
 from cxr_core.training.trainer import mix_style_layers, probabilities  # noqa: E402
 
 log = logging.getLogger("style_reference_eval")
@@ -69,10 +69,9 @@ class Transplant:
             self.recorded.append(channel_statistics(output))
             return None
         if self.reference is not None:
-            mu, sigma = channel_statistics(output)
-            mu_r, sigma_r = self.reference[len(self._applied)]
+            mean, spread = self.reference[len(self._applied)]
             self._applied.append(True)
-            return ((output.float() - mu) / sigma * sigma_r + mu_r).to(output.dtype)
+            return restyle(output, mean, spread)
         return None
 
     @contextmanager
@@ -148,7 +147,7 @@ def score(args: argparse.Namespace) -> None:
                 four = [t.logits(x, _pick(bank, draws[at, k])) for k in range(4)]
                 out["N1"].append(four[0])
                 out["N4"].append(np.stack(four, axis=1))  # (N, 4, K)
-                out["Nm"].append(t.logits(x, [(mu.expand(len(kept), -1, -1, -1), s.expand(len(kept), -1, -1, -1)) for mu, s in mean]))
+                out["Nm"].append(t.logits(x, mean))  # (1, C, 1, 1): every film the same
                 out["NA1"].append(t.logits(x, _pick(adults, adult_draws[at])))
                 for r in kept:
                     for key, value in (("path", str(r.path)), ("label", r.label), ("source", r.source or ""), ("split", r.split)):

@@ -32,17 +32,16 @@ from cxr_core.inference import decide, logits_to_probabilities, predict_logits  
 from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
 from cxr_core.models.manifest import read_manifest  # noqa: E402
 from cxr_core.training import trainer  # noqa: E402
-from cxr_core.training.mixstyle import channel_statistics  # noqa: E402
+from cxr_core.training.mixstyle import restyle  # noqa: E402
 
 log = logging.getLogger("train_fixed_statistics")
 
 
 def fix_statistics(network: torch.nn.Module, layers: tuple[str, ...], reference: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Permanent hooks: each layer's output (N, C, H, W) takes the reference's (1, C, 1, 1) mean and spread."""
-    for path, (mu_r, sigma_r) in zip(layers, reference):
-        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor, mu_r=mu_r, sigma_r=sigma_r) -> torch.Tensor:
-            mu, sigma = channel_statistics(output)
-            return ((output.float() - mu) / sigma * sigma_r.to(output.device) + mu_r.to(output.device)).to(output.dtype)
+    for path, (mean, spread) in zip(layers, reference):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor, mean=mean, spread=spread) -> torch.Tensor:
+            return restyle(output, mean, spread)
         network.get_submodule(path).register_forward_hook(hook)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from cxr_core.models.architectures import build_network
 from cxr_core.training.config import TrainConfig
-from cxr_core.training.mixstyle import mix_styles, mixing_styles
+from cxr_core.training.mixstyle import channel_statistics, mix_styles, mixing_styles, restyle
 from cxr_core.training.trainer import mix_style_layers
 
 
@@ -62,3 +62,18 @@ def test_hooks_act_in_training_only_and_are_gone_after_the_block() -> None:
 
 def test_off_by_default() -> None:
     assert mix_style_layers(TrainConfig(data_dir="d", arch="resnet50", out="o", model_id="m")) == ()
+
+
+def test_restyle_gives_every_film_the_statistics_asked_for_and_keeps_its_pattern() -> None:
+    x = torch.randn(3, 4, 16, 16) * 3 + 2
+    mean, spread = torch.arange(4.0).view(1, 4, 1, 1), torch.full((1, 4, 1, 1), 0.5)
+    out = restyle(x.to(torch.bfloat16), mean, spread)
+    assert out.dtype == torch.bfloat16
+    mu, sigma = channel_statistics(out)
+    assert torch.allclose(mu, mean.expand(3, -1, -1, -1), atol=0.05) and torch.allclose(sigma, spread.expand(3, -1, -1, -1), atol=0.02)
+    per_film = restyle(x, mean.expand(3, -1, -1, -1), spread.expand(3, -1, -1, -1))  # one reference per film: the same
+    assert torch.allclose(per_film, restyle(x, mean, spread))
+    def z(t: torch.Tensor) -> torch.Tensor:
+        return (t - t.mean(dim=(2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)
+    assert torch.allclose(z(restyle(x, mean, spread)), z(x), atol=1e-3)
+

@@ -37,6 +37,15 @@ def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return x.mean(dim=(2, 3), keepdim=True), (x.var(dim=(2, 3), keepdim=True) + EPS).sqrt()
 
 
+def restyle(features: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, H, W): each film's channel statistics replaced by ``mean`` and ``spread``
+    ((N or 1, C, 1, 1)), the spatial pattern kept: a style transplant (scripts/probe_style.py and
+    the experiments built on it). Computed in float32, returned in the input's dtype."""
+    x = features.float()
+    mu, sigma = channel_statistics(x)
+    return ((x - mu) / sigma * spread.to(x.device) + mean.to(x.device)).to(features.dtype)
+
+
 def mix_styles(features: torch.Tensor, generator: torch.Generator, alpha: float = ALPHA) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, H, W): each film's channel statistics mixed with another's.
 
