@@ -62,7 +62,7 @@ def score(out: Path, layers: tuple[str, ...]) -> dict:
     fix_statistics(model.network, layers, reference)
     manifest = read_manifest(folder)
     result: dict[str, object] = {"model": manifest.key, "threshold": manifest.thresholds, "temperature": manifest.temperature,
-                                 "val_accuracy": (manifest.metrics or {}).get("accuracy")}
+                                 "val_accuracy": ((manifest.metrics or {}).get("val") or {}).get("accuracy")}
     for name, spec in (("openist", "../shared/data/cxr-extra::openist"), ("nih_pneumonia_val", "../shared/data/cxr-extra:val:nih_pneumonia")):
         records = _records(spec)
         called = 0
