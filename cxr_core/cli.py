@@ -441,7 +441,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                    replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
                    min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
-                   distill=args.distill, distill_on=args.distill_on)
+                   distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate)
     if args.json:
         from dataclasses import asdict
 
@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_validate)
 
-    from cxr_core.training.adapt import DISTILL, DISTILL_ON
+    from cxr_core.training.adapt import DISTILL, DISTILL_ON, INTERPOLATE
 
     p = sub.add_parser("adapt", help="fine-tune a model on a site's films (split by patient: half held out to judge "
                                      "before and after), optionally mixing in the original training films")
@@ -733,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-on", choices=["all", "replay"], default=DISTILL_ON,
                    help="which training films get that term: all, or only the replayed ones, so that the site's own "
                         "films are learned from their labels alone (default: %(default)s)")
+    p.add_argument("--interpolate", type=float, default=INTERPOLATE, metavar="A",
+                   help="export (1 - A) x the base model's weights + A x the adapted weights, then calibrate (WiSE-FT: "
+                        "keeps more of what the base model knew; 1: the adapted weights; default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

@@ -42,6 +42,10 @@ MIN_REPLAY_VALIDATION = 0
 DISTILL = 0.0
 #: "all" films or the "replay" films only get the distillation term
 DISTILL_ON = "all"
+#: share of the adapted weights in the exported model, the rest the base model's (WiSE-FT:
+#: cxr_core.training.interpolate); 1 = the adapted weights
+#: (docs/experiments/2026-12-06-adapt-weight-interpolation.md)
+INTERPOLATE = 1.0
 SITE_SOURCE = "site"
 
 
@@ -173,6 +177,7 @@ def adapt(
     auxiliary: bool = True,
     distill: float = DISTILL,
     distill_on: str = DISTILL_ON,
+    interpolate: float = INTERPOLATE,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``.
 
@@ -189,6 +194,8 @@ def adapt(
     from cxr_core.training.trainer import train
     from cxr_core.training.validation import validate_site
 
+    if not 0.0 <= interpolate <= 1.0:
+        raise AdaptationError(f"--interpolate {interpolate}: the adapted weights' share must be between 0 and 1")
     started = time.time()
     base = load_model(base_folder, device=device)
     manifest = base.manifest
@@ -212,7 +219,7 @@ def adapt(
         augment=AugmentConfig(scale=(0.85, 1.35), aspect=0.2), init=str(base_folder / manifest.weights_file),
         layer_decay=0.7, target_sensitivity=target_sensitivity, device=device, seed=seed, workers=2,
         mask_burned_in=inp.mask_burned_in, crop=inp.crop, crop_margin=inp.crop_margin or 0.1, intensity=inp.intensity,
-        distill=distill, distill_skip_sources=(SITE_SOURCE,) if distill_on == "replay" else (),
+        distill=distill, distill_skip_sources=(SITE_SOURCE,) if distill_on == "replay" else (), interpolate=interpolate,
     )
     from cxr_core.training.dataset import DatasetError
 

@@ -82,6 +82,10 @@ class TrainConfig:
     #: films of these sources get no distillation term (a site adaptation's own films, so that
     #: what the base model got wrong there is learned from the labels alone)
     distill_skip_sources: tuple[str, ...] = ()
+    #: the exported weights are (1 - a) * init + a * the run's best (WiSE-FT:
+    #: cxr_core.training.interpolate); 1 = the run's own weights. Needs ``init`` to be a model
+    #: with exactly this model's outputs
+    interpolate: float = 1.0
 
     @property
     def data_dirs(self) -> tuple[str, ...]:
@@ -176,5 +180,9 @@ class TrainConfig:
             raise ValueError("distill is a weight >= 0")
         if self.distill and self.init in ("random", "imagenet"):
             raise ValueError("distill keeps a trained model's outputs: init must be that model's weights")
+        if not 0.0 <= self.interpolate <= 1.0:
+            raise ValueError("interpolate is a weight in [0, 1]")
+        if self.interpolate < 1.0 and self.init in ("random", "imagenet"):
+            raise ValueError("interpolate moves the weights toward a trained model: init must be that model's weights")
         if self.average_every < 0:
             raise ValueError("average_every must be 0 (off) or a number of steps")

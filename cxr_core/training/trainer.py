@@ -104,9 +104,16 @@ def drop_outputs(network: CxrNet, keep: int) -> CxrNet:
 
 
 def load_exported(config: TrainConfig, run_dir: Path | str) -> CxrNet:
-    """The run's best (or averaged) weights as the model to export: auxiliary outputs dropped."""
+    """The run's best (or averaged) weights as the model to export: auxiliary outputs dropped, then
+    moved toward the ``init`` model's weights when ``config.interpolate`` < 1."""
     network = load_best(build_network(config.arch, config.n_outputs), run_dir)
-    return drop_outputs(network, len(config.model_classes)) if config.aux_classes else network
+    if config.aux_classes:
+        network = drop_outputs(network, len(config.model_classes))
+    if config.interpolate < 1.0:
+        from cxr_core.training.interpolate import interpolate_weights
+
+        network = interpolate_weights(network, config.init, config.interpolate)
+    return network
 
 
 def param_groups(network: CxrNet, arch_name: str, lr: float, layer_decay: float) -> list[dict[str, Any]]:

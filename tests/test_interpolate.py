@@ -1,0 +1,85 @@
+"""WiSE-FT: the adapted weights moved toward the base model's along the straight line between them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxr_core.models.architectures import build_network
+from cxr_core.training.config import TrainConfig
+from cxr_core.training.interpolate import interpolate_weights
+from tests.synthetic import make_labelled_folder
+
+
+def _network(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    network = build_network("cnn5", 3)
+    with torch.no_grad():
+        for m in network.modules():  # batch-norm statistics that differ between the two networks
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(seed + 1)
+    return network
+
+
+def test_every_float_tensor_lies_on_the_line_between_the_two_networks(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    base, tuned = _network(0), _network(1)
+    base_state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(base_state, str(tmp_path / "base.safetensors"))
+    tuned_state = {k: v.clone() for k, v in tuned.state_dict().items()}
+    mixed = interpolate_weights(tuned, tmp_path / "base.safetensors", 0.25).state_dict()
+    floats = [k for k, v in tuned_state.items() if v.is_floating_point()]
+    assert any("running_var" in k for k in floats) and any(k.endswith("weight") for k in floats)
+    for k in floats:
+        assert torch.allclose(mixed[k], 0.75 * base_state[k] + 0.25 * tuned_state[k], atol=1e-6), k
+    counters = [k for k in tuned_state if k.endswith("num_batches_tracked")]
+    assert counters and all(int(mixed[k]) == int(tuned_state[k]) for k in counters)
+    # The two ends: 1 leaves the tuned network, 0 gives the base model.
+    again = _network(1)
+    assert all(torch.equal(v, tuned_state[k]) for k, v in interpolate_weights(again, tmp_path / "base.safetensors", 1.0).state_dict().items())
+    back = interpolate_weights(_network(1), tmp_path / "base.safetensors", 0.0).state_dict()
+    assert all(torch.allclose(back[k], base_state[k]) for k in floats)
+
+
+def test_a_base_of_another_shape_or_an_alpha_outside_0_1_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in build_network("cnn5", 4).state_dict().items()}, str(tmp_path / "four.safetensors"))
+    with pytest.raises(ValueError, match="does not match"):
+        interpolate_weights(_network(1), tmp_path / "four.safetensors", 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate_weights(_network(1), tmp_path / "four.safetensors", 1.5)
+    with pytest.raises(ValueError, match="init must be"):
+        TrainConfig(data_dir="x", arch="cnn5", out="o", model_id="m", interpolate=0.5).validate()
+
+
+def test_an_adaptation_exports_the_interpolated_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.training.adapt import AdaptationError, adapt
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    classes = ("covid", "normal", "viral_pneumonia")
+    base = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32)
+    site = make_labelled_folder(tmp_path / "site", classes, per_class={"all": 16}, splits=False, size=48, seed=3)
+    common = dict(version="1.0.0-site", epochs=1, batch_size=8, device="cpu", lr=3e-2)
+    with pytest.raises(AdaptationError, match="between 0 and 1"):
+        adapt(base, site, tmp_path / "bad", run_dir=tmp_path / "run-bad", interpolate=-0.1, **common)
+    adapt(base, site, tmp_path / "full", run_dir=tmp_path / "run-full", **common)
+    adapt(base, site, tmp_path / "half", run_dir=tmp_path / "run-half", interpolate=0.5, **common)
+    assert json.loads((tmp_path / "run-half" / "run" / "config.json").read_text())["interpolate"] == 0.5
+    start = load_file(str(base / "model.safetensors"))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    half = load_file(str(tmp_path / "half" / "model.safetensors"))
+    moved = [k for k, v in start.items() if v.is_floating_point() and not torch.allclose(v.float(), full[k].float(), atol=1e-2)]
+    assert moved, "the fine-tune changed nothing: the test would not see the interpolation"
+    # The same seed trains the same weights; the half-way export sits half way (fp16 files: a loose tolerance).
+    for k in moved:
+        assert torch.allclose(half[k].float(), (start[k].float() + full[k].float()) / 2, atol=2e-2, rtol=1e-2), k
