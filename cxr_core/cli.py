@@ -437,11 +437,23 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: the folder exists and is not empty; adapted models go to a new folder")
-    result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=[Path(r) for r in args.replay],
+    from cxr_core.training.adapt import training_folders
+
+    if args.replay is not None and args.no_replay:
+        raise UsageError("--replay and --no-replay: give one or the other")
+    replay = [] if args.no_replay else [Path(r) for r in args.replay] if args.replay is not None else list(training_folders(model.manifest, model.path))
+    if args.replay is None and replay:
+        log.info("replaying the model's training data found at %s", ", ".join(map(str, replay)))
+    result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=replay,
                    replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
                    min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
                    distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate)
+    if args.replay is None and replay:
+        from dataclasses import replace as _replace
+
+        found = "the model's training data found at " + ", ".join(map(str, replay))
+        result = _replace(result, notes=(f"replayed {found} (the default; --no-replay adapts on the site's films alone)", *result.notes))
     if args.json:
         from dataclasses import asdict
 
@@ -715,7 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="ID (its active version) or ID@VERSION")
     p.add_argument("--out", required=True, help="the adapted model's folder, e.g. weights/densenet121-site-b")
     p.add_argument("--version", default="1.0.0-site")
-    p.add_argument("--replay", nargs="*", default=[], metavar="DATA_DIR", help="the model's training data folders, to mix in")
+    p.add_argument("--replay", nargs="+", default=None, metavar="DATA_DIR",
+                   help="the model's training data folders, to mix in (default: the folders its manifest says it was "
+                        "trained on, when they are on this machine)")
+    p.add_argument("--no-replay", action="store_true", help="adapt on the site's films alone, even where the training data is here")
     p.add_argument("--replay-share", type=float, default=0.5, help="share of training films from --replay (default: %(default)s)")
     p.add_argument("--min-replay-validation", type=int, default=0, metavar="N",
                    help="draw at least N validation films from --replay, every class in its proportion: they choose the "

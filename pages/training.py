@@ -29,6 +29,7 @@ from cxr_core.state.jobs import (
     read_spec,
     read_state,
 )
+from cxr_core.training.adapt import training_folders
 from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP
 from cxr_core.training.run import RunDir
 from pages._common import choose_evaluation_set, current_user, default_model_key, enter_page, guarded
@@ -133,10 +134,14 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
         replay_share = 0.5
         distill = 0.0
         if preset.site_adaptation:
+            found = [p for p in os.environ.get("CXR_REPLAY_DIRS", "").split(os.pathsep) if p]
+            if not found and base_key:
+                found = [str(p.resolve()) for p in training_folders(base.manifest, base.path)]
             typed = st.text_area("The model's training data on the server (folders, one per line), mixed in so it does not forget",
-                                 value="\n".join(p for p in os.environ.get("CXR_REPLAY_DIRS", "").split(os.pathsep) if p),
-                                 key="replay" + k, help="The first folder's test split also checks that COVID-19 sensitivity stays "
-                                                         "at 0.95 or above. Default: CXR_REPLAY_DIRS.")
+                                 value="\n".join(found), key="replay" + k,
+                                 help="The first folder's test split also checks that COVID-19 sensitivity stays at 0.95 or "
+                                      "above. Default: CXR_REPLAY_DIRS, else the folders the model's manifest says it was "
+                                      "trained on, when they are on this server.")
             replay = [line.strip() for line in typed.splitlines() if line.strip()]
             replay_share = st.slider("Share of training films from those folders", 0.0, 0.9, 0.5, 0.05, key="replay-share" + k)
             keep = st.toggle("Keep the base model's answers (distillation)", value=False, key="distill" + k, disabled=not base_key,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,44 @@ def test_adaptation_trains_labels_the_model_has_no_class_for_as_auxiliary_output
     assert adapted.manifest.classes == ("covid", "normal", "viral_pneumonia")
     assert adapted.network.head.fc.out_features == 3
     assert result.after["counts"]["nodule"] == result.before["counts"]["nodule"] > 0
+
+
+def test_the_model_s_own_training_folders_are_found_where_its_manifest_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.models.loading import load_model
+    from cxr_core.training.adapt import training_folders
+    from tests.conftest import make_model_folder
+
+    classes = ("covid", "normal", "viral_pneumonia")
+    make_labelled_folder(tmp_path / "data" / "a", per_class={"train": 2, "val": 1}, size=32)
+    make_labelled_folder(tmp_path / "data" / "b", per_class={"train": 2, "val": 1}, size=32)
+    both = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32, id="both", training_data={"root": "data/a + data/b"})
+    missing = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32, id="missing", training_data={"root": "data/a + data/gone"})
+    unknown = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32, id="unknown")
+    monkeypatch.chdir(tmp_path / "weights")  # not where the names are relative to: the folder above weights/ is tried next
+    model = load_model(both, device="cpu")
+    assert [p.resolve() for p in training_folders(model.manifest, model.path)] == [(tmp_path / "data" / n).resolve() for n in "ab"]
+    for folder in (missing, unknown):  # part of the data missing, or none named: no replay rather than a partial one
+        model = load_model(folder, device="cpu")
+        assert training_folders(model.manifest, model.path) == ()
+
+
+def test_cli_adapt_replays_the_model_s_training_data_unless_told_not_to(tmp_path: Path) -> None:
+    from tests.conftest import make_model_folder
+
+    classes = ("covid", "normal", "viral_pneumonia")
+    make_labelled_folder(tmp_path / "data", per_class={"train": 12, "val": 4, "test": 2}, size=48, seed=4)
+    make_model_folder(tmp_path / "weights", "cnn5", classes, size=32, id="site-base", training_data={"root": "data"})
+    # A hospital's films: COVID-19, normal and nodule, no (children's) viral pneumonia.
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
+    env = {**os.environ, "CXR_WEIGHTS_DIR": str(tmp_path / "weights"), "CXR_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "cxr_core", "adapt", str(site), "--model", "site-base", "--epochs", "1", "--batch-size", "8"]
+    done = subprocess.run([*command, "--out", str(tmp_path / "adapted"), "--run-dir", str(tmp_path / "run"), "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["films"]["replay_train"] > 0 and result["films"]["replay_val"] > 0
+    assert "replayed the model's training data found at data" in result["notes"][0]
+    alone = subprocess.run([*command, "--out", str(tmp_path / "alone"), "--run-dir", str(tmp_path / "run-alone"), "--no-replay"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    # Without the training data the site's missing class stops it, with a message that names the ways on.
+    assert alone.returncode != 0 and "viral_pneumonia" in alone.stderr and "--distill" in alone.stderr and "Traceback" not in alone.stderr

@@ -72,6 +72,23 @@ def auxiliary_labels(folder: Path, classes: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted({r.label for r in scan_folder(folder)} - set(classes)))
 
 
+def training_folders(manifest: Any, model_folder: Path) -> tuple[Path, ...]:
+    """The labelled folders ``manifest``'s model was trained on, as its training report names them
+    (``training_data.root``: one folder, or several joined by " + "), that exist on this machine:
+    relative to the working directory, or to the folder above ``weights/`` (where the app's
+    commands run). Empty when any of them is missing: a partial replay would be a different one."""
+    root = str((getattr(manifest, "training_data", None) or {}).get("root") or "")
+    found = []
+    for name in (part.strip() for part in root.split(" + ") if part.strip()):
+        path = Path(name)
+        candidates = [path] if path.is_absolute() else [path, model_folder.resolve().parent.parent / path]
+        hit = next((c for c in candidates if c.is_dir()), None)
+        if hit is None:
+            return ()
+        found.append(hit)
+    return tuple(found)
+
+
 def held_out_folder(work: Path) -> Path:
     """Where :func:`build_adapt_folder` puts the held-out films (flat label folders), beside ``work``."""
     return work.parent / f"{work.name}-held-out"
