@@ -448,7 +448,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                    replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
                    min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
-                   distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate)
+                   distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate,
+                   distill_classes=args.distill_classes)
     if args.replay is None and replay:
         from dataclasses import replace as _replace
 
@@ -719,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_validate)
 
-    from cxr_core.training.adapt import DISTILL, DISTILL_ON, INTERPOLATE
+    from cxr_core.training.adapt import DISTILL, DISTILL_CLASSES, DISTILL_ON, INTERPOLATE
 
     p = sub.add_parser("adapt", help="fine-tune a model on a site's films (split by patient: half held out to judge "
                                      "before and after), optionally mixing in the original training films")
@@ -748,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-on", choices=["all", "replay"], default=DISTILL_ON,
                    help="which training films get that term: all, or only the replayed ones, so that the site's own "
                         "films are learned from their labels alone (default: %(default)s)")
+    p.add_argument("--distill-classes", choices=["all", "missing"], default=DISTILL_CLASSES,
+                   help="multi-class models: the term compares all of the model's answers, or only the probability of "
+                        "the classes without films (e.g. viral pneumonia at a hospital), leaving the site's labels to decide "
+                        "among the others (default: %(default)s)")
     p.add_argument("--interpolate", type=float, default=INTERPOLATE, metavar="A",
                    help="export (1 - A) x the base model's weights + A x the adapted weights, then calibrate (WiSE-FT: "
                         "keeps more of what the base model knew; 1: the adapted weights; default: %(default)s)")

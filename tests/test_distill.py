@@ -113,3 +113,42 @@ def test_films_of_skipped_sources_get_no_distillation_term(tmp_path: Path) -> No
     # Synthetic films have no source: skipping "" skips every film, which trains exactly as no term.
     assert losses("skipped", distill=1.0, distill_skip_sources=("",)) == plain
     assert losses("distilled", distill=1.0) != plain
+    # Every class has films: the term on the classes without films compares nothing.
+    assert losses("no-missing-class", distill=1.0, distill_missing_only=True) == plain
+
+
+def test_the_term_on_missing_classes_compares_only_their_probability() -> None:
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    # Probability moved between covid and normal only (viral's share kept): no term on viral alone...
+    p = torch.softmax(teacher, 1)
+    swapped = torch.log(torch.stack([p[:, 1], p[:, 0], p[:, 2]], 1))
+    assert distillation_loss(swapped, teacher, "softmax", temperature=1.0, classes=[2]).item() == pytest.approx(0.0, abs=1e-6)
+    # ...which the full term does see.
+    assert distillation_loss(swapped, teacher, "softmax", temperature=1.0).item() > 0.05
+    # Viral's share changed: the Bernoulli KL of (viral, the rest), worked by hand, times T².
+    student = teacher + torch.tensor([0.0, 0.0, 1.5])
+    pt, qt = torch.softmax(teacher / 2, 1)[:, 2], torch.softmax(student / 2, 1)[:, 2]
+    kl = pt * torch.log(pt / qt) + (1 - pt) * torch.log((1 - pt) / (1 - qt))
+    assert distillation_loss(student, teacher, "softmax", classes=[2]).item() == pytest.approx(4 * float(kl.mean()), rel=1e-5)
+    for bad in ([], [0, 1, 2]):
+        with pytest.raises(ValueError, match="some, not all"):
+            distillation_loss(student, teacher, "softmax", classes=bad)
+
+
+def test_a_site_adaptation_distils_only_the_class_it_has_no_films_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from cxr_core.training.adapt import adapt
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
+    with caplog.at_level(logging.INFO, logger="cxr_core.training.trainer"):
+        adapt(base, site, tmp_path / "adapted", version="1.0.0-site", epochs=1, batch_size=8, run_dir=tmp_path / "run",
+              device="cpu", distill=1.0, distill_classes="missing")
+    assert json.loads((tmp_path / "run" / "run" / "config.json").read_text())["distill_missing_only"] is True
+    assert any("classes without training films only: viral_pneumonia" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="multi-class"):
+        TrainConfig(data_dir="x", arch="cnn5", out="o", model_id="m", init="w.safetensors", distill=1.0, binary_positive="covid",
+                    distill_missing_only=True).validate()

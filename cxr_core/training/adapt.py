@@ -42,6 +42,9 @@ MIN_REPLAY_VALIDATION = 0
 DISTILL = 0.0
 #: "all" films or the "replay" films only get the distillation term
 DISTILL_ON = "all"
+#: "all" classes, or only the "missing" ones (the model classes without site or replay films) are
+#: compared by the distillation term
+DISTILL_CLASSES = "all"
 #: share of the adapted weights in the exported model, the rest the base model's (WiSE-FT:
 #: cxr_core.training.interpolate); 1 = the adapted weights
 #: (docs/experiments/2026-12-06-adapt-weight-interpolation.md)
@@ -195,6 +198,7 @@ def adapt(
     distill: float = DISTILL,
     distill_on: str = DISTILL_ON,
     interpolate: float = INTERPOLATE,
+    distill_classes: str = DISTILL_CLASSES,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``.
 
@@ -237,6 +241,7 @@ def adapt(
         layer_decay=0.7, target_sensitivity=target_sensitivity, device=device, seed=seed, workers=2,
         mask_burned_in=inp.mask_burned_in, crop=inp.crop, crop_margin=inp.crop_margin or 0.1, intensity=inp.intensity,
         distill=distill, distill_skip_sources=(SITE_SOURCE,) if distill_on == "replay" else (), interpolate=interpolate,
+        distill_missing_only=bool(distill) and distill_classes == "missing" and binary is None,
     )
     from cxr_core.training.dataset import DatasetError
 

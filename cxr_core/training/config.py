@@ -82,6 +82,9 @@ class TrainConfig:
     #: films of these sources get no distillation term (a site adaptation's own films, so that
     #: what the base model got wrong there is learned from the labels alone)
     distill_skip_sources: tuple[str, ...] = ()
+    #: the distillation term compares only the model classes without training films (each on its
+    #: own, every other class pooled): the labels alone decide among the rest
+    distill_missing_only: bool = False
     #: the exported weights are (1 - a) * init + a * the run's best (WiSE-FT:
     #: cxr_core.training.interpolate); 1 = the run's own weights. Needs ``init`` to be a model
     #: with exactly this model's outputs
@@ -178,6 +181,8 @@ class TrainConfig:
             raise ValueError("mix_style is a probability in [0, 1]")
         if self.distill < 0:
             raise ValueError("distill is a weight >= 0")
+        if self.distill_missing_only and self.binary_positive:
+            raise ValueError("distill_missing_only is for multi-class models (a binary model's two classes always have films)")
         if self.distill and self.init in ("random", "imagenet"):
             raise ValueError("distill keeps a trained model's outputs: init must be that model's weights")
         if not 0.0 <= self.interpolate <= 1.0:

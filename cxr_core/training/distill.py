@@ -11,6 +11,7 @@ towards the base model's view while the site's films move the rest.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +38,32 @@ def load_teacher(arch: str, n_outputs: int, weights: Path | str, device: torch.d
     return teacher
 
 
+def _grouped(log_p: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
+    """(N, K) log-probabilities -> (N, len(kept) + 1): the kept classes, then all the others as one."""
+    rest = [i for i in range(log_p.shape[1]) if i not in set(kept)]
+    return torch.cat([log_p[:, list(kept)], torch.logsumexp(log_p[:, rest], dim=1, keepdim=True)], dim=1)
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, head: str, weights: torch.Tensor | None = None,
-                      temperature: float = TEMPERATURE) -> torch.Tensor:
+                      temperature: float = TEMPERATURE, classes: Sequence[int] | None = None) -> torch.Tensor:
     """Mean (or ``weights``-weighted mean) over films of T² · KL(teacher ‖ student) at temperature T.
 
     ``student`` (N, K + A) logits, of which the first K are the model's classes (A auxiliary outputs
     are ignored: the exported model renormalises over its K classes); ``teacher`` (N, K) logits of the
     model being kept. A sigmoid head (K = 1) compares the two Bernoulli distributions.
+    ``classes`` (softmax only): compare only the probabilities of these class indices, every other
+    class pooled into one outcome, so the student is free to move probability among the others
+    (a site adaptation keeps the base model's view of the classes the site has no films of).
     """
     k = teacher.shape[1]
     s = student[:, :k].float() / temperature
     t = teacher.float() / temperature
-    if head == "sigmoid":
+    if classes is not None:
+        if head == "sigmoid" or not 0 < len(classes) < k:
+            raise ValueError("classes: some, not all, of a softmax head's classes")
+        log_p = _grouped(F.log_softmax(t, dim=1), classes)
+        per_film = (log_p.exp() * (log_p - _grouped(F.log_softmax(s, dim=1), classes))).sum(dim=1)
+    elif head == "sigmoid":
         p = torch.sigmoid(t[:, 0])
         # KL of Bernoullis = cross-entropy(p, q) - entropy(p); the entropy has no gradient but keeps the value a KL.
         per_film = (F.binary_cross_entropy_with_logits(s[:, 0], p, reduction="none")
