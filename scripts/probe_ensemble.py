@@ -19,6 +19,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,9 +42,11 @@ def _records(target: str) -> list:
     return [r for r in scan_folder(folder) if not split or r.split == split]
 
 
-def p_covid(model: LoadedModel, paths: list[Path], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def p_covid(model: LoadedModel, paths: list[Path], batch_size: int = 32,
+            transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated p(COVID-19) of each readable film, shape (N,), and whether the model's own
-    threshold calls it, shape (N,) bool; NaN / False for a film that cannot be read."""
+    threshold calls it, shape (N,) bool; NaN / False for a film that cannot be read.
+    ``transform``: applied to each film's pixels ((H, W) float32 in [0, 1]) before preprocessing."""
     index = model.manifest.classes.index(POSITIVE)
     probs = np.full(len(paths), np.nan)
     called = np.zeros(len(paths), bool)
@@ -51,7 +54,8 @@ def p_covid(model: LoadedModel, paths: list[Path], batch_size: int = 32) -> tupl
         images, keep = [], []
         for i, path in enumerate(paths[start : start + batch_size], start):
             try:
-                images.append(read_image(path).pixels)
+                pixels = read_image(path).pixels
+                images.append(pixels if transform is None else transform(pixels))
                 keep.append(i)
             except CxrError:
                 continue
