@@ -29,7 +29,7 @@ from cxr_core.state.jobs import (
     read_spec,
     read_state,
 )
-from cxr_core.training.adapt import training_folders
+from cxr_core.training.adapt import site_adaptation_blocker, training_folders
 from cxr_core.training.augment import MAX_ASPECT, MAX_EDGE_CROP
 from cxr_core.training.run import RunDir
 from pages._common import choose_evaluation_set, current_user, default_model_key, enter_page, guarded
@@ -133,6 +133,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
         replay: list[str] = []
         replay_share = 0.5
         distill = 0.0
+        blocked = None
         if preset.site_adaptation:
             found = [p for p in os.environ.get("CXR_REPLAY_DIRS", "").split(os.pathsep) if p]
             if not found and base_key:
@@ -153,10 +154,13 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
             distill = 1.0 if keep else 0.0
             eval_dir = None
             st.caption("The candidate is evaluated on the held-out half of this dataset's patients, before and after.")
+            blocked = site_adaptation_blocker(classes, binary, labels, bool(replay), bool(keep))
+            if blocked:
+                st.warning(blocked)
         else:
             eval_dir = choose_evaluation_set("training_eval_set", exclude=st.session_state.get("training_dataset"))
         version = st.text_input("New version name", value=datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M"))
-        if st.button("Launch", type="primary"):
+        if st.button("Launch", type="primary", disabled=bool(preset.site_adaptation and blocked)):
             with guarded("launching the job"):
                 spec = JobSpec(
                     dataset=str(by_id[dataset_id].root), arch=arch, model_id=model_id.strip(), version=version.strip(), user=user,

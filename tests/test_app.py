@@ -485,3 +485,39 @@ def test_models_page_shows_an_adapted_candidates_before_and_after(use_weights: P
     assert list(before_after.columns) == ["on the held-out films", "before", "after"]
     assert before_after["after"][1].startswith("0.650")
     assert any("not better than before" in w.value for w in at.warning)
+
+
+def test_a_site_adaptation_that_would_stop_is_explained_before_launch(use_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr_core.state.datasets import confirm_dataset, store_upload, validate_dataset
+    from cxr_core.state.jobs import PRESETS
+    from tests.synthetic import make_labelled_folder
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.delenv("CXR_REPLAY_DIRS", raising=False)
+    # A hospital's films: COVID-19 and normal, no viral pneumonia; the test model names no training data on disk.
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 6}, splits=False, size=64)
+    dataset = store_upload("Site E", "alice", files=[(p.relative_to(site).as_posix(), p.read_bytes()) for p in site.rglob("*.png")])
+    validate_dataset(dataset, thumbnails=0)
+    confirm_dataset(dataset, "alice")
+    at = app().run()
+    at.session_state["user"], at.session_state["role"] = "alice", "admin"
+    at.switch_page("pages/training.py").run()
+    next(r for r in at.radio if r.label == "Recipe").set_value(next(i for i, p in enumerate(PRESETS) if p.site_adaptation)).run()
+    assert not at.exception
+    launch = next(b for b in at.button if b.label == "Launch")
+    assert launch.disabled and any("no films of viral_pneumonia" in w.value and "Keep the base model" in w.value for w in at.warning)
+    # With the base model's answers kept, the job can run.
+    next(t for t in at.toggle if t.label.startswith("Keep the base model")).set_value(True).run()
+    assert not next(b for b in at.button if b.label == "Launch").disabled
+    assert not any("no films of" in w.value for w in at.warning)
+
+
+def test_site_adaptation_blocker_says_what_would_stop_adapt() -> None:
+    from cxr_core.training.adapt import site_adaptation_blocker
+
+    three = ("covid", "normal", "viral_pneumonia")
+    assert site_adaptation_blocker(three, None, ["covid", "normal", "nodule"], replay=True, distill=False) is None
+    assert "viral_pneumonia" in site_adaptation_blocker(three, None, ["covid", "normal"], replay=False, distill=False)
+    assert site_adaptation_blocker(three, None, ["covid", "normal"], replay=False, distill=True) is None
+    assert "no covid films" in site_adaptation_blocker(three, None, ["normal"], replay=False, distill=True)
+    assert site_adaptation_blocker(("covid", "other"), "covid", ["covid", "normal"], replay=False, distill=False) is None

@@ -92,6 +92,24 @@ def training_folders(manifest: Any, model_folder: Path) -> tuple[Path, ...]:
     return tuple(found)
 
 
+def site_adaptation_blocker(classes: Sequence[str], binary: str | None, site_labels: Sequence[str], replay: bool,
+                            distill: bool) -> str | None:
+    """Why adapting a model with ``classes`` to a site whose films carry ``site_labels`` would stop
+    before training (what :func:`adapt` raises), in words for the page that launches it; None when
+    it can run. ``replay``: training data is mixed in; ``distill``: the distillation term is on."""
+    if replay:
+        return None
+    positive = binary or classes[0]
+    if positive not in site_labels:
+        return (f"This site has no {positive} films and no training data is given to mix in: the {positive} threshold "
+                "cannot be chosen again. Give the model's training data folders, or a site with its own films of it.")
+    missing = [] if binary else [c for c in classes[1:] if c not in site_labels]
+    if missing and not distill:
+        return (f"This site has no films of {', '.join(missing)} and no training data is given to mix in: the model would "
+                "forget that class. Give the model's training data folders, or turn on \"Keep the base model's answers\".")
+    return None
+
+
 def held_out_folder(work: Path) -> Path:
     """Where :func:`build_adapt_folder` puts the held-out films (flat label folders), beside ``work``."""
     return work.parent / f"{work.name}-held-out"
