@@ -121,3 +121,15 @@ def test_sample_of_the_test_split_matches_the_model_card(shipped) -> None:  # ty
     assert expected >= 20, "sample too small"
     # Three binomial standard deviations below what the card promises, and one image of slack.
     assert correct >= expected - 3 * math.sqrt(variance) - 1, f"{correct} right, the card predicts {expected:.1f}"
+
+
+def test_a_site_adaptation_finds_the_shipped_model_s_training_data(shipped, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`adapt` without --replay mixes in the folders the manifest names: from the repository's layout
+    they must resolve to the shared data, whatever the working directory."""
+    from cxr_core.training.adapt import training_folders
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("the shared data is not here")
+    monkeypatch.chdir(tmp_path)
+    found = training_folders(shipped.manifest, ROOT / "weights" / shipped.manifest.id)
+    assert [p.resolve() for p in found] == [SHARED_DATA.resolve()]
