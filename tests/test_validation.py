@@ -171,6 +171,14 @@ def test_the_model_s_own_training_folders_are_found_where_its_manifest_names_the
     for folder in (missing, unknown):  # part of the data missing, or none named: no replay rather than a partial one
         model = load_model(folder, device="cpu")
         assert training_folders(model.manifest, model.path) == ()
+    # A model adapted to a site was trained on that adaptation's view: not the public data to replay.
+    from cxr_core.training.adapt import build_adapt_folder
+
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 8}, splits=False, size=32)
+    build_adapt_folder(site, tmp_path / "data" / "view", [tmp_path / "data" / "a"])
+    adapted = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32, id="adapted", training_data={"root": "data/view"})
+    model = load_model(adapted, device="cpu")
+    assert training_folders(model.manifest, model.path) == ()
 
 
 def test_cli_adapt_replays_the_model_s_training_data_unless_told_not_to(tmp_path: Path) -> None:

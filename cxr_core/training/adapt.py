@@ -79,17 +79,28 @@ def training_folders(manifest: Any, model_folder: Path) -> tuple[Path, ...]:
     """The labelled folders ``manifest``'s model was trained on, as its training report names them
     (``training_data.root``: one folder, or several joined by " + "), that exist on this machine:
     relative to the working directory, or to the folder above ``weights/`` (where the app's
-    commands run). Empty when any of them is missing: a partial replay would be a different one."""
+    commands run). Empty when any of them is missing (a partial replay would be a different one),
+    and for a model adapted to a site: its training folder is an earlier adaptation's view, whose
+    test split is that site's held-out half, not the shared test split promotion reads."""
     root = str((getattr(manifest, "training_data", None) or {}).get("root") or "")
     found = []
     for name in (part.strip() for part in root.split(" + ") if part.strip()):
         path = Path(name)
         candidates = [path] if path.is_absolute() else [path, model_folder.resolve().parent.parent / path]
         hit = next((c for c in candidates if c.is_dir()), None)
-        if hit is None:
+        if hit is None or _is_adaptation_view(hit):
             return ()
         found.append(hit)
     return tuple(found)
+
+
+def _is_adaptation_view(folder: Path) -> bool:
+    """Whether ``folder`` was written by :func:`build_adapt_folder` (its site films carry SITE_SOURCE)."""
+    try:
+        with open(folder / "metadata.csv", newline="", encoding="utf-8") as handle:
+            return any(row.get("source") == SITE_SOURCE for row in csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return False
 
 
 def site_adaptation_blocker(classes: Sequence[str], binary: str | None, site_labels: Sequence[str], replay: bool,
