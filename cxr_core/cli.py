@@ -437,19 +437,26 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: the folder exists and is not empty; adapted models go to a new folder")
-    from cxr_core.training.adapt import training_folders
+    from cxr_core.training.adapt import AdaptationError, training_folders
 
     if args.replay is not None and args.no_replay:
         raise UsageError("--replay and --no-replay: give one or the other")
     replay = [] if args.no_replay else [Path(r) for r in args.replay] if args.replay is not None else list(training_folders(model.manifest, model.path))
     if args.replay is None and replay:
         log.info("replaying the model's training data found at %s", ", ".join(map(str, replay)))
-    result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=replay,
-                   replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                   run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
-                   min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
-                   distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate,
-                   distill_classes=args.distill_classes)
+    try:
+        result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=replay,
+                       replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
+                       min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
+                       distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate,
+                       distill_classes=args.distill_classes)
+    except AdaptationError as exc:
+        named = (model.manifest.training_data or {}).get("root")
+        if args.replay is None and not args.no_replay and not replay and named:
+            raise AdaptationError(f"{exc} (The folders {model.manifest.key} was trained on, {named}, are not on this "
+                                  "machine, or are an earlier adaptation's.)") from exc
+        raise
     if args.replay is None and replay:
         from dataclasses import replace as _replace
 

@@ -201,3 +201,9 @@ def test_cli_adapt_replays_the_model_s_training_data_unless_told_not_to(tmp_path
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     # Without the training data the site's missing class stops it, with a message that names the ways on.
     assert alone.returncode != 0 and "viral_pneumonia" in alone.stderr and "--distill" in alone.stderr and "Traceback" not in alone.stderr
+    # At a hospital without the model's training data, the message says that is why.
+    make_model_folder(tmp_path / "weights", "cnn5", classes, size=32, id="elsewhere", training_data={"root": "../public/cxr"})
+    command[command.index("site-base")] = "elsewhere"
+    away = subprocess.run([*command, "--out", str(tmp_path / "away"), "--run-dir", str(tmp_path / "run-away")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert away.returncode != 0 and "trained on, ../public/cxr, are not on this machine" in away.stderr and "Traceback" not in away.stderr
