@@ -19,7 +19,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,6 +69,27 @@ def p_covid(model: LoadedModel, paths: list[Path], batch_size: int = 32,
     return probs, called
 
 
+def called_by_group(called: np.ndarray, groups: list[str]) -> dict[str, list[int]]:
+    """{group: [films called COVID-19, films]} for ``called`` (N,) bool and each film's group (N,),
+    groups in sorted order."""
+    out = {}
+    for group in sorted(set(groups)):
+        mask = np.array([g == group for g in groups])
+        out[group] = [int(called[mask].sum()), int(mask.sum())]
+    return out
+
+
+def threshold_on_validation(score: np.ndarray, positive: np.ndarray, target_sensitivity: float) -> tuple[float, dict[str, Any]]:
+    """The COVID-19 threshold chosen on validation scores (N,) (NaN: unreadable, left out) for
+    ``target_sensitivity``, as the shipped thresholds are, and the report's entry: that threshold
+    and the validation sensitivity and specificity it gives, rounded."""
+    ok = ~np.isnan(score)
+    threshold = float(choose_threshold(score[ok], positive[ok], target_sensitivity))
+    return threshold, {"threshold": round(threshold, 4),
+                       "validation_sensitivity": round(float((score[ok & positive] >= threshold).mean()), 4),
+                       "validation_specificity": round(float((score[ok & ~positive] < threshold).mean()), 4)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs=2, required=True)
@@ -92,22 +113,11 @@ def main() -> int:
 
     report: dict[str, dict] = defaultdict(dict)
     for name, called in zip(args.models, own_called):
-        report[f"{name} (own threshold)"] = {"threshold": None, "validation_sensitivity": None, "held_out": {}}
-        for group in sorted(set(groups)):
-            mask = np.array([g == group for g in groups])
-            report[f"{name} (own threshold)"]["held_out"][group] = [int(called[mask].sum()), int(mask.sum())]
+        report[f"{name} (own threshold)"] = {"threshold": None, "validation_sensitivity": None, "held_out": called_by_group(called, groups)}
     for rule, combine in (("mean", np.mean), ("both (min)", np.min), ("either (max)", np.max)):
-        score_val = combine(np.stack(p_val), axis=0)
         score_held = combine(np.stack(p_held), axis=0)
-        ok = ~np.isnan(score_val)
-        threshold = choose_threshold(score_val[ok], val_positive[ok], args.target_sensitivity)
-        entry = {"threshold": round(float(threshold), 4),
-                 "validation_sensitivity": round(float((score_val[ok & val_positive] >= threshold).mean()), 4),
-                 "validation_specificity": round(float((score_val[ok & ~val_positive] < threshold).mean()), 4),
-                 "held_out": {}}
-        for group in sorted(set(groups)):
-            mask = np.array([g == group for g in groups])
-            entry["held_out"][group] = [int((score_held[mask] >= threshold).sum()), int(mask.sum())]
+        threshold, entry = threshold_on_validation(combine(np.stack(p_val), axis=0), val_positive, args.target_sensitivity)
+        entry["held_out"] = called_by_group(score_held >= threshold, groups)
         report[rule] = entry
     for name, entry in report.items():
         total = sum(v[0] for v in entry["held_out"].values()), sum(v[1] for v in entry["held_out"].values())

@@ -23,11 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe_ensemble import POSITIVE, _records, p_covid  # noqa: E402
+from probe_ensemble import POSITIVE, _records, called_by_group, p_covid, threshold_on_validation  # noqa: E402
 
 from cxr_core.imaging.io import read_image  # noqa: E402
 from cxr_core.models.loading import load_model, resolve_model  # noqa: E402
-from cxr_core.training.calibration import choose_threshold  # noqa: E402
 
 LEVELS = np.linspace(0.0, 1.0, 256)
 
@@ -70,23 +69,16 @@ def main() -> int:
     val = _records(args.validation)
     held = [r for target in args.held_out for r in _records(target)]
     val_positive = np.array([r.label == POSITIVE for r in val])
-    groups = sorted({f"{r.source}/{r.label}" for r in held})
+    groups = [f"{r.source}/{r.label}" for r in held]
     report: dict[str, object] = {"reference_quantiles": [round(float(v), 4) for v in reference[::32]], "models": {}}
     for model_id in args.models:
         model = load_model(resolve_model(model_id).path)
         _, shipped_called = p_covid(model, [r.path for r in held])
         p_val, _ = p_covid(model, [r.path for r in val], transform=match)
         p_held, _ = p_covid(model, [r.path for r in held], transform=match)
-        ok = ~np.isnan(p_val)
-        threshold = choose_threshold(p_val[ok], val_positive[ok], args.target_sensitivity)
-        entry = {"threshold": round(float(threshold), 4),
-                 "validation_sensitivity": round(float((p_val[ok & val_positive] >= threshold).mean()), 4),
-                 "validation_specificity": round(float((p_val[ok & ~val_positive] < threshold).mean()), 4),
-                 "shipped": {}, "matched": {}}
-        for group in groups:
-            mask = np.array([f"{r.source}/{r.label}" == group for r in held])
-            entry["shipped"][group] = [int(shipped_called[mask].sum()), int(mask.sum())]
-            entry["matched"][group] = [int((p_held[mask] >= threshold).sum()), int(mask.sum())]
+        threshold, entry = threshold_on_validation(p_val, val_positive, args.target_sensitivity)
+        entry["shipped"] = called_by_group(shipped_called, groups)
+        entry["matched"] = called_by_group(p_held >= threshold, groups)
         report["models"][model.manifest.key] = entry  # type: ignore[index]
         for name in ("shipped", "matched"):
             total = sum(v[0] for v in entry[name].values()), sum(v[1] for v in entry[name].values())
