@@ -347,14 +347,14 @@ def train(
     w_train = sample_weights(config, data.train.records, y_train)
     teacher = None
     distil_classes: list[int] | None = None  # None: every class
-    if config.distill:
+    if config.distill and config.distill_missing_only:
+        distil_classes = [i for i in range(len(config.model_classes)) if not (y_train == i).any()]
+        log.info("distillation on the classes without training films only: %s",
+                 ", ".join(config.model_classes[i] for i in distil_classes) or "none (the term is off)")
+    if config.distill and distil_classes != []:  # [] : nothing to compare, so no teacher pass per step
         from cxr_core.training.distill import distillation_loss, load_teacher
 
         teacher = load_teacher(config.arch, 1 if config.head == "sigmoid" else len(config.model_classes), config.init, device)
-        if config.distill_missing_only:
-            distil_classes = [i for i in range(len(config.model_classes)) if not (y_train == i).any()]
-            log.info("distillation on the classes without training films only: %s",
-                     ", ".join(config.model_classes[i] for i in distil_classes) or "none (the term is off)")
         skip = set(config.distill_skip_sources)
         distilled = np.array([0.0 if (getattr(r, "source", None) or "") in skip else 1.0 for r in data.train.records])
 
@@ -429,7 +429,7 @@ def train(
                 loss = loss_fn(logits.float(), y, w)
                 if teacher is not None:
                     d = torch.from_numpy(distilled[idx]).float().to(device) * (1.0 if w is None else w)
-                    if d.sum() > 0 and distil_classes != []:  # a batch of skipped films only has no term
+                    if d.sum() > 0:  # a batch of skipped films only has no term
                         loss = loss + config.distill * distillation_loss(logits, kept, config.head, d, classes=distil_classes)
                 loss.backward()
                 optimizer.step()
