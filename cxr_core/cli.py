@@ -431,19 +431,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from cxr_core.training.adapt import adapt
+    from dataclasses import replace
+
+    from cxr_core.training.adapt import AdaptationError, adapt, training_folders
 
     model = _load_any_version(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: the folder exists and is not empty; adapted models go to a new folder")
-    from cxr_core.training.adapt import AdaptationError, training_folders
-
     if args.replay is not None and args.no_replay:
         raise UsageError("--replay and --no-replay: give one or the other")
-    replay = [] if args.no_replay else [Path(r) for r in args.replay] if args.replay is not None else list(training_folders(model.manifest, model.path))
-    if args.replay is None and replay:
-        log.info("replaying the model's training data found at %s", ", ".join(map(str, replay)))
+    by_default = args.replay is None and not args.no_replay  # the model's own training folders, when here
+    if by_default:
+        replay = list(training_folders(model.manifest, model.path))
+    else:
+        replay = [Path(r) for r in args.replay or ()]
     try:
         result = adapt(model.path, Path(args.data_dir), out, version=args.version, replay=replay,
                        replay_share=args.replay_share, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -453,15 +455,13 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                        distill_classes=args.distill_classes)
     except AdaptationError as exc:
         named = (model.manifest.training_data or {}).get("root")
-        if args.replay is None and not args.no_replay and not replay and named:
+        if by_default and not replay and named:
             raise AdaptationError(f"{exc} (The folders {model.manifest.key} was trained on, {named}, are not on this "
                                   "machine, or are an earlier adaptation's.)") from exc
         raise
-    if args.replay is None and replay:
-        from dataclasses import replace as _replace
-
+    if by_default and replay:
         found = "the model's training data found at " + ", ".join(map(str, replay))
-        result = _replace(result, notes=(f"replayed {found} (the default; --no-replay adapts on the site's films alone)", *result.notes))
+        result = replace(result, notes=(f"replayed {found} (the default; --no-replay adapts on the site's films alone)", *result.notes))
     if args.json:
         from dataclasses import asdict
 
