@@ -199,3 +199,57 @@ def external_rows(folder: Path, model_key: str) -> list[dict[str, object]]:
         return []
     return [{"source / label": group, "films": row["n"], "called COVID-19": row["called_covid"],
              "share": row.get("called_covid_rate")} for group, row in data.get("groups", {}).items()]
+
+
+@dataclass(frozen=True)
+class UnseenSource:
+    """How a model called the films of a source it never fitted on (not trained, calibrated or
+    thresholded on), none of them of its positive class: a hospital it never saw."""
+
+    source: str
+    films: int
+    called_positive: int
+
+    @property
+    def share(self) -> float:
+        return self.called_positive / self.films if self.films else 0.0
+
+
+def _fitted_sources(training_data: Mapping[str, object]) -> set[str]:
+    """Every source a model's manifest says it was trained on or calibrated on."""
+    fitted: set[str] = set()
+    for per_split in dict(training_data.get("sources", {}) or {}).values():  # type: ignore[union-attr]
+        fitted.update(dict(per_split or {}))
+    calibration = dict(training_data.get("calibration", {}) or {})  # type: ignore[arg-type]
+    fitted.update(dict(calibration.get("val_sources", {}) or {}))
+    return fitted
+
+
+def unseen_sources(folder: Path, model_key: str, positive: str, training_data: Mapping[str, object]) -> tuple[UnseenSource, ...]:
+    """The sources of ``folder``'s external_measurement.json that the model never fitted on, each
+    with how many of its films (none of class ``positive``) were called ``positive``; largest share
+    first. Empty when the folder has no current measurement or every measured source was fitted on."""
+    fitted = _fitted_sources(training_data)
+    totals: dict[str, list[int]] = {}
+    for row in external_rows(folder, model_key):
+        source, _, label = str(row["source / label"]).partition("/")
+        if source in fitted:
+            continue
+        total = totals.setdefault(source, [0, 0, 0])
+        total[0] += int(row["films"])  # type: ignore[call-overload]
+        total[1] += int(row["called COVID-19"])  # type: ignore[call-overload]
+        total[2] += label == positive
+    found = [UnseenSource(source, n, called) for source, (n, called, has_positive) in totals.items() if n and not has_positive]
+    return tuple(sorted(found, key=lambda s: (-s.share, s.source)))
+
+
+def unseen_hospital_note(sources: Sequence[UnseenSource], positive_label: str) -> str:
+    """The plain sentence Diagnose shows beside a model no one has validated at this site; "" when
+    nothing was measured at a hospital the model never saw."""
+    if not sources:
+        return ""
+    worst = sources[0]
+    return (f"At a hospital it was never trained on ({worst.source}: {worst.films} films, none of them {positive_label}), "
+            f"this model called {worst.called_positive} ({worst.share:.0%}) {positive_label}. "
+            f"A {positive_label} call here may be false: validate the model on this hospital's own films "
+            "(Models page, \"Validate at this site\") before relying on it.")

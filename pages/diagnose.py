@@ -19,10 +19,11 @@ from cxr_core.explain.viewer import heat_layer, viewer_html
 from cxr_core.imaging.film import XrayImage
 from cxr_core.imaging.io import read_image
 from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
+from cxr_core.metrics import unseen_hospital_note, unseen_sources
 from cxr_core.models.loading import LoadedModel
 from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows
 from cxr_core.state import audit
-from cxr_core.state.site_validations import site_badge
+from cxr_core.state.site_validations import NOT_VALIDATED, site_badge
 from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view
 from pages._common import (
     cached_model,
@@ -278,7 +279,13 @@ else:
     headline = f"**Rejected input** — the model would have said {manifest.label(prediction.decision or '')}."
 st.markdown(headline + f"  \nModel: **{manifest.name}**, version **{manifest.version}** (`{manifest.key}`)")
 with guarded("reading the site validation"):
-    st.caption(site_badge(manifest.key))
+    badge = site_badge(manifest.key)
+    st.caption(badge)
+    # Not validated here: say what the model did at a hospital it never saw, loudest when it calls COVID-19.
+    positive = manifest.classes[0]
+    unseen = unseen_hospital_note(unseen_sources(model.path, manifest.key, positive, manifest.training_data), manifest.label(positive))
+    if badge == NOT_VALIDATED and unseen:
+        (st.warning if prediction.decision == positive else st.caption)(f"⚠️ {unseen}")
 st.caption(f"⚠️ {DISCLAIMER}")
 for warning in image.warnings:
     st.warning(warning)

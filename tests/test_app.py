@@ -521,3 +521,49 @@ def test_site_adaptation_blocker_says_what_would_stop_adapt() -> None:
     assert site_adaptation_blocker(three, None, ["covid", "normal"], replay=False, distill=True) is None
     assert "no covid films" in site_adaptation_blocker(three, None, ["normal"], replay=False, distill=True)
     assert site_adaptation_blocker(("covid", "other"), "covid", ["covid", "normal"], replay=False, distill=False) is None
+
+
+def test_diagnose_says_what_an_unvalidated_model_did_at_an_unseen_hospital(use_weights: Path, dicom_data: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    from cxr_core.imaging.io import read_image
+    from cxr_core.inference import predict
+    from cxr_core.models.loading import load_model
+    from cxr_core.state.site_validations import record_validation
+    from cxr_core.training.validation import validate_site
+    from tests.synthetic import make_labelled_folder
+
+    weights = tmp_path / "weights"
+    shutil.copytree(use_weights / "densenet121-test", weights / "densenet121-test")
+    (weights / "densenet121-test" / "external_measurement.json").write_text(json.dumps({"model": "densenet121-test@0.0.1", "groups": {
+        "jsrt/normal": {"n": 10, "called_covid": 4}, "jsrt/nodule": {"n": 10, "called_covid": 6}}}))
+    monkeypatch.setenv("CXR_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    film = ("film.dcm", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/dicom")
+    model = load_model(weights / "densenet121-test", device="cpu")
+    covid = model.manifest.label("covid")
+    note = f"At a hospital it was never trained on (jsrt: 20 films, none of them {covid}), this model called 10 (50%) {covid}."
+
+    def shown(at: AppTest) -> list[str]:
+        return [e.value for e in [*at.caption, *at.warning] if note in e.value]
+
+    at = app().run()
+    at.file_uploader[0].set_value(film)
+    at.run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Not validated at this site") for c in at.caption)
+    (text,) = shown(at)
+    assert "validate the model on this hospital's own films" in text
+    # Loud (a warning box) exactly when the model calls COVID-19, a caption otherwise.
+    (prediction,) = predict(model, [read_image(film[1], name=film[0])])
+    assert (text in [w.value for w in at.warning]) == (prediction.decision == "covid")
+
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 3}, splits=False, size=64)
+    record_validation(validate_site(model, site, bootstrap=20), user="alice", data_name="Site B")
+    at = app().run()
+    at.file_uploader[0].set_value(film)
+    at.run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Validated at this site on 6 films") for c in at.caption) and not shown(at)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from cxr_core.metrics import compute_metrics, expected_calibration_error
+from cxr_core.metrics import (
+    UnseenSource,
+    compute_metrics,
+    expected_calibration_error,
+    unseen_hospital_note,
+    unseen_sources,
+)
 from cxr_core.training.calibration import choose_threshold, fit_temperature
 
 CLASSES = ("covid", "normal", "viral_pneumonia")
@@ -97,3 +106,34 @@ def test_abstention_by_hand() -> None:
     assert m.by_source["b"].abstention.n_abstained == 2  # type: ignore[union-attr]
     assert m.as_dict()["abstention"] == {"answered": 0.6, "accuracy_answered": 1.0, "accuracy_abstained": 0.25, "n_abstained": 4}
     assert compute_metrics(LABELS, PREDICTED, PROBS, CLASSES).abstention is None
+
+
+def _external(folder: Path, model: str, groups: dict[str, tuple[int, int]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"model": model, "groups": {g: {"n": n, "called_covid": c, "called_covid_rate": c / n} for g, (n, c) in groups.items()}}
+    (folder / "external_measurement.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_unseen_sources_leave_out_what_the_model_was_trained_or_calibrated_on(tmp_path: Path) -> None:
+    training_data = {"sources": {"train": {"c19rdb": 10, "kermany": 5}, "val": {"c19rdb": 2}},
+                     "calibration": {"val_sources": {"c19rdb": 2, "openist": 3}}}
+    folder = _external(tmp_path / "m", "m@1.0", {
+        "c19rdb/covid": (400, 380), "c19rdb/normal": (269, 3),   # trained on
+        "openist/normal": (35, 13),                              # calibrated on
+        "jsrt/normal": (93, 44), "jsrt/nodule": (154, 77),       # never seen: one source, two labels
+        "site/normal": (10, 1),                                  # never seen, a smaller share
+        "other/covid": (20, 18), "other/normal": (20, 2),        # never seen, but has COVID-19 films
+    })
+    found = unseen_sources(folder, "m@1.0", "covid", training_data)
+    assert found == (UnseenSource("jsrt", 247, 121), UnseenSource("site", 10, 1))
+    assert found[0].share == pytest.approx(121 / 247)
+    note = unseen_hospital_note(found, "COVID-19")
+    assert note.startswith("At a hospital it was never trained on (jsrt: 247 films, none of them COVID-19), this model called 121 (49%) COVID-19.")
+    # A measurement of another version is stale; a folder without one, or nothing unseen, says nothing.
+    assert unseen_sources(folder, "m@1.1", "covid", training_data) == ()
+    assert unseen_sources(tmp_path / "none", "m@1.0", "covid", training_data) == ()
+    assert unseen_hospital_note((), "COVID-19") == ""
+    seen_all = {"sources": {"train": {"jsrt": 1, "site": 1, "other": 1, "c19rdb": 1, "openist": 1}}}
+    assert unseen_sources(folder, "m@1.0", "covid", seen_all) == ()
+

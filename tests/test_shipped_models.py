@@ -10,6 +10,7 @@ well as the model card says.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,20 @@ def test_shipped_model_is_complete(shipped) -> None:  # type: ignore[no-untyped-
     assert manifest.ood, "no fitted input gate"
     assert manifest.temperature > 0 and manifest.metrics.get("test")
     assert (ROOT / "weights" / manifest.id / "README.md").exists()
+
+
+def test_diagnose_can_say_what_the_shipped_model_did_at_an_unseen_hospital(shipped) -> None:  # type: ignore[no-untyped-def]
+    from cxr_core.metrics import unseen_sources
+
+    manifest = shipped.manifest
+    positive = manifest.classes[0]
+    (jsrt,) = [s for s in unseen_sources(shipped.path, manifest.key, positive, manifest.training_data) if s.source == "jsrt"]
+    # The same films and calls as the card's per-source table.
+    rows = re.findall(r"^\| jsrt/\w+ \| (\d+) \| (\d+) ", (shipped.path / "README.md").read_text(), flags=re.M)
+    assert len(rows) == 2 and jsrt.films == 247 == sum(int(n) for n, _ in rows)
+    assert jsrt.called_positive == sum(int(c) for _, c in rows)
+    fitted = {s for per in manifest.training_data["sources"].values() for s in per}
+    assert not fitted & {s.source for s in unseen_sources(shipped.path, manifest.key, positive, manifest.training_data)}
 
 
 def test_gate_on_real_files(shipped, dicom_data: Path, dicom_tests: Path) -> None:  # type: ignore[no-untyped-def]
