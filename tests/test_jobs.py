@@ -259,6 +259,15 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
     assert record["before"]["model"] == "tiny@1.0.0" and record["after"]["model"] == "tiny@1.1.0-site"
     assert record["before"]["n"] == record["after"]["n"] == films["held_out"]
     assert record["shared_test"]["n"] == 12 and record["shared_test"]["folder"] == str(replay)
+    # Both scorings of the held-out half are site validations, recorded for each model: Diagnose badges them.
+    from cxr_core.state.site_validations import list_validations, site_badge
+
+    stored = {v.model: v for v in list_validations()}
+    assert set(stored) == {"tiny@1.0.0", "tiny@1.1.0-site"}
+    for key, side in (("tiny@1.0.0", "before"), ("tiny@1.1.0-site", "after")):
+        assert stored[key].n == films["held_out"] and stored[key].user == spec.user and "held-out half" in stored[key].data_name
+        assert stored[key].result["covid_sensitivity"] == record[side]["covid_sensitivity"]
+    assert site_badge("tiny@1.1.0-site").startswith(f"Validated at this site on {films['held_out']} films")
     # Evaluated on the held-out films, as was the active version, so the usual rules apply too.
     assert candidate.evaluation is not None and candidate.evaluation["n"] == films["held_out"] - record["after"]["counts"].get("nodule", 0)
     active = next(v for v in list_versions("tiny") if v.active)

@@ -449,9 +449,15 @@ def _training_inputs(job_dir: Path, spec: JobSpec, *, follower: bool = False,
 def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None:
     """Before/after on the site's held-out films (the figures of a site validation) and the
     candidate's COVID-19 sensitivity on the first replay folder's test split, in the candidate's
-    folder (site_adaptation.json): what its promotion is judged by."""
+    folder (site_adaptation.json): what its promotion is judged by.
+
+    Both held-out scorings are site validations (patients neither model trained, calibrated or
+    chose a threshold on), so both are also recorded as such: Diagnose then shows the adapted
+    model, once promoted, as validated at this site instead of "not validated"."""
     from cxr_core.models.loading import load_model
     from cxr_core.models.versions import SITE_ADAPTATION_NAME, find_version
+    from cxr_core.state.datasets import list_datasets
+    from cxr_core.state.site_validations import record_validation
     from cxr_core.training.adapt import held_out_folder
     from cxr_core.training.evaluate import evaluate_folder
     from cxr_core.training.validation import validate_site
@@ -461,11 +467,17 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     # The base was found when the job started (_train_config); a site adaptation always has one.
     base = find_version(name, version) if spec.base_model else None
     candidate = load_model(staging)
+    before = validate_site(load_model(base.path), held_out) if base else None
+    after = validate_site(candidate, held_out)
     record: dict[str, Any] = {
         "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),
-        "before": validate_site(load_model(base.path), held_out).as_dict() if base else None,
-        "after": validate_site(candidate, held_out).as_dict(), "shared_test": None, "distill": spec.distill,
+        "before": before.as_dict() if before else None,
+        "after": after.as_dict(), "shared_test": None, "distill": spec.distill,
     }
+    site = next((d.name for d in list_datasets() if str(d.root) == spec.dataset), Path(spec.dataset).name)
+    for result in (before, after):
+        if result is not None:
+            record_validation(result, user=spec.user, data_name=f"{site}, held-out half (site adaptation job {spec.job_id})")
     if spec.replay:
         shared = evaluate_folder(candidate, Path(spec.replay[0]), split="test").as_dict()
         covid = (shared.get("per_class") or {}).get("covid", {})  # type: ignore[union-attr]
