@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from cxr_core.imaging.annotations import Box, detect_burned_in, mask_boxes
+from cxr_core.imaging.chest_space import chest_space
 from cxr_core.imaging.film import ImageMetadata, XrayImage
 from cxr_core.imaging.gate import ACCEPTED, REJECTED, WARNING, judge, metadata_verdict
 from cxr_core.imaging.io import read_image
@@ -102,6 +103,16 @@ def test_the_feature_distance_alone_warns_about_a_film_that_looks_like_a_chest_f
     assert judge(film.metadata, 2.5, gate, quality, lungs="no plausible pair of lungs").outcome == REJECTED
     small = _image(cv2.resize(film.pixels, (96, 96), interpolation=cv2.INTER_AREA))
     assert judge(small.metadata, 2.5, gate, assess_quality(small)).outcome == REJECTED
+    # An unusual appearance that the appearance check only warns about (local-contrast processing
+    # does this) still lets a little-far film through with both warnings; a rejected appearance does not.
+    space = chest_space()
+    assert space is not None and quality.film_distance is not None and quality.film_distance <= space.warn
+    unusual = replace(quality, film_distance=(space.warn + space.reject) / 2)
+    verdict = judge(film.metadata, 2.5, gate, unusual)
+    reasons = " ".join(verdict.reasons)
+    assert verdict.outcome == WARNING and "though it looks like a chest film" in reasons and "unlike most chest radiographs" in reasons
+    assert judge(film.metadata, 3.5, gate, unusual).outcome == REJECTED
+    assert judge(film.metadata, 2.5, gate, replace(quality, film_distance=space.reject * 1.01)).outcome == REJECTED
 
 
 def test_a_distance_just_past_its_limit_never_reads_as_equal_to_it(chest: XrayImage) -> None:

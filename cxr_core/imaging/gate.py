@@ -115,13 +115,14 @@ def judge(
                 f"{limit}). Check that it is a whole frontal chest film."
             )
     # The feature distance says "unlike this model's training films", not "not a chest film": a
-    # film that every other check takes for an ordinary chest film (typical appearance, upright,
+    # film that every other check takes for a chest film (an appearance not rejected, upright,
     # bones bright, a readable size, a plausible pair of lungs) and that is not very far is
     # warned about, not turned away: another site's processing (CLAHE, a white collimation
-    # border) must not lock its films out (scripts/stress_gate.py). Small or smooth images
+    # border) must not lock its films out (scripts/stress_gate.py; an unusual appearance too:
+    # docs/experiments/2026-12-06-gate-stress-appearance.md). Small or smooth images
     # (gradients, dose grids) can look chest-like at 32 px, hence every condition.
     chest_like = (
-        space is not None and film is not None and quality is not None and film <= space.warn
+        space is not None and film is not None and quality is not None and film <= space.reject
         and not quality.low_resolution and not quality.fixable and not lungs
     )
     if gate is not None and distance is not None:
