@@ -462,6 +462,12 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     if by_default and replay:
         found = "the model's training data found at " + ", ".join(map(str, replay))
         result = replace(result, notes=(f"replayed {found} (the default; --no-replay adapts on the site's films alone)", *result.notes))
+    if args.record:
+        from cxr_core.state.site_validations import record_validation_figures
+
+        # Both scorings of the held-out half are site validations (patients neither model fitted on).
+        for figures in (result.before, result.after):
+            record_validation_figures(figures, user=args.record, role="cli", data_name=f"{Path(args.data_dir).name}, held-out half (adapt)")
     if args.json:
         from dataclasses import asdict
 
@@ -732,6 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="fine-tune a model on a site's films (split by patient: half held out to judge "
                                      "before and after), optionally mixing in the original training films")
     p.add_argument("data_dir", metavar="DATA_DIR", help="the site's labelled films (one folder per label)")
+    p.add_argument("--record", metavar="USER", help="also store both scorings of the held-out half (the base model's and the "
+                                                    "adapted model's) as site validations in the app's records, as USER")
     p.add_argument("--model", required=True, help="ID (its active version) or ID@VERSION")
     p.add_argument("--out", required=True, help="the adapted model's folder, e.g. weights/densenet121-site-b")
     p.add_argument("--version", default="1.0.0-site")

@@ -189,14 +189,23 @@ def test_cli_adapt_replays_the_model_s_training_data_unless_told_not_to(tmp_path
     make_model_folder(tmp_path / "weights", "cnn5", classes, size=32, id="site-base", training_data={"root": "data"})
     # A hospital's films: COVID-19, normal and nodule, no (children's) viral pneumonia.
     site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 16}, splits=False, size=48, seed=3)
-    env = {**os.environ, "CXR_WEIGHTS_DIR": str(tmp_path / "weights"), "CXR_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "CXR_WEIGHTS_DIR": str(tmp_path / "weights"), "CXR_DEVICE": "cpu", "PYTHONPATH": str(ROOT),
+           "CXR_VAR_DIR": str(tmp_path / "var")}
     command = [sys.executable, "-m", "cxr_core", "adapt", str(site), "--model", "site-base", "--epochs", "1", "--batch-size", "8"]
-    done = subprocess.run([*command, "--out", str(tmp_path / "adapted"), "--run-dir", str(tmp_path / "run"), "--json"],
+    done = subprocess.run([*command, "--out", str(tmp_path / "adapted"), "--run-dir", str(tmp_path / "run"), "--json", "--record", "bob"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["films"]["replay_train"] > 0 and result["films"]["replay_val"] > 0
     assert "replayed the model's training data found at data" in result["notes"][0]
+    # --record: both scorings of the held-out half stored as site validations, by the given user.
+    from cxr_core.state.site_validations import list_validations
+
+    stored = {v.model: v for v in list_validations(db=tmp_path / "var" / "cxr.sqlite3")}
+    assert set(stored) == {result["base"], result["model"]}
+    for key, side in ((result["base"], "before"), (result["model"], "after")):
+        assert stored[key].user == "bob" and stored[key].n == result["films"]["held_out"] and stored[key].result == result[side]
+        assert stored[key].data_name == "site, held-out half (adapt)"
     alone = subprocess.run([*command, "--out", str(tmp_path / "alone"), "--run-dir", str(tmp_path / "run-alone"), "--no-replay"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     # Without the training data the site's missing class stops it, with a message that names the ways on.

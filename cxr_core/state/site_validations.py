@@ -46,18 +46,25 @@ NOT_VALIDATED = "Not validated at this site: its figures come from public data o
 
 def record_validation(result: SiteValidation, *, user: str, role: str = "admin", data_name: str, db: Path | None = None) -> StoredValidation:
     """Store ``result`` in the app database and the audit trail; returns the stored record."""
+    return record_validation_figures(result.as_dict(), user=user, role=role, data_name=data_name, db=db)
+
+
+def record_validation_figures(data: dict[str, Any], *, user: str, role: str = "admin", data_name: str,
+                              db: Path | None = None) -> StoredValidation:
+    """:func:`record_validation` for a validation already in its JSON form (``SiteValidation.as_dict()``,
+    as ``adapt`` reports its before and after)."""
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    data = result.as_dict()
+    model, sha, n = data["model"], data["data_sha256"], int(data["n"])
     with connect(db) as conn:
         cursor = conn.execute(
             "INSERT INTO site_validation (created, user, model, data_name, data_sha256, n, result) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (created, user, result.model, data_name, result.data_sha256, result.n, json.dumps(data)))
+            (created, user, model, data_name, sha, n, json.dumps(data)))
         new_id = int(cursor.lastrowid or 0)
-    audit.record("validate_site", user=user, role=role, model=result.model, db=db,
-                 details={"validation_id": new_id, "data_name": data_name, "data_sha256": result.data_sha256, "n": result.n,
-                          "counts": result.counts, "covid_sensitivity": data["covid_sensitivity"]["value"],
-                          "non_covid_specificity": data["non_covid_specificity"]["value"], "auroc": result.auroc["value"]})
-    return StoredValidation(new_id, created, user, result.model, data_name, result.data_sha256, result.n, data)
+    audit.record("validate_site", user=user, role=role, model=model, db=db,
+                 details={"validation_id": new_id, "data_name": data_name, "data_sha256": sha, "n": n,
+                          "counts": data["counts"], "covid_sensitivity": data["covid_sensitivity"]["value"],
+                          "non_covid_specificity": data["non_covid_specificity"]["value"], "auroc": data["auroc"]["value"]})
+    return StoredValidation(new_id, created, user, model, data_name, sha, n, data)
 
 
 def list_validations(model: str | None = None, db: Path | None = None) -> list[StoredValidation]:
