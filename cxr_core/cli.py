@@ -463,11 +463,10 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         found = "the model's training data found at " + ", ".join(map(str, replay))
         result = replace(result, notes=(f"replayed {found} (the default; --no-replay adapts on the site's films alone)", *result.notes))
     if args.record:
-        from cxr_core.state.site_validations import record_validation_figures
+        from cxr_core.state.site_validations import record_held_out_validations
 
-        # Both scorings of the held-out half are site validations (patients neither model fitted on).
-        for figures in (result.before, result.after):
-            record_validation_figures(figures, user=args.record, role="cli", data_name=f"{Path(args.data_dir).name}, held-out half (adapt)")
+        record_held_out_validations(result.before, result.after, user=args.record, role="cli",
+                                    data_name=f"{Path(args.data_dir).name}, held-out half (adapt)")
     if args.json:
         from dataclasses import asdict
 

@@ -281,11 +281,12 @@ st.markdown(headline + f"  \nModel: **{manifest.name}**, version **{manifest.ver
 with guarded("reading the site validation"):
     badge = site_badge(manifest.key)
     st.caption(badge)
-    # Not validated here: say what the model did at a hospital it never saw, loudest when it calls COVID-19.
-    positive = manifest.classes[0]
-    unseen = unseen_hospital_note(unseen_sources(model.path, manifest.key, positive, manifest.training_data), manifest.label(positive))
-    if badge == NOT_VALIDATED and unseen:
-        (st.warning if prediction.decision == positive else st.caption)(f"⚠️ {unseen}")
+    if badge == NOT_VALIDATED:
+        # Say what the model did at a hospital it never saw, loudest when it calls COVID-19.
+        positive = manifest.classes[0]
+        unseen = unseen_hospital_note(unseen_sources(model.path, manifest.key, positive, manifest.training_data), manifest.label(positive))
+        if unseen:
+            (st.warning if prediction.decision == positive else st.caption)(f"⚠️ {unseen}")
 st.caption(f"⚠️ {DISCLAIMER}")
 for warning in image.warnings:
     st.warning(warning)

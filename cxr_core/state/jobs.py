@@ -457,7 +457,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     from cxr_core.models.loading import load_model
     from cxr_core.models.versions import SITE_ADAPTATION_NAME, find_version
     from cxr_core.state.datasets import list_datasets
-    from cxr_core.state.site_validations import record_validation
+    from cxr_core.state.site_validations import record_held_out_validations
     from cxr_core.training.adapt import held_out_folder
     from cxr_core.training.evaluate import evaluate_folder
     from cxr_core.training.validation import validate_site
@@ -467,17 +467,14 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     # The base was found when the job started (_train_config); a site adaptation always has one.
     base = find_version(name, version) if spec.base_model else None
     candidate = load_model(staging)
-    before = validate_site(load_model(base.path), held_out) if base else None
-    after = validate_site(candidate, held_out)
     record: dict[str, Any] = {
         "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),
-        "before": before.as_dict() if before else None,
-        "after": after.as_dict(), "shared_test": None, "distill": spec.distill,
+        "before": validate_site(load_model(base.path), held_out).as_dict() if base else None,
+        "after": validate_site(candidate, held_out).as_dict(), "shared_test": None, "distill": spec.distill,
     }
     site = next((d.name for d in list_datasets() if str(d.root) == spec.dataset), Path(spec.dataset).name)
-    for result in (before, after):
-        if result is not None:
-            record_validation(result, user=spec.user, data_name=f"{site}, held-out half (site adaptation job {spec.job_id})")
+    record_held_out_validations(record["before"], record["after"], user=spec.user,
+                                data_name=f"{site}, held-out half (site adaptation job {spec.job_id})")
     if spec.replay:
         shared = evaluate_folder(candidate, Path(spec.replay[0]), split="test").as_dict()
         covid = (shared.get("per_class") or {}).get("covid", {})  # type: ignore[union-attr]

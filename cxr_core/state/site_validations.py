@@ -67,6 +67,15 @@ def record_validation_figures(data: dict[str, Any], *, user: str, role: str = "a
     return StoredValidation(new_id, created, user, model, data_name, sha, n, data)
 
 
+def record_held_out_validations(before: dict[str, Any] | None, after: dict[str, Any], *, user: str, role: str = "admin",
+                                data_name: str, db: Path | None = None) -> list[StoredValidation]:
+    """Store a site adaptation's two scorings of its held-out half (the base model's ``before``, if
+    any, and the adapted model's ``after``, each ``SiteValidation.as_dict()``) as site validations:
+    both are, the held-out patients being ones neither model trained, calibrated or chose a threshold on."""
+    return [record_validation_figures(figures, user=user, role=role, data_name=data_name, db=db)
+            for figures in (before, after) if figures is not None]
+
+
 def list_validations(model: str | None = None, db: Path | None = None) -> list[StoredValidation]:
     """Recorded validations, newest first; only ``model`` (id@version) when given."""
     query = "SELECT id, created, user, model, data_name, data_sha256, n, result FROM site_validation"
