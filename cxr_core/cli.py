@@ -241,7 +241,8 @@ def _cmd_train_lungs(args: argparse.Namespace) -> int:
 
     sources = [s.strip() for s in args.source.split(",") if s.strip()] if args.source else None
     pairs = read_mask_pairs(args.masks_csv, args.image_root, sources)
-    run = train_segmenter(pairs, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, version=args.version)
+    run = train_segmenter(pairs, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, version=args.version,
+                          processing=args.processing)
     print(f"wrote {run.folder}: {run.train_films} training and {run.val_films} validation films; "
           f"best epoch {run.best_epoch}/{run.epochs}, validation Dice {run.val_dice:.4f}; {run.seconds / 60:.1f} min")
     return EXIT_OK
@@ -680,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", default="1.0.0")
+    p.add_argument("--processing", type=float, default=0.0,
+                   help="probability of each of another site's processing steps on the film alone "
+                        "(CLAHE, a lower resolution, a JPEG re-encode; default 0: off)")
     p.set_defaults(func=_cmd_train_lungs)
 
     p = sub.add_parser("fit-gate", help="fit a model's out-of-distribution gate on its training data")

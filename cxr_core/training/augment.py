@@ -149,13 +149,14 @@ MAX_DOWNSAMPLE = 3.0
 MIN_JPEG_QUALITY = 30
 
 
-def acquire(batch: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+def acquire(batch: torch.Tensor, probability: float, generator: torch.Generator, *, occluders: bool = True) -> torch.Tensor:
     """(N, 1, H, W) in [0, 1] -> the same films with acquisition artefacts, each drawn
     independently with ``probability``: a black frame on each edge (up to MAX_FRAME), CLAHE
     local-contrast processing, one black or white box near an edge, resampling from a lower
     resolution, a JPEG re-encode, in the order a film meets them. Random draws come from
     ``generator`` (a fixed number per film, so the stream does not depend on the pixels);
-    OpenCV does the pixel work."""
+    OpenCV does the pixel work. ``occluders=False`` leaves out the frame and the box, which
+    hide anatomy: for a target that is drawn on the anatomy (a lung mask), not on the film."""
     import cv2
     import numpy as np
 
@@ -165,13 +166,13 @@ def acquire(batch: torch.Tensor, probability: float, generator: torch.Generator)
     out = np.empty_like(films)
     for i, (film, d) in enumerate(zip(films, draws)):
         film = film.copy()
-        if d[0] < probability:
+        if occluders and d[0] < probability:
             top, bottom, left, right = (int(f * MAX_FRAME * side) for f, side in zip(d[1:5], (height, height, width, width)))
             film[:top], film[height - bottom :], film[:, :left], film[:, width - right :] = 0, 0, 0, 0
         if d[5] < probability:
             clip = CLAHE_CLIP[0] + d[6] * (CLAHE_CLIP[1] - CLAHE_CLIP[0])
             film = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(8, 8)).apply(film)
-        if d[7] < probability:
+        if occluders and d[7] < probability:
             side = BOX_SIDE[0] + d[8] * (BOX_SIDE[1] - BOX_SIDE[0])
             bh, bw = max(1, int(side * height)), max(1, int(side * width * 1.5))
             # Along the top or bottom edge, where labels and redactions sit; black or white.

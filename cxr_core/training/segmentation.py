@@ -35,7 +35,7 @@ from cxr_core.imaging.io import read_image
 from cxr_core.imaging.lungs import SEGMENTER_SIZE, dice, postprocess_mask, segmenter_manifest
 from cxr_core.models.architectures import build_segmenter
 from cxr_core.models.manifest import Manifest
-from cxr_core.training.augment import AugmentConfig, augment
+from cxr_core.training.augment import AugmentConfig, acquire, augment
 from cxr_core.training.dataset import DatasetError, _bucket
 
 log = logging.getLogger(__name__)
@@ -153,18 +153,24 @@ def train_segmenter(
     val_fraction: float = 0.1,
     seed: int = 0,
     version: str = "1.0.0",
+    processing: float = 0.0,
     progress: Callable[[int, int, float, float], None] | None = None,
 ) -> SegmenterRun:
     """Train a U-Net on ``pairs`` and write its model folder to ``out``.
 
     A ``val_fraction`` of the films (by a hash of the file name, so stable) chooses the
-    epoch by Dice; the exported weights are that epoch's. ``progress(epoch, epochs,
+    epoch by Dice; the exported weights are that epoch's. ``processing`` is the probability of
+    each of another site's processing steps on the film alone (CLAHE local contrast, a lower
+    resolution, a JPEG re-encode: :func:`cxr_core.training.augment.acquire` without its
+    frame and box, which would hide lung the mask still shows). ``progress(epoch, epochs,
     train_loss, val_dice)`` after each epoch.
     """
     from cxr_core.models.loading import save_segmenter_folder
 
     if epochs < 1 or batch_size < 2:
         raise ValueError("epochs >= 1 and batch_size >= 2")
+    if not 0.0 <= processing <= 1.0:
+        raise ValueError("processing is a probability, 0 to 1")
     started = time.monotonic()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -195,6 +201,8 @@ def train_segmenter(
                 continue  # batch norm needs two films
             moved = augment(torch.cat([films_t[idx], masks_t[idx]], dim=1), GEOMETRY, generator)
             film = augment(moved[:, :1], EXPOSURE, generator)
+            if processing > 0:
+                film = acquire(film.clamp(0.0, 1.0), processing, generator, occluders=False)
             target = (moved[:, 1:] > 0.5).float()
             loss = _loss(network(_standardise(film)), target)
             optimiser.zero_grad(set_to_none=True)
@@ -225,6 +233,7 @@ def train_segmenter(
             "batch_size": batch_size,
             "lr": lr,
             "seed": seed,
+            "processing": processing,
             "seconds": round(seconds),
             "device": "cpu",
         },
@@ -253,7 +262,10 @@ def segmenter_card(manifest: Manifest) -> str:
              f"{tr.get('val_films')} more held out (by a hash of the file name) to choose the epoch.",
              f"- {tr.get('epochs')} epochs, batch {tr.get('batch_size')}, AdamW one-cycle lr {tr.get('lr')}, BCE + soft Dice; "
              "augmentation: rotation, zoom, shift and aspect moving film and mask together; gamma, contrast, brightness, "
-             f"blur/unsharp and noise on the film. Best epoch {tr.get('best_epoch')} (validation Dice {metrics.get('val_dice')}); "
+             "blur/unsharp and noise on the film"
+             + (f"; another site's processing on the film (CLAHE local contrast, a lower resolution, a JPEG re-encode), "
+                f"each with probability {tr['processing']}" if tr.get("processing") else "")
+             + f". Best epoch {tr.get('best_epoch')} (validation Dice {metrics.get('val_dice')}); "
              f"{(tr.get('seconds') or 0) / 60:.0f} min on {tr.get('device', 'a 2-core CPU')}.", "",
              "## Evaluation"]
     external = metrics.get("external_dice")
