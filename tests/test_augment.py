@@ -182,3 +182,22 @@ def _generator_after(film: torch.Tensor, config: AugmentConfig, seed: int) -> to
     generator = torch.Generator().manual_seed(seed)
     augment(film, config, generator)
     return generator
+
+
+def test_acquisition_without_occluders_draws_no_frame_or_box_and_keeps_the_stream() -> None:
+    from cxr_core.training.augment import acquire
+
+    film = _film(96).repeat(16, 1, 1, 1)
+    with_occluders = acquire(film, 1.0, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    without = acquire(film, 1.0, generator, occluders=False)
+    # The synthetic film is nowhere darker than 0.5 and CLAHE keeps it well above black: a black
+    # pixel on an edge is a frame or a box.
+    def black_edges(out: torch.Tensor) -> int:
+        return int((out[:, 0, 0, :] == 0).sum() + (out[:, 0, -1, :] == 0).sum() + (out[:, 0, :, 0] == 0).sum())
+    assert black_edges(with_occluders) > 0 and black_edges(without) == 0
+    assert float((without - film).abs().mean()) > 0.02  # CLAHE, resolution and JPEG still apply
+    # The same number of draws per film either way, so the stream afterwards does not depend on it.
+    after = torch.Generator().manual_seed(3)
+    acquire(film, 1.0, after)
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=after))

@@ -242,3 +242,31 @@ def test_training_crops_are_the_crops_inference_draws_and_are_found_once(tmp_pat
     # Found once: a second run reads the boxes without the segmenter (here: none installed).
     monkeypatch.setenv("CXR_WEIGHTS_DIR", str(tmp_path / "empty"))
     assert again.boxes([film.pixels], [film.sha256], spec) == boxes[:1]
+
+
+def test_train_lungs_with_processing_records_it_in_the_manifest_and_card(tmp_path: Path) -> None:
+    from cxr_core.training.segmentation import read_mask_pairs, segmenter_card, train_segmenter
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "films").mkdir()
+    (tmp_path / "masks").mkdir()
+    rows = ["mask,image,source"]
+    for i in range(30):
+        mask = np.zeros((128, 128), np.uint8)
+        top = 20 + int(rng.integers(0, 10))
+        mask[top:100, 18:58] = 255
+        mask[top:100, 70:110] = 255
+        film = np.where(mask > 0, 70, 190).astype(np.uint8) + rng.integers(0, 30, (128, 128)).astype(np.uint8)
+        Image.fromarray(film).save(tmp_path / "films" / f"f{i}.png")
+        Image.fromarray(mask).save(tmp_path / "masks" / f"f{i}.png")
+        rows.append(f"masks/f{i}.png,films/f{i}.png,site")
+    (tmp_path / "masks.csv").write_text("\n".join(rows) + "\n")
+    pairs = read_mask_pairs(tmp_path / "masks.csv", image_root=tmp_path)
+    with pytest.raises(ValueError, match="probability"):
+        train_segmenter(pairs, tmp_path / "bad", epochs=1, processing=1.5)
+    run = train_segmenter(pairs, tmp_path / "seg", epochs=1, batch_size=8, processing=0.5, version="9.9.9")
+    written = load_segmenter(run.folder, device="cpu")
+    assert written.manifest.training["processing"] == 0.5 and written.key == "lung-segmenter@9.9.9"
+    assert "another site's processing on the film (CLAHE" in (run.folder / "README.md").read_text()
+    plain = replace(written.manifest, training={**written.manifest.training, "processing": 0.0})
+    assert "another site's processing" not in segmenter_card(plain)
