@@ -45,7 +45,8 @@ def _summary(values: list[float]) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--masks", type=Path, required=True)
+    parser.add_argument("--masks", type=Path, help="masks.csv for Dice at --source (without it: the plausible range only, "
+                        "e.g. while a candidate is still to be chosen without reading the external hospital)")
     parser.add_argument("--source", default="jsrt", help="the masks.csv source to measure on (never one it trained on)")
     parser.add_argument("--films", nargs="*", default=[], metavar="FOLDER[:SPLIT]", help="training films for the plausible range")
     parser.add_argument("--per-source", type=int, default=1000, help="films sampled per source of --films")
@@ -56,17 +57,17 @@ def main() -> int:
     trained_on = set(segmenter.manifest.training.get("sources", []))
     if args.source in trained_on:
         parser.error(f"{segmenter.key} was trained on {args.source}: measure it elsewhere")
-    pairs = read_mask_pairs(args.masks, sources=[args.source])
-    films, truth = load_pairs(pairs)
-    scores = [dice(m.mask, t) for m, t in zip(segment_lungs(list(films), segmenter), truth)]
-    by_label: dict[str, list[float]] = defaultdict(list)
-    for pair, score in zip(pairs, scores):
-        by_label[pair.image.parent.name].append(score)
-    result: dict[str, object] = {
-        "model": segmenter.key,
-        "external_dice": {"source": args.source, **_summary(scores), "by_label": {k: _summary(v) for k, v in sorted(by_label.items())}},
-    }
-    print(f"{segmenter.key} on {args.source}: Dice {result['external_dice']}")
+    result: dict[str, object] = {"model": segmenter.key}
+    if args.masks is not None:
+        pairs = read_mask_pairs(args.masks, sources=[args.source])
+        films, truth = load_pairs(pairs)
+        scores = [dice(m.mask, t) for m, t in zip(segment_lungs(list(films), segmenter), truth)]
+        by_label: dict[str, list[float]] = defaultdict(list)
+        for pair, score in zip(pairs, scores):
+            by_label[pair.image.parent.name].append(score)
+        result["external_dice"] = {"source": args.source, **_summary(scores),
+                                   "by_label": {k: _summary(v) for k, v in sorted(by_label.items())}}
+        print(f"{segmenter.key} on {args.source}: Dice {result['external_dice']}")
 
     if args.films:
         rng = random.Random(0)
