@@ -202,6 +202,7 @@ def train_segmenter(
             moved = augment(torch.cat([films_t[idx], masks_t[idx]], dim=1), GEOMETRY, generator)
             film = augment(moved[:, :1], EXPOSURE, generator)
             if processing > 0:
+                # acquire works on 8-bit pixels: exposure noise outside [0, 1] would wrap around.
                 film = acquire(film.clamp(0.0, 1.0), processing, generator, occluders=False)
             target = (moved[:, 1:] > 0.5).float()
             loss = _loss(network(_standardise(film)), target)
