@@ -95,6 +95,12 @@ def read_mask_pairs(csv_path: Path | str, image_root: Path | str | None = None, 
     return pairs
 
 
+def held_out_for_epoch(pair: MaskPair, val_fraction: float = 0.1) -> bool:
+    """Whether :func:`train_segmenter` holds ``pair`` out to choose its epoch (a hash of the
+    file name, so the same films every run and for every candidate compared on them)."""
+    return _bucket(pair.image.name, "lungs") < val_fraction
+
+
 def load_pairs(pairs: Sequence[MaskPair], size: int = SEGMENTER_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Films as (N, size, size) float32 in [0, 1] and masks as (N, size, size) bool.
 
@@ -174,7 +180,7 @@ def train_segmenter(
     started = time.monotonic()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    is_val = [_bucket(p.image.name, "lungs") < val_fraction for p in pairs]
+    is_val = [held_out_for_epoch(p, val_fraction) for p in pairs]
     train_pairs = [p for p, v in zip(pairs, is_val) if not v]
     val_pairs = [p for p, v in zip(pairs, is_val) if v]
     if len(train_pairs) < batch_size or not val_pairs:
