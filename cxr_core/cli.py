@@ -498,7 +498,7 @@ def _cmd_fit_gate(args: argparse.Namespace) -> int:
         plan = LabelPlan.multiclass(folder.manifest.classes)
     data = prepare_data(args.data_dir, plan, folder.manifest.input.size[0], workers=args.workers,
                         mask_text=folder.manifest.input.mask_burned_in, crop=folder.manifest.input)
-    manifest = fit_gate(folder.path, data)
+    manifest = fit_gate(folder.path, data, processing=args.processing)
     ood = dict(manifest.ood)
     print(f"fitted the OOD gate of {manifest.key}: warn above {ood['warn']}, reject above {ood['reject']}; test split: {ood.get('test_rates')}")
     return EXIT_OK
@@ -690,6 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", metavar="DATA_DIR", nargs="+", help="the labelled folder(s) the model was trained on")
     p.add_argument("--model")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--processing", type=float, default=0.0, metavar="P",
+                   help="also fit on a processed copy of every training film, each of another site's "
+                        "processing steps drawn with probability P (frame, CLAHE, box, lower resolution, "
+                        "JPEG; default 0: the films as they are)")
     p.set_defaults(func=_cmd_fit_gate)
 
     p = sub.add_parser("users", help="manage the users who can sign in")

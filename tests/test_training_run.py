@@ -17,6 +17,7 @@ from cxr_core.errors import CxrError
 from cxr_core.models.loading import load_model
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.finalize import finalize
+from cxr_core.training.fit_gate import fit_gate, processed_copies
 from cxr_core.training.run import RunDir
 from cxr_core.training.trainer import TrainingCancelled, train
 from tests.conftest import SHARED_DATA, load_script
@@ -49,6 +50,26 @@ def test_tiny_train_writes_a_loadable_calibrated_model(data_root: Path, tmp_path
     events = [e["event"] for e in RunDir(tmp_path / "run").events()]
     assert events[0] == "preparing" and "start" in events and events.count("epoch") == 4
     assert json.loads((tmp_path / "run" / "status.json").read_text())["event"] == "epoch"
+
+
+def test_the_gate_can_be_refitted_on_processed_copies_of_the_training_films(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "weights" / "tiny"
+    config = tiny_config(data_root, out, schedule=((32, 1),))
+    result, data = train(config, tmp_path / "run")
+    plain = finalize(config, tmp_path / "run", data, result).ood
+    films = data.train.resized(32)
+    copies = processed_copies(films, 0.2)
+    assert copies.shape == films.shape and copies.dtype == np.uint8
+    assert np.array_equal(copies, processed_copies(films, 0.2))  # reproducible from its seed
+    # five steps drawn at 0.2 each leave about a third of the films as they were
+    assert 0.4 < np.mean(np.any(copies != films, axis=(1, 2))) < 0.9
+    refitted = fit_gate(out, data, processing=0.5).ood
+    assert refitted["processing"] == 0.5 and "processing" not in plain
+    assert refitted["fitted_on"]["train"] == 2 * plain["fitted_on"]["train"]
+    assert refitted["sha256"] != plain["sha256"]
+    assert load_model(out, device="cpu").feature_gate is not None  # the manifest's digest matches the new file
+    with pytest.raises(ValueError, match="probability"):
+        fit_gate(out, data, processing=1.5)
 
 
 def test_sealed_test_split_is_left_unread_until_the_card_refresh_evaluates_it(

@@ -31,15 +31,40 @@ def pooled_features(model: LoadedModel, pixels: np.ndarray, batch_size: int = 64
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
-def fit_gate(folder: Path | str, data: PreparedData, read_test: bool = True) -> Manifest:
+def processed_copies(pixels: np.ndarray, probability: float, seed: int = 0) -> np.ndarray:
+    """(N, S, S) uint8 films -> the same films as another site's equipment might have left them
+    (each of :func:`acquire`'s steps drawn with ``probability``: frame, CLAHE, box, lower
+    resolution, JPEG), reproducibly from ``seed``."""
+    from cxr_core.training.augment import acquire
+
+    generator = torch.Generator().manual_seed(seed)
+    out = np.empty_like(pixels)
+    for start in range(0, len(pixels), 256):
+        chunk = torch.from_numpy(pixels[start : start + 256]).float().div(255.0).unsqueeze(1)
+        out[start : start + 256] = (acquire(chunk, probability, generator)[:, 0] * 255.0 + 0.5).clamp(0, 255).byte().numpy()
+    return out
+
+
+def fit_gate(folder: Path | str, data: PreparedData, read_test: bool = True, processing: float = 0.0) -> Manifest:
     """Fit on ``data.train``, set thresholds on ``data.val``; report the test split's outcome rates
-    unless ``read_test`` is False (a test split sealed at training stays unread)."""
+    unless ``read_test`` is False (a test split sealed at training stays unread).
+
+    ``processing`` > 0 adds a processed copy of every training film to the fit (see
+    :func:`processed_copies`), so that a chest film processed the way another hospital processes
+    its films is not taken for a stranger to the model: the covariance then spans those changes
+    too. The thresholds still come from the validation films as they are."""
+    if not 0.0 <= processing <= 1.0:
+        raise ValueError("processing is a probability, 0 to 1")
     folder = Path(folder)
     model = load_model(folder)
     size = model.manifest.input.size[0]
     classes = {c: i for i, c in enumerate(model.manifest.classes)}
-    train = pooled_features(model, data.train.resized(size))
+    films = data.train.resized(size)
+    train = pooled_features(model, films)
     labels = np.array([classes[r.label] for r in data.train.records])
+    if processing > 0:
+        train = np.concatenate([train, pooled_features(model, processed_copies(films, processing))])
+        labels = np.concatenate([labels, labels])
     val = pooled_features(model, data.val.resized(size))
     gate = fit_feature_gate(train, labels, val)
     gate.save(folder / GATE_FILE)
@@ -51,6 +76,8 @@ def fit_gate(folder: Path | str, data: PreparedData, read_test: bool = True) -> 
         "reject": round(gate.reject, 3),
         "fitted_on": {"train": len(train), "val": len(val)},
     }
+    if processing > 0:
+        record["processing"] = processing
     if read_test and data.test is not None and len(data.test.records):
         test = gate.distances(pooled_features(model, data.test.resized(size)))
         record["test_rates"] = {"warned_or_rejected": round(float(np.mean(test > gate.warn)), 4), "rejected": round(float(np.mean(test > gate.reject)), 4), "n": len(test)}
