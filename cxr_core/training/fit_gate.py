@@ -14,6 +14,7 @@ from cxr_core.imaging.preprocess import normalise, to_network_input
 from cxr_core.models.feature_gate import fit_feature_gate
 from cxr_core.models.loading import LoadedModel, load_model, update_manifest
 from cxr_core.models.manifest import Manifest
+from cxr_core.training.augment import acquire
 from cxr_core.training.prepare import PreparedData
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def processed_copies(pixels: np.ndarray, probability: float, seed: int = 0) -> n
     """(N, S, S) uint8 films -> the same films as another site's equipment might have left them
     (each of :func:`acquire`'s steps drawn with ``probability``: frame, CLAHE, box, lower
     resolution, JPEG), reproducibly from ``seed``."""
-    from cxr_core.training.augment import acquire
-
     generator = torch.Generator().manual_seed(seed)
     out = np.empty_like(pixels)
     for start in range(0, len(pixels), 256):
@@ -60,6 +59,7 @@ def fit_gate(folder: Path | str, data: PreparedData, read_test: bool = True, pro
     size = model.manifest.input.size[0]
     classes = {c: i for i, c in enumerate(model.manifest.classes)}
     films = data.train.resized(size)
+    n_films = len(films)
     train = pooled_features(model, films)
     labels = np.array([classes[r.label] for r in data.train.records])
     if processing > 0:
@@ -74,10 +74,11 @@ def fit_gate(folder: Path | str, data: PreparedData, read_test: bool = True, pro
         "method": "class-conditional Mahalanobis distance, 128 principal components of the pooled features",
         "warn": round(gate.warn, 3),
         "reject": round(gate.reject, 3),
-        "fitted_on": {"train": len(train), "val": len(val)},
+        "fitted_on": {"train": n_films, "val": len(val)},
     }
     if processing > 0:
         record["processing"] = processing
+        record["fitted_on"] = {"train": n_films, "train_processed_copies": n_films, "val": len(val)}
     if read_test and data.test is not None and len(data.test.records):
         test = gate.distances(pooled_features(model, data.test.resized(size)))
         record["test_rates"] = {"warned_or_rejected": round(float(np.mean(test > gate.warn)), 4), "rejected": round(float(np.mean(test > gate.reject)), 4), "n": len(test)}
