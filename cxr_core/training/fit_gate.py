@@ -74,11 +74,10 @@ def fit_gate(folder: Path | str, data: PreparedData, read_test: bool = True, pro
         "method": "class-conditional Mahalanobis distance, 128 principal components of the pooled features",
         "warn": round(gate.warn, 3),
         "reject": round(gate.reject, 3),
-        "fitted_on": {"train": n_films, "val": len(val)},
+        "fitted_on": {"train": n_films, **({"train_processed_copies": n_films} if processing > 0 else {}), "val": len(val)},
     }
     if processing > 0:
         record["processing"] = processing
-        record["fitted_on"] = {"train": n_films, "train_processed_copies": n_films, "val": len(val)}
     if read_test and data.test is not None and len(data.test.records):
         test = gate.distances(pooled_features(model, data.test.resized(size)))
         record["test_rates"] = {"warned_or_rejected": round(float(np.mean(test > gate.warn)), 4), "rejected": round(float(np.mean(test > gate.reject)), 4), "n": len(test)}
