@@ -326,6 +326,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mask_burned_in=args.mask_text,
         amp_cpu=not args.no_cpu_bf16,
         average_every=args.average_every,
+        interpolate=_fraction("--interpolate", args.interpolate, "A", 1.0, "0.5 is halfway between --init and the run"),
     )
     try:
         config.validate()
@@ -654,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average-every", type=int, default=0, metavar="STEPS",
                    help="export the average of the weights taken every STEPS steps of the final phase (SWA), "
                         "batch-norm statistics recomputed, instead of the best epoch (default: off)")
+    p.add_argument("--interpolate", type=float, default=1.0, metavar="A",
+                   help="export (1 - A) * the --init model's weights + A * the run's (WiSE-FT), temperature and "
+                        "threshold chosen on validation for those; needs --init to be a model's weights; resuming a "
+                        "finished run with another A (its folder's config.json edited to match) only exports again "
+                        "(default: 1, the run's own weights)")
     p.add_argument("--seal-test", action="store_true",
                    help="do not evaluate the test split at the end (no test metrics or figures; the summary line then "
                         "reports validation), to judge a candidate on validation first; "

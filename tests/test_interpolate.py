@@ -75,11 +75,48 @@ def test_an_adaptation_exports_the_interpolated_weights(tmp_path: Path, monkeypa
     adapt(base, site, tmp_path / "full", run_dir=tmp_path / "run-full", **common)
     adapt(base, site, tmp_path / "half", run_dir=tmp_path / "run-half", interpolate=0.5, **common)
     assert json.loads((tmp_path / "run-half" / "run" / "config.json").read_text())["interpolate"] == 0.5
-    start = load_file(str(base / "model.safetensors"))
-    full = load_file(str(tmp_path / "full" / "model.safetensors"))
-    half = load_file(str(tmp_path / "half" / "model.safetensors"))
+    _assert_half_way(base / "model.safetensors", tmp_path / "full" / "model.safetensors", tmp_path / "half" / "model.safetensors")
+
+
+def _assert_half_way(start_file: Path, full_file: Path, half_file: Path) -> None:
+    """Every tensor the run moved sits half way between start and run in the half-way export."""
+    start, full, half = (load_file(str(f)) for f in (start_file, full_file, half_file))
     moved = [k for k, v in start.items() if v.is_floating_point() and not torch.allclose(v.float(), full[k].float(), atol=1e-2)]
-    assert moved, "the fine-tune changed nothing: the test would not see the interpolation"
+    assert moved, "the run changed nothing: the test would not see the interpolation"
     # The same seed trains the same weights; the half-way export sits half way (fp16 files: a loose tolerance).
     for k in moved:
         assert torch.allclose(half[k].float(), (start[k].float() + full[k].float()) / 2, atol=2e-2, rtol=1e-2), k
+
+
+def test_train_exports_the_interpolated_weights_and_a_finished_run_can_be_exported_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train --interpolate A``: how candidate W of 2026-12-06 was exported from Z2's finished run."""
+    from cxr_core.cli import main
+    from tests.conftest import make_model_folder
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    base = make_model_folder(tmp_path / "weights", "cnn5", ("covid", "normal", "viral_pneumonia"), size=32)
+    data = make_labelled_folder(tmp_path / "data")
+    common = ["train", str(data), "--arch", "cnn5", "--init", str(base / "model.safetensors"), "--size", "32", "--epochs", "1",
+              "--batch-size", "8", "--workers", "1", "--device", "cpu", "--lr", "3e-2", "--seal-test", "--no-cpu-bf16"]
+    assert main([*common, "--out", str(tmp_path / "full"), "--run-dir", str(tmp_path / "run-full")]) == 0
+    # The finished run, exported again half way: its folder copied, config.json edited to match the new command.
+    import shutil
+
+    shutil.copytree(tmp_path / "run-full", tmp_path / "run-half")
+    config = json.loads((tmp_path / "run-half" / "config.json").read_text())
+    config.update(out=str(tmp_path / "half"), model_id="half", interpolate=0.5)
+    (tmp_path / "run-half" / "config.json").write_text(json.dumps(config))
+    epochs_before = (tmp_path / "run-half" / "progress.jsonl").read_text().count('"event": "epoch"')
+    assert main([*common, "--interpolate", "0.5", "--out", str(tmp_path / "half"), "--run-dir", str(tmp_path / "run-half")]) == 0
+    assert (tmp_path / "run-half" / "progress.jsonl").read_text().count('"event": "epoch"') == epochs_before  # nothing trained again
+    manifest = json.loads((tmp_path / "half" / "manifest.json").read_text())
+    assert manifest["training"]["config"]["interpolate"] == 0.5 and manifest["id"] == "half"
+    assert "covid" in manifest["thresholds"] and manifest["temperature"] > 0  # chosen again, for the exported weights
+    _assert_half_way(base / "model.safetensors", tmp_path / "full" / "model.safetensors", tmp_path / "half" / "model.safetensors")
+    capsys.readouterr()
+    assert main([*common, "--interpolate", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--interpolate" in capsys.readouterr().err
+    assert main(["train", str(data), "--arch", "cnn5", "--interpolate", "0.5", "--out", str(tmp_path / "y")]) == 2
+    assert "init must be" in capsys.readouterr().err
