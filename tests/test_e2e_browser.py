@@ -430,8 +430,10 @@ def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidat
             page.get_by_role("link", name="Models").click()
             page.get_by_text("No default has been chosen").wait_for(timeout=60_000)
             page.get_by_text("Not evaluated: 0.0.2").wait_for(timeout=60_000)
-            assert page.get_by_role("button", name="Promote").first.is_disabled()
-            assert page.get_by_role("button", name="Delete").first.is_disabled()
+            _streamlit_idle(page)
+            # exact: the confirmation tick's help icon is a button named "Help for Delete 0.0.2"
+            assert page.get_by_role("button", name="Promote", exact=True).first.is_disabled()
+            assert page.get_by_role("button", name="Delete", exact=True).first.is_disabled()
             page.locator("[data-testid=stSelectbox]").filter(has_text="The model clinicians are offered first").click()
             page.get_by_role("option", name="resnet50-test").click()
             _streamlit_idle(page)
