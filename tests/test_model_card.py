@@ -121,3 +121,36 @@ def test_a_probe_report_under_its_old_name_and_without_zoom_still_reaches_the_ca
     (folder / "sharpness_probe.json").write_text(json.dumps(probe))
     card = refresh_model_card(folder)
     assert "kermany/normal 58/120 by blur, 17/120 by sharpening." in card and "zoom" not in card.split("Shortcut probe")[1].split("\n")[0]
+
+
+def test_refreshing_with_a_sealed_split_stores_its_evaluation_and_draws_its_figures(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A candidate trained with --seal-test gets its test figures when the split is read at shipping,
+    so the Models page never shows none, or an older version's."""
+    import base64
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import plotly.io as pio
+
+    from cxr_core.models.manifest import read_manifest
+    from tests.conftest import make_model_folder
+    from tests.synthetic import make_labelled_folder
+
+    folder = make_model_folder(tmp_path / "weights", "resnet50", ("covid", "other"), head="sigmoid", size=64, metrics={"test_sealed": True})
+    data = make_labelled_folder(tmp_path / "data", ("covid", "normal"), per_class={"test": 5}, size=64)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "refresh_model_card.py"
+    done = subprocess.run([sys.executable, str(script), str(folder), "--abstention", str(data), "--split", "test"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    test = read_manifest(folder).metrics["test"]
+    assert test["n"] == 10 and "abstention" in test and "test_sealed" not in read_manifest(folder).metrics
+    z = pio.read_json(folder / "figures" / "test_confusion.json").data[0].z
+    if isinstance(z, dict):  # plotly stores numeric arrays base64-encoded
+        z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape([int(n) for n in z["shape"].split(",")])
+    confusion = np.asarray(z)
+    assert confusion.sum() == 10 and confusion.tolist() == test["confusion_matrix"]  # every scored film, as stored
+    for name in ("test_roc.json", "test_reliability.json"):
+        assert pio.read_json(folder / "figures" / name).data, name

@@ -11,7 +11,7 @@ import csv
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -72,7 +72,25 @@ def predict_records(model: LoadedModel, records: Sequence[Record], *, batch_size
                 yield record, (next(results) if image is not None else None)
 
 
+@dataclass(frozen=True)
+class ScoredEvaluation:
+    """An evaluation with the per-film scores it was computed from (for its figures).
+
+    ``labels``: (N,) class indices into the model's classes; ``probs``: (N, C) calibrated
+    probabilities, one row per film with a label of the model's classes."""
+
+    metrics: Metrics
+    labels: np.ndarray
+    probs: np.ndarray
+
+
 def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None, metadata: Path | None = None, batch_size: int = 32, workers: int = 2) -> Metrics:
+    """The model's figures on labelled folders (every film scored through the app's own path)."""
+    return score_folder(model, root, split=split, metadata=metadata, batch_size=batch_size, workers=workers).metrics
+
+
+def score_folder(model: LoadedModel, root: Path, *, split: str | None = None, metadata: Path | None = None, batch_size: int = 32, workers: int = 2) -> ScoredEvaluation:
+    """:func:`evaluate_folder` with the per-film labels and probabilities kept."""
     records = scan_folder(root)
     if split:
         records = [r for r in records if r.split == split]
@@ -103,5 +121,7 @@ def evaluate_folder(model: LoadedModel, root: Path, *, split: str | None = None,
         answered.append(not result.uncertain)
         sources.append(record.source or source_of.get(record.path.resolve()))
     has_sources = any(s for s in sources)
-    metrics = compute_metrics(np.array(labels), np.array(predicted), np.array(probs), classes, sources if has_sources else None, answered=answered)
-    return replace(metrics, other_labels={label: dict(sorted(c.items())) for label, c in sorted(other_calls.items())})
+    y, p = np.array(labels), np.array(probs)
+    metrics = compute_metrics(y, np.array(predicted), p, classes, sources if has_sources else None, answered=answered)
+    metrics = replace(metrics, other_labels={label: dict(sorted(c.items())) for label, c in sorted(other_calls.items())})
+    return ScoredEvaluation(metrics, y, p)
