@@ -138,7 +138,7 @@ def test_refreshing_with_a_sealed_split_stores_its_evaluation_and_draws_its_figu
     from tests.conftest import make_model_folder
     from tests.synthetic import make_labelled_folder
 
-    folder = make_model_folder(tmp_path / "weights", "resnet50", ("covid", "other"), head="sigmoid", size=64, metrics={"test_sealed": True})
+    folder = make_model_folder(tmp_path / "weights", "resnet50", ("covid", "other"), head="sigmoid", size=64, metrics={"test_sealed": {"n": 10}})
     data = make_labelled_folder(tmp_path / "data", ("covid", "normal"), per_class={"test": 5}, size=64)
     script = Path(__file__).resolve().parents[1] / "scripts" / "refresh_model_card.py"
     done = subprocess.run([sys.executable, str(script), str(folder), "--abstention", str(data), "--split", "test"],
