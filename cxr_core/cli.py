@@ -290,7 +290,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom),
         aspect=_fraction("--aspect", args.aspect, "A", MAX_ASPECT, "0.15 stretches by up to 15%"),
         edge_crop=_fraction("--edge-crop", args.edge_crop, "F", MAX_EDGE_CROP, "0.15 crops up to 15% off each edge"),
-        acquisition=_fraction("--acquisition", args.acquisition, "P", 1.0, "0.3 gives each film each artefact 30% of the time"))
+        acquisition=_fraction("--acquisition", args.acquisition, "P", 1.0, "0.3 gives each film each artefact 30% of the time"),
+        acquisition_positive=None if args.acquisition_positive is None else _fraction(
+            "--acquisition-positive", args.acquisition_positive, "Q", 1.0, "0 leaves the COVID-19 films as they are"))
     config = TrainConfig(
         data_dir=str(args.data_dir[0]),
         extra_data_dirs=tuple(str(d) for d in args.data_dir[1:]),
@@ -635,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="acquisition augmentation: each film gets, each with probability P, a black frame, CLAHE "
                         "processing, a burned-in box, a lower resolution and a JPEG re-encode, whatever its class "
                         "(default: off)")
+    p.add_argument("--acquisition-positive", type=float, default=None, metavar="Q",
+                   help="with --acquisition: the probability for films of the positive class (COVID-19) instead of P; 0 draws "
+                        "the artefacts on the other classes only, which the public COVID-19 films already carry "
+                        "(default: P)")
     p.add_argument("--no-cpu-bf16", action="store_true",
                    help="train in fp32 on a CPU with native bf16 (AMX / AVX512-BF16), where bf16 autocast is the default")
     p.add_argument("--mask-text", action="store_true",

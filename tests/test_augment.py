@@ -201,3 +201,30 @@ def test_acquisition_without_occluders_draws_no_frame_or_box_and_keeps_the_strea
     after = torch.Generator().manual_seed(3)
     acquire(film, 1.0, after)
     assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=after))
+
+
+def test_acquisition_positive_rate_leaves_the_positive_films_as_they_are_and_draws_the_others() -> None:
+    film = _film(96).repeat(2, 1, 1, 1)
+    positive = torch.tensor([True, False, False, True])
+    plain = augment(film, AugmentConfig(), torch.Generator().manual_seed(7))
+    config = replace(AugmentConfig(), acquisition=1.0, acquisition_positive=0.0)
+    out = augment(film, config, torch.Generator().manual_seed(7), positive=positive)
+    # Positive films: the rest of the augmentation, untouched by artefacts (up to 8-bit rounding).
+    torch.testing.assert_close(out[positive], plain[positive], atol=0.5 / 255 + 1e-6, rtol=0)
+    # The others: every artefact drawn, as with the one rate for all.
+    everyone = augment(film, replace(config, acquisition_positive=None), torch.Generator().manual_seed(7), positive=positive)
+    assert torch.equal(out[~positive], everyone[~positive])
+    assert float((out[~positive] - plain[~positive]).abs().mean()) > 0.02
+    # Without the labels there is nothing to tell the classes apart by: one rate for every film.
+    assert torch.equal(augment(film, config, torch.Generator().manual_seed(7)), everyone)
+
+
+def test_acquisition_positive_rate_is_recorded_and_read_back_with_the_run() -> None:
+    from dataclasses import asdict
+
+    config = TrainConfig(data_dir="d", arch="densenet121", out="o", model_id="m", augment=replace(AugmentConfig(), acquisition=0.3, acquisition_positive=0.0))
+    back = TrainConfig.from_dict(asdict(config))
+    assert back.augment.acquisition_positive == 0.0 and back.augment.acquisition == 0.3
+    old = asdict(config)
+    del old["augment"]["acquisition_positive"]  # a run recorded before the option: one rate for all
+    assert TrainConfig.from_dict(old).augment.acquisition_positive is None

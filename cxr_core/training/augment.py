@@ -50,6 +50,13 @@ class AugmentConfig:
     #: collections differ from the normals in exactly these, so a model learns them as the
     #: disease unless every class shows them
     acquisition: float = 0.0
+    #: the same probability for films of the positive class (the first training class,
+    #: COVID-19); None = ``acquisition``. The public COVID-19 films already carry these
+    #: artefacts and the normals mostly do not, so drawing them on every class at the same
+    #: rate leaves them commoner in COVID-19 films; drawing them on the other classes only
+    #: evens that out without taking them off the COVID-19 films, whose validation scores
+    #: set the threshold (docs/experiments/2026-12-06-densenet-acquisition-non-covid.md)
+    acquisition_positive: float | None = None
 
     @classmethod
     def none(cls) -> "AugmentConfig":
@@ -81,8 +88,11 @@ def _gaussian_blur(batch: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, kernel.view(1, 1, -1, 1))
 
 
-def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """(N, 1, H, W) float in [0, 1] -> augmented (N, 1, H, W) in [0, 1]. Randomness from ``generator``."""
+def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator, positive: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 1, H, W) float in [0, 1] -> augmented (N, 1, H, W) in [0, 1]. Randomness from ``generator``.
+
+    ``positive`` (N,) bool marks the films of the positive class, for
+    ``config.acquisition_positive``; without it every film is drawn at ``config.acquisition``."""
     n = batch.shape[0]
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -133,7 +143,10 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     out = out.clamp(0.0, 1.0)
     if config.acquisition:
         # Drawn last and only when asked, so runs recorded without it replay the same stream.
-        out = acquire(out, config.acquisition, generator)
+        probability: float | torch.Tensor = config.acquisition
+        if config.acquisition_positive is not None and positive is not None:
+            probability = torch.where(positive.bool(), config.acquisition_positive, config.acquisition)
+        out = acquire(out, probability, generator)
     return out
 
 
@@ -149,41 +162,43 @@ MAX_DOWNSAMPLE = 3.0
 MIN_JPEG_QUALITY = 30
 
 
-def acquire(batch: torch.Tensor, probability: float, generator: torch.Generator, *, occluders: bool = True) -> torch.Tensor:
+def acquire(batch: torch.Tensor, probability: float | torch.Tensor, generator: torch.Generator, *, occluders: bool = True) -> torch.Tensor:
     """(N, 1, H, W) in [0, 1] -> the same films with acquisition artefacts, each drawn
     independently with ``probability``: a black frame on each edge (up to MAX_FRAME), CLAHE
     local-contrast processing, one black or white box near an edge, resampling from a lower
     resolution, a JPEG re-encode, in the order a film meets them. Random draws come from
     ``generator`` (a fixed number per film, so the stream does not depend on the pixels);
     OpenCV does the pixel work. ``occluders=False`` leaves out the frame and the box, which
-    hide anatomy: for a target that is drawn on the anatomy (a lung mask), not on the film."""
+    hide anatomy: for a target that is drawn on the anatomy (a lung mask), not on the film.
+    ``probability`` is one for every film or (N,), one per film; the draws are the same either way."""
     import cv2
     import numpy as np
 
     n, _, height, width = batch.shape
     draws = torch.rand(n, 16, generator=generator).numpy()
+    chances = np.broadcast_to(np.asarray(probability, dtype=np.float64), (n,))
     films = (batch[:, 0].numpy() * 255.0 + 0.5).astype(np.uint8)
     out = np.empty_like(films)
-    for i, (film, d) in enumerate(zip(films, draws)):
+    for i, (film, d, chance) in enumerate(zip(films, draws, chances)):
         film = film.copy()
-        if occluders and d[0] < probability:
+        if occluders and d[0] < chance:
             top, bottom, left, right = (int(f * MAX_FRAME * side) for f, side in zip(d[1:5], (height, height, width, width)))
             film[:top], film[height - bottom :], film[:, :left], film[:, width - right :] = 0, 0, 0, 0
-        if d[5] < probability:
+        if d[5] < chance:
             clip = CLAHE_CLIP[0] + d[6] * (CLAHE_CLIP[1] - CLAHE_CLIP[0])
             film = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(8, 8)).apply(film)
-        if occluders and d[7] < probability:
+        if occluders and d[7] < chance:
             side = BOX_SIDE[0] + d[8] * (BOX_SIDE[1] - BOX_SIDE[0])
             bh, bw = max(1, int(side * height)), max(1, int(side * width * 1.5))
             # Along the top or bottom edge, where labels and redactions sit; black or white.
             y = 0 if d[9] < 0.5 else height - bh
             x = int(d[10] * max(0, width - bw))
             film[y : y + bh, x : x + bw] = 0 if d[14] < 0.5 else 255
-        if d[11] < probability:
+        if d[11] < chance:
             factor = 1.0 + d[12] * (MAX_DOWNSAMPLE - 1.0)
             small = cv2.resize(film, (max(8, int(width / factor)), max(8, int(height / factor))), interpolation=cv2.INTER_AREA)
             film = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
-        if d[13] < probability:
+        if d[13] < chance:
             quality = int(MIN_JPEG_QUALITY + d[15] * (95 - MIN_JPEG_QUALITY))
             ok, encoded = cv2.imencode(".jpg", film, [cv2.IMWRITE_JPEG_QUALITY, quality])
             film = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE) if ok else film

@@ -414,7 +414,8 @@ def train(
                 # Each rank takes its share of the same global batch; DDP averages the gradients.
                 idx = idx[world.rank :: world.size]
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step + 7_919 * world.rank)
-                x = augment(normalise(torch.from_numpy(pixels[idx])), config.augment, generator)
+                # Index 0 is the positive class, binary or not (LabelPlan): its films may draw artefacts at their own rate.
+                x = augment(normalise(torch.from_numpy(pixels[idx])), config.augment, generator, positive=torch.from_numpy(y_train[idx] == 0))
                 x = to_network_input(x, spec).to(device, non_blocking=True)
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
