@@ -639,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: off)")
     p.add_argument("--acquisition-positive", type=float, default=None, metavar="Q",
                    help="with --acquisition: the probability for films of the positive class (COVID-19) instead of P; 0 draws "
-                        "the artefacts on the other classes only, which the public COVID-19 films already carry "
-                        "(default: P)")
+                        "the artefacts on the other classes only (measured once: it made unseen normals look more like "
+                        "COVID-19, docs/experiments/2026-12-06-densenet-acquisition-non-covid.md) (default: P)")
     p.add_argument("--no-cpu-bf16", action="store_true",
                    help="train in fp32 on a CPU with native bf16 (AMX / AVX512-BF16), where bf16 autocast is the default")
     p.add_argument("--mask-text", action="store_true",
