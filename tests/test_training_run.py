@@ -186,6 +186,9 @@ def test_train_and_evaluate_commands(data_root: Path, tmp_path: Path, monkeypatc
     for crop in ("-0.1", "0.5"):
         assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "x"), "--edge-crop", crop]) == 2
         assert "--edge-crop" in capsys.readouterr().err
+    for extra in (["--acquisition-positive", "0"], ["--acquisition", "0.3", "--acquisition-positive", "1.5"]):
+        assert main(["train", str(data_root), "--arch", "cnn5", "--out", str(weights / "x"), *extra]) == 2
+        assert "--acquisition-positive" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data/cxr is not present")
@@ -242,3 +245,29 @@ def test_mask_text_option_reaches_the_model_folder(data_root: Path, tmp_path: Pa
     assert json.loads((out / "manifest.json").read_text())["input"]["mask_burned_in"] is True
     assert load_model(out, device="cpu").manifest.input.mask_burned_in
     assert any("masked" in n for n in json.loads((tmp_path / "run" / "validation.json").read_text())["notes"])
+
+
+def test_the_positive_class_films_are_marked_for_their_own_artefact_rate(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    import cxr_core.training.trainer as trainer_module
+    from cxr_core.training.augment import AugmentConfig
+
+    masks: list[np.ndarray] = []
+    real = trainer_module.augment
+
+    def spy(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator, positive: torch.Tensor | None = None) -> torch.Tensor:
+        assert positive is not None and positive.dtype == torch.bool and positive.shape == (batch.shape[0],)
+        masks.append(positive.numpy().copy())
+        return real(batch, config, generator, positive=positive)
+
+    monkeypatch.setattr(trainer_module, "augment", spy)
+    config = tiny_config(data_root, tmp_path / "w", schedule=((32, 1),),
+                         augment=replace(AugmentConfig(), acquisition=0.5, acquisition_positive=0.0))
+    _, data = train(config, tmp_path / "run")
+    # The batches the loop drew, film by film: the marked films are the COVID-19 ones, and only they.
+    labels = np.array([r.label for r in data.train.records])
+    order = trainer_module._epoch_order(config, np.zeros(len(labels), dtype=np.int64), 0)
+    expected = [labels[np.sort(order[i : i + config.batch_size])] == "covid" for i in range(0, len(order), config.batch_size)]
+    assert len(masks) == len(expected) and all(np.array_equal(m, e) for m, e in zip(masks, expected))
+    assert 0 < sum(int(m.sum()) for m in masks) < len(labels)
