@@ -286,9 +286,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model_id = args.id or out.name
-    if args.acquisition_positive is not None and not args.acquisition:
-        raise UsageError("--acquisition-positive Q sets the rate for COVID-19 films beside --acquisition P; without P > 0 "
-                         "no film gets artefacts")
     augment = AugmentConfig.none() if args.no_augment else AugmentConfig(
         hflip=args.hflip, sharpness=args.sharpness, scale=_zoom_range(args.zoom),
         aspect=_fraction("--aspect", args.aspect, "A", MAX_ASPECT, "0.15 stretches by up to 15%"),

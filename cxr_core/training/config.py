@@ -179,6 +179,10 @@ class TrainConfig:
             raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}")
         if not 0.0 <= self.mix_style <= 1.0:
             raise ValueError("mix_style is a probability in [0, 1]")
+        if self.augment.acquisition_positive is not None and not self.augment.acquisition:
+            # augment() draws no artefact at all without the rate for the other classes.
+            raise ValueError("acquisition_positive (--acquisition-positive Q) sets the COVID-19 films' rate beside "
+                             "acquisition (--acquisition P); without P > 0 no film gets artefacts")
         if self.distill < 0:
             raise ValueError("distill is a weight >= 0")
         if self.distill_missing_only and self.binary_positive:
