@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxr_core.training.dataset import Record, scan_folder  # noqa: E402
 
 SITES: dict[str, dict[str, tuple[int, int]]] = {
-    # group -> (first, last) by file name, 1-based and inclusive
+    # group -> (first, last) in path order, 1-based and inclusive
     "mixed": {"covid": (1, 130), "openist": (1, 130), "nih": (1, 130)},
     "mixed2": {"covid": (131, 260), "openist": (131, 274), "nih": (131, 260)},
     "jsrt-covid": {"covid": (261, 353), "jsrt-normal": (1, 53), "jsrt-nodule": (1, 54)},
@@ -41,23 +41,22 @@ SITES: dict[str, dict[str, tuple[int, int]]] = {
 REPLAY = {"mixed": "replay-cxr", "mixed2": "replay-cxr2", "jsrt-covid": "replay-cxr3"}
 
 
-def _by_name(records: list[Record]) -> list[Record]:
+def _in_path_order(records: list[Record]) -> list[Record]:
     # By path in the shared folder (``test/...`` before ``train/...``), as the notebook's sites were
     # drawn: this order gives the held-out halves it reports (mixed: 61 normals, 53 pneumonias).
     return sorted(records, key=lambda r: str(r.path))
 
 
-def groups(data: Path) -> dict[str, list[Record]]:
-    """The shared films a site draws from, each group in order of file name."""
-    cxr = scan_folder(data / "cxr")
+def groups(data: Path, cxr: list[Record]) -> dict[str, list[Record]]:
+    """The shared films a site draws from, each group in path order; ``cxr``: the records of ``data/cxr``."""
     extra = scan_folder(data / "cxr-extra")
     jsrt = scan_folder(data / "cxr-external" / "jsrt")
     return {
-        "covid": _by_name([r for r in cxr if r.split == "val" and r.label == "covid"]),
-        "openist": _by_name([r for r in extra if r.source == "openist"]),
-        "nih": _by_name([r for r in extra if r.source == "nih_pneumonia"]),
-        "jsrt-normal": _by_name([r for r in jsrt if r.label == "normal"]),
-        "jsrt-nodule": _by_name([r for r in jsrt if r.label == "nodule"]),
+        "covid": _in_path_order([r for r in cxr if r.split == "val" and r.label == "covid"]),
+        "openist": _in_path_order([r for r in extra if r.source == "openist"]),
+        "nih": _in_path_order([r for r in extra if r.source == "nih_pneumonia"]),
+        "jsrt-normal": _in_path_order([r for r in jsrt if r.label == "normal"]),
+        "jsrt-nodule": _in_path_order([r for r in jsrt if r.label == "nodule"]),
     }
 
 
@@ -85,8 +84,9 @@ def _write(folder: Path, records: list[Record], with_split: bool) -> None:
 
 def build(out: Path, data: Path) -> dict[str, int]:
     """Every site and replay folder under ``out``; returns films per folder."""
-    pool = groups(data)
-    cxr = [r for r in scan_folder(data / "cxr") if r.split in ("train", "val")]
+    everything = scan_folder(data / "cxr")
+    pool = groups(data, everything)
+    cxr = [r for r in everything if r.split in ("train", "val")]
     counts: dict[str, int] = {}
     for site, spec in SITES.items():
         films = [r for group, (first, last) in spec.items() for r in pool[group][first - 1 : last]]
