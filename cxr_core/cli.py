@@ -456,7 +456,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                        run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
                        min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
                        distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate,
-                       distill_classes=args.distill_classes)
+                       distill_classes=args.distill_classes, crossfit=args.crossfit)
     except AdaptationError as exc:
         named = (model.manifest.training_data or {}).get("root")
         if by_default and not replay and named:
@@ -752,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_validate)
 
-    from cxr_core.training.adapt import DISTILL, DISTILL_CLASSES, DISTILL_ON, INTERPOLATE
+    from cxr_core.training.adapt import CROSSFIT, DISTILL, DISTILL_CLASSES, DISTILL_ON, INTERPOLATE
 
     p = sub.add_parser("adapt", help="fine-tune a model on a site's films (split by patient: half held out to judge "
                                      "before and after), optionally mixing in the original training films")
@@ -790,6 +790,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolate", type=float, default=INTERPOLATE, metavar="A",
                    help="export (1 - A) x the base model's weights + A x the adapted weights, then calibrate (WiSE-FT: "
                         "keeps more of what the base model knew; 1: the adapted weights; default: %(default)s)")
+    p.add_argument("--crossfit", type=int, default=CROSSFIT, metavar="K",
+                   help="K more fine-tunes, each on all but one of K folds (by patient) of the films adapted and validated on, "
+                        "score the fold they did not see; temperature and COVID-19 threshold are fitted on those scores "
+                        "instead of the validation films' alone. K times the time; the weights are the same (0: off; "
+                        "default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

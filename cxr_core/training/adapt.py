@@ -49,6 +49,10 @@ DISTILL_CLASSES = "all"
 #: cxr_core.training.interpolate); 1 = the adapted weights
 #: (docs/experiments/2026-12-06-adapt-weight-interpolation.md)
 INTERPOLATE = 1.0
+#: folds of the adapt half (site and replayed films, training and validation) whose out-of-fold
+#: scores fit the temperature and COVID-19 threshold instead of the validation split's alone;
+#: 0 = off (docs/experiments/2026-12-06-adapt-crossfit-threshold.md)
+CROSSFIT = 0
 SITE_SOURCE = "site"
 
 
@@ -228,6 +232,7 @@ def adapt(
     distill_on: str = DISTILL_ON,
     interpolate: float = INTERPOLATE,
     distill_classes: str = DISTILL_CLASSES,
+    crossfit: int = CROSSFIT,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``.
 
@@ -236,6 +241,10 @@ def adapt(
     instead of leaving those films out: they are films the model must learn apart from its classes
     (on a site with `pneumonia` films the default model's held-out specificity was 0.904 this way
     and 0.886 with them left out: docs/experiments/2026-12-05-adapt-replay-validation.md).
+
+    ``crossfit`` K >= 2: K more fine-tunes, each on all but one fold (by patient) of the adapt half,
+    score the fold they did not see; temperature and threshold are fitted on those scores. The
+    exported weights are the same as without it.
     """
     from cxr_core.models.loading import load_model
     from cxr_core.training.augment import AugmentConfig
@@ -246,6 +255,8 @@ def adapt(
 
     if not 0.0 <= interpolate <= 1.0:
         raise AdaptationError(f"--interpolate {interpolate}: the adapted weights' share must be between 0 and 1")
+    if crossfit == 1 or crossfit < 0:
+        raise AdaptationError(f"--crossfit {crossfit}: give 0 (off) or at least 2 folds")
     started = time.time()
     base = load_model(base_folder, device=device)
     manifest = base.manifest
@@ -279,10 +290,18 @@ def adapt(
     except DatasetError as exc:
         raise AdaptationError(f"{exc} Give --replay with the model's training data so that every class has films, "
                               "or --distill 1 to keep the base model's view of a class the site has no films of.") from exc
-    adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}")
+    out_of_fold = None
+    if crossfit:
+        from cxr_core.training.crossval import out_of_fold_logits
+
+        out_of_fold = out_of_fold_logits(config, data, crossfit, run_dir / "crossfit")
+        if not (out_of_fold.labels == 0).any():
+            raise AdaptationError(f"None of the adapt half's films is {positive}: the {positive} threshold cannot be chosen again.")
+    adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}", out_of_fold=out_of_fold)
     held_out = held_out_folder(work)
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()
     after = validate_site(load_model(out, device=device), held_out, target_sensitivity=target_sensitivity).as_dict()
     notes = tuple(f"{label}: not a class of {manifest.key}, left out of training" for label in sorted(set(data.report.excluded_labels)))
     notes += tuple(f"{label}: not a class of {manifest.key}, trained as an auxiliary output (not in the adapted model)" for label in aux)
+    notes += (f"temperature and {positive} threshold fitted on {adapted.training['calibrated_on']}",)
     return AdaptResult(adapted.key, manifest.key, str(out), counts, before, after, round(time.time() - started, 1), notes)

@@ -24,6 +24,7 @@ from cxr_core.models.manifest import CLAHE_CLIP, Manifest, read_manifest
 from cxr_core.training import figures
 from cxr_core.training.calibration import choose_threshold, fit_temperature
 from cxr_core.training.config import TrainConfig
+from cxr_core.training.crossval import OutOfFold
 from cxr_core.training.prepare import PreparedData
 from cxr_core.training.run import RunDir, write_json
 from cxr_core.training.trainer import (
@@ -71,6 +72,7 @@ def finalize(
     command: str = "",
     crossval: dict[str, Any] | None = None,
     seal_test: bool = False,
+    out_of_fold: OutOfFold | None = None,
 ) -> Manifest:
     """Write ``config.out`` from the run's best epoch, with temperature, threshold, metrics and model card.
 
@@ -79,6 +81,10 @@ def finalize(
     beforehand and its test figures read afterwards (``scripts/refresh_model_card.py --abstention DATA --split test``
     or ``python -m cxr_core evaluate``). The test split still takes part in the
     duplicate checks, so the training set is the same either way.
+
+    ``out_of_fold`` (cross-fitted scores of train+val, :func:`cxr_core.training.crossval.out_of_fold_logits`)
+    fits the temperature and threshold instead of the validation split's scores: several times as
+    many films where the validation split is small. The weights are the run's either way.
     """
     run = RunDir(run_dir)
     spec = final_spec(config)
@@ -96,13 +102,14 @@ def finalize(
     val_logits = predict_arrays(model.network, val_pixels, spec, model.device)
     y_val = _labels(data.val.records, classes)
     raw_val = compute_metrics(y_val, probabilities(val_logits, manifest.head).argmax(1), probabilities(val_logits, manifest.head), classes)
-    temperature = fit_temperature(val_logits, y_val, manifest.head)
+    cal_logits, y_cal = (val_logits, y_val) if out_of_fold is None else (out_of_fold.logits, out_of_fold.labels)
+    temperature = fit_temperature(cal_logits, y_cal, manifest.head)
     thresholds: dict[str, float] = {}
     positive = "covid" if "covid" in classes else None
     if config.target_sensitivity and positive:
-        p_val = probabilities(val_logits, manifest.head, temperature)
+        p_cal = probabilities(cal_logits, manifest.head, temperature)
         i = classes.index(positive)
-        thresholds[positive] = round(choose_threshold(p_val[:, i], y_val == i, config.target_sensitivity), 4)
+        thresholds[positive] = round(choose_threshold(p_cal[:, i], y_cal == i, config.target_sensitivity), 4)
     manifest = replace(manifest, temperature=round(temperature, 4), thresholds=thresholds)
     val_metrics, _ = evaluate_arrays(manifest, val_logits, y_val, [r.source for r in data.val.records])
 
@@ -150,6 +157,7 @@ def finalize(
         "torch": torch.__version__,
         "platform": platform.platform(),
         "history": list(result.history),
+        "calibrated_on": _calibrated_on(out_of_fold, len(y_val), classes),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     manifest = update_manifest(out, replace(manifest, metrics=metrics, training_data=training_data, training=training))
@@ -165,6 +173,15 @@ def finalize(
     (out / "README.md").write_text(model_card(manifest, report.notes), encoding="utf-8")
     log.info("wrote %s", out)
     return manifest
+
+
+def _calibrated_on(out_of_fold: OutOfFold | None, n_val: int, classes: Sequence[str]) -> str:
+    """Which films the temperature and threshold were fitted on, in words for the model card."""
+    if out_of_fold is None:
+        return f"the validation split's {n_val} films"
+    positives = int((out_of_fold.labels == 0).sum())
+    return (f"out-of-fold scores of {len(out_of_fold.labels)} training and validation films ({positives} {classes[0]}), "
+            f"{len(out_of_fold.folds)} folds by patient")
 
 
 def _table(metrics: dict[str, Any], classes: Sequence[str]) -> str:
@@ -191,6 +208,8 @@ def model_card(
     reports of ``scripts/measure_gate.py``, ``scripts/probe_shortcuts.py`` and
     ``scripts/measure_external.py`` and a hand-written reviewer's note when given."""
     m = manifest
+    # Older manifests do not say which films; their cards keep the words they were written with.
+    calibrated_on = m.training.get("calibrated_on") or "validation"
     lines = [f"# {m.name} ({m.key})", "", f"**Intended use.** {m.intended_use}", ""]
     lines += [
         "## Model",
@@ -198,8 +217,8 @@ def model_card(
         f"- Input: {m.input.size[0]}x{m.input.size[1]} px greyscale repeated to {m.input.channels} channels, "
         f"ImageNet mean/std, aspect ratio not kept (as in training).",
         *_view_lines(m),
-        f"- Calibration: temperature {m.temperature:g} fitted on validation NLL.",
-        f"- Decision: {'; '.join(f'{c} is called when p >= {t:g} (chosen on validation for sensitivity)' for c, t in m.thresholds.items()) or 'most probable class'}.",
+        f"- Calibration: temperature {m.temperature:g} fitted on {'validation NLL' if calibrated_on == 'validation' else 'the NLL of ' + calibrated_on}.",
+        f"- Decision: {'; '.join(f'{c} is called when p >= {t:g} (chosen on {calibrated_on} for sensitivity)' for c, t in m.thresholds.items()) or 'most probable class'}.",
         f"- Weights: `model.safetensors` (fp16), sha256 `{m.weights_sha256}`.",
     ]
     if m.ood:
