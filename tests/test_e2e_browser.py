@@ -538,6 +538,12 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
             _streamlit_idle(page)
             page.get_by_text("The candidate is evaluated on the held-out half").wait_for(timeout=60_000)
             page.get_by_text("Left empty, a site adaptation trains every label").wait_for(timeout=10_000)
+            # Cross-fitting: two more fine-tunes score the folds they did not see; the threshold is chosen on them.
+            crossfit = page.get_by_label("Cross-fit the threshold (folds, 0 = off)", exact=True)
+            assert crossfit.input_value() == "0"
+            crossfit.fill("2")
+            crossfit.press("Enter")
+            _streamlit_idle(page)
             page.get_by_text("Advanced: every setting of this job").click()
             _launch_small_job(page, epochs="1", version="9.9.9-site-c")
             page.get_by_text("✅ finished").first.wait_for(timeout=600_000)
@@ -554,5 +560,9 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
             _shot(page, tmp_path, "admin-site-adaptation")
         launches = entries(action="launch_job")
         assert len(launches) == 1 and launches[0].model == "densenet121-test@9.9.9-site-c"
+        from cxr_core.models.versions import list_versions
+
+        candidate = next(v for v in list_versions("densenet121-test") if v.version == "9.9.9-site-c")
+        assert "out-of-fold scores" in candidate.manifest.training["calibrated_on"]
     finally:
         os.environ["CXR_VAR_DIR"] = previous_var

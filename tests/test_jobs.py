@@ -291,6 +291,28 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
     assert site_adaptation_problems(replace(candidate, site_adaptation=None)) == []
 
 
+def test_a_crossfitted_site_adaptation_job_trains_its_folds_and_calibrates_on_them(job_env: Path) -> None:
+    from cxr_core.models.versions import list_versions
+    from cxr_core.state.jobs import describe_job_progress, job_runs, run_job
+
+    spec = replace(site_adaptation_spec(job_env), crossfit=2, version="1.1.0-cf")
+    job_dir = create_job(spec)
+    assert run_job(job_dir) == 0, (read_state(job_dir), (job_dir / "job.log").read_text()[-2000:] if (job_dir / "job.log").exists() else "")
+    runs = job_runs(job_dir, spec)
+    assert [r.name for r in runs] == ["run", "fold-1", "fold-2"]
+    assert all(sum(e["event"] == "epoch" for e in RunDir(r).events()) == 1 for r in runs)
+    candidate = next(v for v in list_versions("tiny") if v.version == "1.1.0-cf")
+    assert "out-of-fold scores" in candidate.manifest.training["calibrated_on"]
+    # A job that is not a site adaptation has no folds, whatever its spec says.
+    assert job_runs(job_dir, replace(spec, site_adaptation=False)) == [job_dir / "run"]
+    # Progress runs over the adaptation and its folds.
+    done = [{"event": "start"}, {"event": "epoch", "epoch": 0}]
+    assert describe_job_progress([done], 1).text == "Training: 1 of 1 epochs done"
+    second_fold = describe_job_progress([done, done, [{"event": "start"}]], 1)
+    assert second_fold.fraction == pytest.approx(2 / 3) and second_fold.text == "Cross-fitting the threshold, fold 2 of 2: training: 0 of 1 epochs done"
+    assert describe_job_progress([[{"event": "start"}], [], []], 1).text.startswith("Adapting: training")
+
+
 def test_a_site_adaptation_without_replay_keeps_a_class_the_site_lacks_by_distillation(job_env: Path) -> None:
     from cxr_core.models.versions import list_versions
     from cxr_core.state.jobs import run_job

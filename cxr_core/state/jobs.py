@@ -86,6 +86,9 @@ class JobSpec:
     replay_share: float = 0.5
     #: weight of the distillation term toward the base model (TrainConfig.distill); 0 = off
     distill: float = 0.0
+    #: site adaptation: K folds of the adapt half whose out-of-fold scores fit the temperature
+    #: and COVID-19 threshold (cxr_core.training.adapt.CROSSFIT); 0 = the validation films alone
+    crossfit: int = 0
     job_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -175,6 +178,24 @@ def describe_progress(events: Sequence[Mapping[str, Any]], total_epochs: int) ->
     if reading is not None:
         return JobProgress(0.0, f"Reading and checking the data: {reading['done']} of {reading['total']} films")
     return JobProgress(0.0, "Reading and checking the data…")
+
+
+def job_runs(job_dir: Path, spec: JobSpec) -> list[Path]:
+    """The run folders a job trains, in order: its run, then a site adaptation's cross-fitting folds."""
+    folds = spec.crossfit if spec.site_adaptation else 0
+    return [job_dir / "run", *(job_dir / CROSSFIT_DIR / f"fold-{i + 1}" for i in range(folds))]
+
+
+def describe_job_progress(run_events: Sequence[Sequence[Mapping[str, Any]]], total_epochs: int) -> JobProgress:
+    """:func:`describe_progress` over a job's runs (:func:`job_runs`), each ``total_epochs`` long:
+    the run under way, and the share of all of them done."""
+    if len(run_events) <= 1:
+        return describe_progress(run_events[0] if run_events else [], total_epochs)
+    current = max((i for i, events in enumerate(run_events) if events), default=0)
+    inner = describe_progress(run_events[current], total_epochs)
+    n = len(run_events)
+    what = "Adapting" if current == 0 else f"Cross-fitting the threshold, fold {current} of {n - 1}"
+    return JobProgress((current + inner.fraction) / n, f"{what}: {inner.text[0].lower()}{inner.text[1:]}")
 
 
 @dataclass(frozen=True)
@@ -384,6 +405,17 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
 
 #: a site adaptation's view of its data, in the job's folder (cxr_core.training.adapt.build_adapt_folder)
 SITE_VIEW = "site-view"
+#: a site adaptation's cross-fitting runs, in the job's folder (cxr_core.training.crossval.out_of_fold_logits)
+CROSSFIT_DIR = "crossfit"
+
+
+def _crossfit(job_dir: Path, spec: JobSpec, config_: Any, data: Any, stop: threading.Event) -> Any:
+    """A site adaptation's out-of-fold scores (every rank trains the folds), or None."""
+    if not (spec.site_adaptation and spec.crossfit):
+        return None
+    from cxr_core.training.crossval import out_of_fold_logits
+
+    return out_of_fold_logits(config_, data, spec.crossfit, job_dir / CROSSFIT_DIR, stop=stop)
 
 
 def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:
@@ -515,7 +547,8 @@ def _run_job_follower(job_dir: Path) -> int:
     if eval_dir:
         data = exclude_evaluation_overlap(data, Path(eval_dir), eval_split)
     try:
-        train(config_, job_dir / "run", data=data, stop=stop)
+        _, data = train(config_, job_dir / "run", data=data, stop=stop)
+        _crossfit(job_dir, spec, config_, data, stop)
     except TrainingCancelled:
         pass
     finally:
@@ -575,8 +608,9 @@ def run_job(job_dir: Path) -> int:
         if eval_dir:
             data = exclude_evaluation_overlap(data, Path(eval_dir), eval_split)
         result, data = train(config_, job_dir / "run", data=data, stop=stop)
+        out_of_fold = _crossfit(job_dir, spec, config_, data, stop)
         distributed.stop()
-        finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}")
+        finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}", out_of_fold=out_of_fold)
         if eval_dir:
             evaluate_candidate(staging, Path(eval_dir), eval_split)
             evaluate_active_alongside(spec.model_id, Path(eval_dir), eval_split)
