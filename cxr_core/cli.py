@@ -445,6 +445,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: the folder exists and is not empty; adapted models go to a new folder")
     if args.replay is not None and args.no_replay:
         raise UsageError("--replay and --no-replay: give one or the other")
+    if not 0.5 <= args.target_sensitivity < 1.0:
+        raise UsageError(f"--target-sensitivity {args.target_sensitivity}: need 0.5 <= S < 1 (e.g. 0.95)")
     by_default = args.replay is None and not args.no_replay  # the model's own training folders, when here
     if by_default:
         replay = list(training_folders(model.manifest, model.path))
@@ -456,7 +458,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                        run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
                        min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
                        distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate,
-                       distill_classes=args.distill_classes, crossfit=args.crossfit)
+                       distill_classes=args.distill_classes, crossfit=args.crossfit,
+                       target_sensitivity=args.target_sensitivity)
     except AdaptationError as exc:
         named = (model.manifest.training_data or {}).get("root")
         if by_default and not replay and named:
@@ -795,6 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "score the fold they did not see; temperature and COVID-19 threshold are fitted on those scores "
                         "instead of the validation films' alone. K times the time; the weights are the same (0: off; "
                         "default: %(default)s)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95, metavar="S",
+                   help="the COVID-19 threshold is chosen again for this sensitivity (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

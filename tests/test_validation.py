@@ -192,10 +192,11 @@ def test_cli_adapt_replays_the_model_s_training_data_unless_told_not_to(tmp_path
     env = {**os.environ, "CXR_WEIGHTS_DIR": str(tmp_path / "weights"), "CXR_DEVICE": "cpu", "PYTHONPATH": str(ROOT),
            "CXR_VAR_DIR": str(tmp_path / "var")}
     command = [sys.executable, "-m", "cxr_core", "adapt", str(site), "--model", "site-base", "--epochs", "1", "--batch-size", "8"]
-    done = subprocess.run([*command, "--out", str(tmp_path / "adapted"), "--run-dir", str(tmp_path / "run"), "--json", "--record", "bob"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    done = subprocess.run([*command, "--out", str(tmp_path / "adapted"), "--run-dir", str(tmp_path / "run"), "--json", "--record", "bob",
+                           "--target-sensitivity", "0.9"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
+    assert json.loads((tmp_path / "adapted" / "manifest.json").read_text())["training"]["config"]["target_sensitivity"] == 0.9
     assert result["films"]["replay_train"] > 0 and result["films"]["replay_val"] > 0
     assert "replayed the model's training data found at data" in result["notes"][0]
     # --record: both scorings of the held-out half stored as site validations, by the given user.
@@ -216,3 +217,9 @@ def test_cli_adapt_replays_the_model_s_training_data_unless_told_not_to(tmp_path
     away = subprocess.run([*command, "--out", str(tmp_path / "away"), "--run-dir", str(tmp_path / "run-away")],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert away.returncode != 0 and "trained on, ../public/cxr, are not on this machine" in away.stderr and "Traceback" not in away.stderr
+    # Settings that cannot work are refused before anything trains.
+    for flags, message in ((["--target-sensitivity", "1.2"], "need 0.5 <= S < 1"), (["--crossfit", "1"], "at least 2 folds")):
+        refused = subprocess.run([*command, "--out", str(tmp_path / "refused"), "--run-dir", str(tmp_path / "run-refused"), *flags],
+                                 capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert not (tmp_path / "refused").exists()
