@@ -313,6 +313,31 @@ def test_a_crossfitted_site_adaptation_job_trains_its_folds_and_calibrates_on_th
     assert describe_job_progress([[{"event": "start"}], [], []], 1).text.startswith("Adapting: training")
 
 
+def test_a_site_adaptation_cancelled_while_cross_fitting_resumes_its_folds(job_env: Path) -> None:
+    from cxr_core.models.versions import list_versions
+    from cxr_core.state.jobs import job_runs
+
+    spec = replace(site_adaptation_spec(job_env), crossfit=2, version="1.1.0-cfc", schedule=((32, 8),))
+    job = create_job(spec)
+    folds = job_runs(job, spec)[1:]
+
+    def fold_epochs() -> int:
+        return sum(e["event"] == "epoch" for f in folds for e in RunDir(f, quiet=True).events())
+
+    launch(job)
+    _wait(job, lambda: fold_epochs() >= 1)
+    cancel(job)
+    _wait(job, lambda: read_state(job).state == CANCELLED, timeout=120)
+    assert _epochs(job) == 8 and 1 <= fold_epochs() < 16  # the adaptation finished, its folds did not
+    launch(job)  # resume: the finished run is not trained again, the folds go on from their checkpoints
+    _wait(job, lambda: read_state(job).state in (FINISHED, FAILED), timeout=600)
+    assert read_state(job).state == FINISHED, (job / "job.log").read_text()[-2000:]
+    assert _epochs(job) == 8 and fold_epochs() == 16
+    assert any(e["event"] == "resumed" for f in folds for e in RunDir(f, quiet=True).events())
+    candidate = next(v for v in list_versions("tiny") if v.version == "1.1.0-cfc")
+    assert "out-of-fold scores" in candidate.manifest.training["calibrated_on"]
+
+
 def test_a_site_adaptation_without_replay_keeps_a_class_the_site_lacks_by_distillation(job_env: Path) -> None:
     from cxr_core.models.versions import list_versions
     from cxr_core.state.jobs import run_job
