@@ -212,6 +212,24 @@ def test_a_few_steps_on_shared_images(tmp_path: Path) -> None:
     assert np.isfinite(result.history[0]["train_loss"])
 
 
+def test_an_epoch_checkpointed_but_not_logged_is_logged_on_resume(data_root: Path, tmp_path: Path) -> None:
+    """Killed after saving an epoch's checkpoint and before logging it: the resumed run starts
+    after that epoch, so the progress file must get the epoch from the checkpoint's history."""
+    from cxr_core.training.run import RunDir
+
+    config = tiny_config(data_root, tmp_path / "w", schedule=((32, 2),))
+    train(config, tmp_path / "run")
+    progress = RunDir(tmp_path / "run").progress
+    lines = progress.read_text(encoding="utf-8").splitlines()
+    last = max(i for i, line in enumerate(lines) if json.loads(line)["event"] == "epoch")
+    progress.write_text("\n".join(lines[:last]) + "\n", encoding="utf-8")  # as if killed before this line
+    assert [e["epoch"] for e in RunDir(tmp_path / "run").events() if e["event"] == "epoch"] == [0]
+    result, _ = train(config, tmp_path / "run")
+    events = RunDir(tmp_path / "run").events()
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [0, 1] and result.epochs_run == 2
+    assert next(e for e in events if e["event"] == "epoch" and e["epoch"] == 1)["recovered"] is True
+
+
 def test_cross_validation_folds_by_patient(data_root: Path, tmp_path: Path) -> None:
     from cxr_core.training.crossval import cross_validate, fold_of
     from cxr_core.training.prepare import prepare_data

@@ -371,6 +371,13 @@ def train(
         best = dict(checkpoint["best"])
         start_epoch = int(checkpoint["epoch"]) + 1
         average = WeightAverage.from_state(checkpoint.get("average"))
+        if world.main:
+            # A run killed between saving a checkpoint and logging its epoch resumes after that
+            # epoch: the progress file catches up from the checkpoint's history, so no epoch is missing.
+            logged = {e.get("epoch") for e in run.events() if e["event"] == "epoch"}
+            for record in history:
+                if record["epoch"] not in logged:
+                    run.event("epoch", **record, recovered=True)
         run.event("resumed", epoch=start_epoch)
         log.info("resuming %s at epoch %d", run.root, start_epoch)
 
