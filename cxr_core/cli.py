@@ -397,11 +397,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_target_sensitivity(value: float) -> None:
+    """A usage error unless 0.5 <= ``value`` < 1: a sensitivity a threshold can be chosen for."""
+    if not 0.5 <= value < 1.0:
+        raise UsageError(f"--target-sensitivity {value}: need 0.5 <= S < 1 (e.g. 0.95)")
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cxr_core.training.validation import validate_site
 
-    if not 0.5 <= args.target_sensitivity < 1.0:
-        raise UsageError(f"--target-sensitivity {args.target_sensitivity}: need 0.5 <= S < 1 (e.g. 0.95)")
+    _check_target_sensitivity(args.target_sensitivity)
     model = _load_any_version(args.model)
     result = validate_site(model, Path(args.data_dir), target_sensitivity=args.target_sensitivity)
     data = result.as_dict()
@@ -445,8 +450,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: the folder exists and is not empty; adapted models go to a new folder")
     if args.replay is not None and args.no_replay:
         raise UsageError("--replay and --no-replay: give one or the other")
-    if not 0.5 <= args.target_sensitivity < 1.0:
-        raise UsageError(f"--target-sensitivity {args.target_sensitivity}: need 0.5 <= S < 1 (e.g. 0.95)")
+    _check_target_sensitivity(args.target_sensitivity)
     by_default = args.replay is None and not args.no_replay  # the model's own training folders, when here
     if by_default:
         replay = list(training_folders(model.manifest, model.path))

@@ -28,13 +28,12 @@ def test_every_film_is_scored_once_by_the_run_of_the_fold_it_was_held_out_of(tmp
 
     pool = [*data.train.records, *data.val.records]
     assert sorted(str(r.path) for r in oof.records) == sorted(str(r.path) for r in pool)  # each film once, no test film
-    assert oof.logits.shape == (len(pool), 3) and oof.labels.shape == oof.fold.shape == (len(pool),)
-    assert [fold_of(r, 3) + 1 for r in oof.records] == oof.fold.tolist()
+    assert oof.logits.shape == (len(pool), 3) and oof.labels.shape == (len(pool),)
     assert sum(f["n_val"] for f in oof.folds) == len(pool) and len(oof.folds) == 3
     # A film's row is what its own fold's run says of it, not another fold's run.
     images = {str(r.path): i for i, r in enumerate(data.train.records)}
     row = next(i for i, r in enumerate(oof.records) if str(r.path) in images)
-    fold = int(oof.fold[row])
+    fold = fold_of(oof.records[row], 3) + 1
     pixels = data.train.subset([images[str(oof.records[row].path)]]).resized(32)
     scored = {f: predict_arrays(load_exported(config, tmp_path / "cf" / f"fold-{f}"), pixels, final_spec(config), torch.device("cpu"))[0]
               for f in (1, 2, 3)}
@@ -48,13 +47,10 @@ def test_a_crossfitted_adaptation_keeps_the_weights_and_calibrates_on_out_of_fol
     from cxr_core.training.crossval import out_of_fold_logits
     from cxr_core.training.prepare import prepare_data
     from cxr_core.training.trainer import label_plan, probabilities
-    from tests.conftest import make_model_folder
+    from tests.conftest import tiny_site_adaptation
 
     monkeypatch.setenv("CXR_DEVICE", "cpu")
-    classes = ("covid", "normal", "viral_pneumonia")
-    base = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32)
-    site = make_labelled_folder(tmp_path / "site", classes, per_class={"all": 20}, splits=False, size=48, seed=3)
-    common = dict(version="1.0.0-site", epochs=1, batch_size=8, device="cpu", lr=3e-2)
+    base, site, common = tiny_site_adaptation(tmp_path, 20)
     with pytest.raises(AdaptationError, match="at least 2 folds"):
         adapt(base, site, tmp_path / "bad", run_dir=tmp_path / "run-bad", crossfit=1, **common)
     plain = adapt(base, site, tmp_path / "plain", run_dir=tmp_path / "run-plain", **common)

@@ -182,6 +182,8 @@ def describe_progress(events: Sequence[Mapping[str, Any]], total_epochs: int) ->
 
 def job_runs(job_dir: Path, spec: JobSpec) -> list[Path]:
     """The run folders a job trains, in order: its run, then a site adaptation's cross-fitting folds."""
+    from cxr_core.training.adapt import CROSSFIT_DIR
+
     folds = spec.crossfit if spec.site_adaptation else 0
     return [job_dir / "run", *(job_dir / CROSSFIT_DIR / f"fold-{i + 1}" for i in range(folds))]
 
@@ -405,17 +407,13 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
 
 #: a site adaptation's view of its data, in the job's folder (cxr_core.training.adapt.build_adapt_folder)
 SITE_VIEW = "site-view"
-#: a site adaptation's cross-fitting runs, in the job's folder (cxr_core.training.crossval.out_of_fold_logits)
-CROSSFIT_DIR = "crossfit"
 
 
 def _crossfit(job_dir: Path, spec: JobSpec, config_: Any, data: Any, stop: threading.Event) -> Any:
     """A site adaptation's out-of-fold scores (every rank trains the folds), or None."""
-    if not (spec.site_adaptation and spec.crossfit):
-        return None
-    from cxr_core.training.crossval import out_of_fold_logits
+    from cxr_core.training.adapt import cross_fit
 
-    return out_of_fold_logits(config_, data, spec.crossfit, job_dir / CROSSFIT_DIR, stop=stop)
+    return cross_fit(config_, data, spec.crossfit if spec.site_adaptation else 0, job_dir, stop=stop)
 
 
 def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:

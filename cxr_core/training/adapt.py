@@ -17,13 +17,19 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from cxr_core.errors import CxrError
 from cxr_core.training.dataset import Record, _bucket, scan_folder, split_key
+
+if TYPE_CHECKING:
+    from cxr_core.training.config import TrainConfig
+    from cxr_core.training.crossval import OutOfFold
+    from cxr_core.training.prepare import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,8 @@ INTERPOLATE = 1.0
 #: right in all, specificity paying, so it is an option, off by default
 #: (docs/experiments/2026-12-06-adapt-crossfit-threshold.md)
 CROSSFIT = 0
+#: the cross-fitting runs' folder, beside the adaptation's run
+CROSSFIT_DIR = "crossfit"
 SITE_SOURCE = "site"
 
 
@@ -214,6 +222,16 @@ def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), repl
     return counts
 
 
+def cross_fit(config: TrainConfig, data: PreparedData, folds: int, run_dir: Path, stop: threading.Event | None = None) -> OutOfFold | None:
+    """Out-of-fold scores of the adapt half (:func:`cxr_core.training.crossval.out_of_fold_logits`,
+    the runs under ``run_dir``/crossfit) to calibrate on, or None when ``folds`` is 0."""
+    if not folds:
+        return None
+    from cxr_core.training.crossval import out_of_fold_logits
+
+    return out_of_fold_logits(config, data, folds, run_dir / CROSSFIT_DIR, stop=stop)
+
+
 def adapt(
     base_folder: Path,
     site: Path,
@@ -293,13 +311,8 @@ def adapt(
     except DatasetError as exc:
         raise AdaptationError(f"{exc} Give --replay with the model's training data so that every class has films, "
                               "or --distill 1 to keep the base model's view of a class the site has no films of.") from exc
-    out_of_fold = None
-    if crossfit:
-        from cxr_core.training.crossval import out_of_fold_logits
-
-        out_of_fold = out_of_fold_logits(config, data, crossfit, run_dir / "crossfit")
-        if not (out_of_fold.labels == 0).any():
-            raise AdaptationError(f"None of the adapt half's films is {positive}: the {positive} threshold cannot be chosen again.")
+    # The validation films checked above are in the cross-fitted pool, so it has positive films too.
+    out_of_fold = cross_fit(config, data, crossfit, run_dir)
     adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}", out_of_fold=out_of_fold)
     held_out = held_out_folder(work)
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()

@@ -39,8 +39,7 @@ class OutOfFold:
 
     logits: np.ndarray  # (N, n_model_classes) float32, the exported networks' (auxiliary outputs dropped)
     labels: np.ndarray  # (N,) int64 index into config.model_classes
-    records: tuple[Any, ...]  # the N films, in the order of the rows above
-    fold: np.ndarray  # (N,) int64, 1-based: the fold each film was held out in (and scored by)
+    records: tuple[Any, ...]  # the N films, in the order of the rows above (film i held out of fold fold_of(records[i], k))
     folds: tuple[dict[str, Any], ...]  # per fold: fold, n_train, n_val, best_epoch
 
 
@@ -72,16 +71,14 @@ def out_of_fold_logits(config: TrainConfig, data: PreparedData, k: int, run_dir:
     temperature and threshold can be fitted on all of them rather than on the validation split
     alone. Each fold run chooses its epoch on the fold it scores (a small optimism)."""
     index = {c: i for i, c in enumerate(config.model_classes)}
-    logits, labels, records, folds, facts = [], [], [], [], []
+    logits, labels, records, facts = [], [], [], []
     for fact, judged, fold_logits in _fold_runs(config, data, k, run_dir, stop):
         logits.append(fold_logits)
         labels.extend(index[r.label] for r in judged.records)
         records.extend(judged.records)
-        folds.extend([fact["fold"]] * len(judged.records))
         facts.append(fact)
         log.info("cross-fitting fold %d/%d scored %d films", fact["fold"], k, fact["n_val"])
-    return OutOfFold(np.concatenate(logits).astype(np.float32), np.array(labels, dtype=np.int64), tuple(records),
-                     np.array(folds, dtype=np.int64), tuple(facts))
+    return OutOfFold(np.concatenate(logits).astype(np.float32), np.array(labels, dtype=np.int64), tuple(records), tuple(facts))
 
 
 def cross_validate(config: TrainConfig, data: PreparedData, k: int, run_dir: Path | str, stop: threading.Event | None = None) -> dict[str, Any]:

@@ -209,7 +209,9 @@ def model_card(
     ``scripts/measure_external.py`` and a hand-written reviewer's note when given."""
     m = manifest
     # Older manifests do not say which films; their cards keep the words they were written with.
-    calibrated_on = m.training.get("calibrated_on") or "validation"
+    calibrated_on = m.training.get("calibrated_on")
+    calibration = "validation NLL" if calibrated_on is None else f"the NLL of {calibrated_on}"
+    chosen_on = calibrated_on or "validation"
     lines = [f"# {m.name} ({m.key})", "", f"**Intended use.** {m.intended_use}", ""]
     lines += [
         "## Model",
@@ -217,8 +219,8 @@ def model_card(
         f"- Input: {m.input.size[0]}x{m.input.size[1]} px greyscale repeated to {m.input.channels} channels, "
         f"ImageNet mean/std, aspect ratio not kept (as in training).",
         *_view_lines(m),
-        f"- Calibration: temperature {m.temperature:g} fitted on {'validation NLL' if calibrated_on == 'validation' else 'the NLL of ' + calibrated_on}.",
-        f"- Decision: {'; '.join(f'{c} is called when p >= {t:g} (chosen on {calibrated_on} for sensitivity)' for c, t in m.thresholds.items()) or 'most probable class'}.",
+        f"- Calibration: temperature {m.temperature:g} fitted on {calibration}.",
+        f"- Decision: {'; '.join(f'{c} is called when p >= {t:g} (chosen on {chosen_on} for sensitivity)' for c, t in m.thresholds.items()) or 'most probable class'}.",
         f"- Weights: `model.safetensors` (fp16), sha256 `{m.weights_sha256}`.",
     ]
     if m.ood:
