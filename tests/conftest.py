@@ -112,6 +112,17 @@ def make_model_folder(
     return folder
 
 
+def tiny_site_adaptation(tmp_path: Path, films_per_class: int) -> tuple[Path, Path, dict[str, object]]:
+    """(a 3-class cnn5 base model at 32 px, a site of ``films_per_class`` films of each of its
+    classes without splits, the keyword arguments of a one-epoch ``adapt`` on the CPU)."""
+    from tests.synthetic import make_labelled_folder
+
+    classes = ("covid", "normal", "viral_pneumonia")
+    base = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32)
+    site = make_labelled_folder(tmp_path / "site", classes, per_class={"all": films_per_class}, splits=False, size=48, seed=3)
+    return base, site, dict(version="1.0.0-site", epochs=1, batch_size=8, device="cpu", lr=3e-2)
+
+
 @pytest.fixture(scope="session")
 def weights_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights folder with a 3-class DenseNet121 and a binary ResNet50 (random weights)."""

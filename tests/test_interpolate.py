@@ -63,13 +63,10 @@ def test_a_base_of_another_shape_or_an_alpha_outside_0_1_is_refused(tmp_path: Pa
 
 def test_an_adaptation_exports_the_interpolated_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cxr_core.training.adapt import AdaptationError, adapt
-    from tests.conftest import make_model_folder
+    from tests.conftest import tiny_site_adaptation
 
     monkeypatch.setenv("CXR_DEVICE", "cpu")
-    classes = ("covid", "normal", "viral_pneumonia")
-    base = make_model_folder(tmp_path / "weights", "cnn5", classes, size=32)
-    site = make_labelled_folder(tmp_path / "site", classes, per_class={"all": 16}, splits=False, size=48, seed=3)
-    common = dict(version="1.0.0-site", epochs=1, batch_size=8, device="cpu", lr=3e-2)
+    base, site, common = tiny_site_adaptation(tmp_path, 16)
     with pytest.raises(AdaptationError, match="between 0 and 1"):
         adapt(base, site, tmp_path / "bad", run_dir=tmp_path / "run-bad", interpolate=-0.1, **common)
     adapt(base, site, tmp_path / "full", run_dir=tmp_path / "run-full", **common)
