@@ -462,7 +462,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                        run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, seed=args.seed,
                        min_replay_validation=args.min_replay_validation, auxiliary=args.unknown_labels == "auxiliary",
                        distill=args.distill, distill_on=args.distill_on, interpolate=args.interpolate,
-                       distill_classes=args.distill_classes, crossfit=args.crossfit,
+                       distill_classes=args.distill_classes, crossfit=args.crossfit, size=args.size,
                        target_sensitivity=args.target_sensitivity)
     except AdaptationError as exc:
         named = (model.manifest.training_data or {}).get("root")
@@ -804,6 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: %(default)s)")
     p.add_argument("--target-sensitivity", type=float, default=0.95, metavar="S",
                    help="the COVID-19 threshold is chosen again for this sensitivity (default: %(default)s)")
+    p.add_argument("--size", type=int, metavar="PX",
+                   help="adapt and predict at this input size (square, px) instead of the model's own; larger costs "
+                        "(PX / model size)^2 the time per film (default: the model's size)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=16)

@@ -117,3 +117,24 @@ def test_train_exports_the_interpolated_weights_and_a_finished_run_can_be_export
     assert "--interpolate" in capsys.readouterr().err
     assert main(["train", str(data), "--arch", "cnn5", "--interpolate", "0.5", "--out", str(tmp_path / "y")]) == 2
     assert "init must be" in capsys.readouterr().err
+
+
+def test_an_adaptation_at_another_input_size_trains_and_predicts_at_that_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``adapt --size``: the run trains at it and the adapted model's manifest says it, so every
+    prediction (and the held-out scoring after adapting) is made at that size."""
+    from cxr_core.models.loading import load_model
+    from cxr_core.training.adapt import AdaptationError, adapt
+    from tests.conftest import tiny_site_adaptation
+
+    monkeypatch.setenv("CXR_DEVICE", "cpu")
+    base, site, common = tiny_site_adaptation(tmp_path, 16)
+    for bad in (32, 1024):
+        with pytest.raises(AdaptationError, match="input size between"):
+            adapt(base, site, tmp_path / f"bad-{bad}", run_dir=tmp_path / f"run-bad-{bad}", size=bad, **common)
+    result = adapt(base, site, tmp_path / "big", run_dir=tmp_path / "run-big", size=64, **common)
+    assert load_model(base, device="cpu").manifest.input.size == (32, 32)
+    assert load_model(tmp_path / "big", device="cpu").manifest.input.size == (64, 64)
+    epochs = [json.loads(line) for line in (tmp_path / "run-big" / "run" / "progress.jsonl").read_text().splitlines()
+              if '"event": "epoch"' in line]
+    assert epochs and all(e["size"] == 64 for e in epochs)
+    assert result.after["n"] == result.before["n"] > 0

@@ -65,6 +65,9 @@ CROSSFIT = 0
 #: the cross-fitting runs' folder, beside the adaptation's run
 CROSSFIT_DIR = "crossfit"
 SITE_SOURCE = "site"
+#: the input sizes ``adapt --size`` accepts (px): below, a chest film keeps too little to read;
+#: above, one film's activations no longer fit a laptop's memory comfortably
+MIN_SIZE, MAX_SIZE = 64, 512
 
 
 class AdaptationError(CxrError):
@@ -254,6 +257,7 @@ def adapt(
     interpolate: float = INTERPOLATE,
     distill_classes: str = DISTILL_CLASSES,
     crossfit: int = CROSSFIT,
+    size: int | None = None,
 ) -> AdaptResult:
     """Fine-tune the model in ``base_folder`` on ``site`` (see the module docstring) into ``out``.
 
@@ -266,6 +270,9 @@ def adapt(
     ``crossfit`` K >= 2: K more fine-tunes, each on all but one fold (by patient) of the adapt half,
     score the fold they did not see; temperature and threshold are fitted on those scores. The
     exported weights are the same as without it.
+
+    ``size``: train, calibrate and export at this input size (px, square) instead of the base
+    model's; every prediction with the adapted model is then made at that size.
     """
     from cxr_core.models.loading import load_model
     from cxr_core.training.augment import AugmentConfig
@@ -278,6 +285,8 @@ def adapt(
         raise AdaptationError(f"--interpolate {interpolate}: the adapted weights' share must be between 0 and 1")
     if crossfit == 1 or crossfit < 0:
         raise AdaptationError(f"--crossfit {crossfit}: give 0 (off) or at least 2 folds")
+    if size is not None and not MIN_SIZE <= size <= MAX_SIZE:
+        raise AdaptationError(f"--size {size}: give an input size between {MIN_SIZE} and {MAX_SIZE} px")
     started = time.time()
     base = load_model(base_folder, device=device)
     manifest = base.manifest
@@ -297,7 +306,7 @@ def adapt(
     config = TrainConfig(
         data_dir=str(work), arch=manifest.architecture, out=str(out), model_id=out.name, version=version,
         name=f"{manifest.name}, adapted to {site.name}", classes=tuple(manifest.classes), binary_positive=binary, aux_classes=aux,
-        schedule=((inp.size[0], epochs),), batch_size=batch_size, lr=lr, balance="source",
+        schedule=((size or inp.size[0], epochs),), batch_size=batch_size, lr=lr, balance="source",
         augment=AugmentConfig(scale=(0.85, 1.35), aspect=0.2), init=str(base_folder / manifest.weights_file),
         layer_decay=0.7, target_sensitivity=target_sensitivity, device=device, seed=seed, workers=2,
         mask_burned_in=inp.mask_burned_in, crop=inp.crop, crop_margin=inp.crop_margin or 0.1, intensity=inp.intensity,
