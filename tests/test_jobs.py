@@ -358,6 +358,33 @@ def test_a_site_adaptation_without_replay_keeps_a_class_the_site_lacks_by_distil
     assert record["films"]["replay_train"] == 0 and record["shared_test"] is None and record["distill"] == 1.0
 
 
+def test_a_site_adaptation_that_cannot_choose_its_threshold_fails_before_training(job_env: Path) -> None:
+    """The job checks its site view as ``adapt`` does: no COVID-19 film among the validation films
+    (and no training data to mix in) is said in words before any epoch, not as a ValueError after."""
+    import shutil
+
+    from cxr_core.state.jobs import run_job
+
+    site = make_labelled_folder(job_env / "site-no-val-covid", per_class={"train": 6, "val": 3, "test": 4}, size=48, seed=7)
+    shutil.rmtree(site / "val" / "covid")
+    spec = replace(site_adaptation_spec(job_env), dataset=str(site), replay=(), version="1.1.0-noval")
+    job_dir = create_job(spec)
+    assert run_job(job_dir) != 0
+    state = read_state(job_dir)
+    assert state.state == FAILED and (state.error or "").startswith("None of the validation films is covid"), state.error
+    assert not (job_dir / "site-films.json").exists() and _epochs(job_dir) == 0
+    # A site whose own splits hold nothing out could not be judged before and after.
+    unjudged = make_labelled_folder(job_env / "site-no-test", per_class={"train": 6, "val": 3}, size=48, seed=9)
+    refused = create_job(replace(spec, dataset=str(unjudged), version="1.1.0-notest", job_id="notest"))
+    assert run_job(refused) != 0
+    assert (read_state(refused).error or "").startswith("Too few films to adapt and judge: 18 to adapt on, 0 held out")
+    assert _epochs(refused) == 0
+    # With the COVID-19 validation films back, the same job (relaunched) gets past the check and trains.
+    make_labelled_folder(site, ("covid",), per_class={"val": 3}, size=48, seed=8)
+    assert run_job(job_dir) == 0, (read_state(job_dir), (job_dir / "job.log").read_text()[-2000:] if (job_dir / "job.log").exists() else "")
+    assert json.loads((job_dir / "site-films.json").read_text())["validation"] == 9 and _epochs(job_dir) == 1
+
+
 def test_a_follower_rank_stops_waiting_for_the_site_view_when_rank_0_fails(tmp_path: Path) -> None:
     import threading
 

@@ -418,14 +418,16 @@ def _crossfit(job_dir: Path, spec: JobSpec, config_: Any, data: Any, stop: threa
 
 def _site_view(job_dir: Path, spec: JobSpec) -> tuple[str, str, None]:
     """(training folder, evaluation folder, split) for a site adaptation: the site's films split
-    by patient with replay films mixed in, and the held-out half as the evaluation set (built
-    once; a resumed job reuses it)."""
-    from cxr_core.training.adapt import build_adapt_folder, held_out_folder
+    by patient with replay films mixed in, and the held-out half as the evaluation set. Built and
+    checked once, as ``adapt`` does (:func:`cxr_core.training.adapt.prepare_site_view`: a site that
+    cannot be adapted fails here, before anything trains); a resumed job reuses it."""
+    from cxr_core.training.adapt import held_out_folder, prepare_site_view
 
     view = job_dir / SITE_VIEW
-    if not (view / "metadata.csv").is_file():
-        counts = build_adapt_folder(Path(spec.dataset), view, [Path(r) for r in spec.replay], spec.replay_share)
-        write_json(job_dir / "site-films.json", counts)
+    if not (job_dir / "site-films.json").is_file():  # written only once the view passed its checks
+        built = prepare_site_view(spec.classes, spec.binary_positive, Path(spec.dataset), view,
+                                  [Path(r) for r in spec.replay], spec.replay_share, auxiliary=False)
+        write_json(job_dir / "site-films.json", built.counts)
     return str(view), str(held_out_folder(view)), None
 
 

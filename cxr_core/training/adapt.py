@@ -225,6 +225,39 @@ def build_adapt_folder(site: Path, work: Path, replay: Sequence[Path] = (), repl
     return counts
 
 
+@dataclass(frozen=True)
+class SiteView:
+    """A site adaptation's data, as :func:`prepare_site_view` built and checked it."""
+
+    folder: Path  # the labelled folder trained on (build_adapt_folder): site and replayed films, train and val
+    counts: dict[str, int]  # site films per split (adapt, validation, held_out) and replay films used
+    aux_classes: tuple[str, ...]  # labels trained as auxiliary outputs (multi-class models; see auxiliary_labels)
+
+    @property
+    def held_out(self) -> Path:
+        return held_out_folder(self.folder)
+
+
+def prepare_site_view(classes: Sequence[str], binary: str | None, site: Path, work: Path, replay: Sequence[Path] = (),
+                      replay_share: float = 0.5, *, seed: int = 0, min_replay_validation: int = MIN_REPLAY_VALIDATION,
+                      auxiliary: bool = True) -> SiteView:
+    """Build ``site``'s adaptation view in ``work`` (:func:`build_adapt_folder`) for a model with
+    ``classes`` (``binary``: its positive class when it is a one-output model) and check, before
+    anything trains, that it can be adapted and judged: films on both sides of the split, and
+    validation films of the positive class to choose its threshold on. ``adapt`` and the app's site
+    adaptation job both start here. AdaptationError says what is missing."""
+    counts = build_adapt_folder(site, work, replay, replay_share, seed=seed, min_replay_validation=min_replay_validation)
+    if counts["held_out"] == 0 or counts["adapt"] == 0:
+        raise AdaptationError(f"Too few films to adapt and judge: {counts['adapt']} to adapt on, {counts['held_out']} held out.")
+    positive = binary or classes[0]
+    if not _has_validation_films(work, positive):
+        # Distillation cannot stand in here: the threshold is chosen on these films.
+        raise AdaptationError(f"None of the validation films is {positive}: the {positive} threshold cannot be chosen again. "
+                              f"Give the model's training data to mix in (--replay), or a site with more {positive} films.")
+    aux = auxiliary_labels(work, classes) if auxiliary and binary is None else ()
+    return SiteView(work, counts, aux)
+
+
 def cross_fit(config: TrainConfig, data: PreparedData, folds: int, run_dir: Path, stop: threading.Event | None = None) -> OutOfFold | None:
     """Out-of-fold scores of the adapt half (:func:`cxr_core.training.crossval.out_of_fold_logits`,
     the runs under ``run_dir``/crossfit) to calibrate on, or None when ``folds`` is 0."""
@@ -292,16 +325,10 @@ def adapt(
     manifest = base.manifest
     run_dir = run_dir or Path("runs") / f"adapt-{out.name}"
     work = run_dir / "data"
-    counts = build_adapt_folder(site, work, replay, replay_share, seed=seed, min_replay_validation=min_replay_validation)
-    if counts["held_out"] == 0 or counts["adapt"] == 0:
-        raise AdaptationError(f"Too few films to adapt and judge: {counts['adapt']} to adapt on, {counts['held_out']} held out.")
-    positive = manifest.classes[0]
-    if not _has_validation_films(work, positive):
-        # Distillation cannot stand in here: the threshold is chosen on these films.
-        raise AdaptationError(f"None of the validation films is {positive}: the {positive} threshold cannot be chosen again. "
-                              f"Give --replay with the model's training data, or a site with more {positive} films.")
     binary = manifest.classes[0] if manifest.head == "sigmoid" else None
-    aux = auxiliary_labels(work, manifest.classes) if auxiliary and binary is None else ()
+    view = prepare_site_view(manifest.classes, binary, site, work, replay, replay_share, seed=seed,
+                             min_replay_validation=min_replay_validation, auxiliary=auxiliary)
+    counts, aux, positive = view.counts, view.aux_classes, manifest.classes[0]
     inp = manifest.input
     config = TrainConfig(
         data_dir=str(work), arch=manifest.architecture, out=str(out), model_id=out.name, version=version,
@@ -323,7 +350,7 @@ def adapt(
     # The validation films checked above are in the cross-fitted pool, so it has positive films too.
     out_of_fold = cross_fit(config, data, crossfit, run_dir)
     adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}", out_of_fold=out_of_fold)
-    held_out = held_out_folder(work)
+    held_out = view.held_out
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()
     after = validate_site(load_model(out, device=device), held_out, target_sensitivity=target_sensitivity).as_dict()
     notes = tuple(f"{label}: not a class of {manifest.key}, left out of training" for label in sorted(set(data.report.excluded_labels)))
