@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -9,6 +11,7 @@ import streamlit as st
 
 from cxr_core.metrics import external_rows
 from cxr_core.models.pointer import RegistryError, default_model_id
+from cxr_core.models.site_threshold import adopt_site_threshold, site_threshold_of
 from cxr_core.models.versions import (
     Version,
     delete_version,
@@ -23,7 +26,7 @@ from cxr_core.models.versions import (
 from cxr_core.state import audit
 from cxr_core.state.datasets import list_datasets
 from cxr_core.state.site_validations import list_validations
-from pages._common import current_user, enter_page, estimate_cell, guarded, render_validation
+from pages._common import choose_evaluation_set, current_user, enter_page, estimate_cell, guarded, render_validation
 
 enter_page(role="admin")
 st.title("Models")
@@ -123,9 +126,25 @@ for model_id in model_ids:
         if candidate.site_adaptation:
             render_site_adaptation(candidate.site_adaptation)
         reason = ""
+        adopted_from = site_threshold_of(candidate)
+        if adopted_from:
+            cols[1].caption(f"{pick}: {adopted_from['base']} with this site's COVID-19 threshold p >= {adopted_from['threshold']} "
+                            f"(was {adopted_from['base_threshold']}), adopted by {adopted_from['user']}: {adopted_from['reason']}")
         if unevaluated:
             cols[1].info(f"Not evaluated: {pick} has no figures on the fixed evaluation set, so it cannot be promoted. "
-                         "Evaluate it with a training job's evaluation set, or `python -m cxr_core evaluate`.")
+                         "Evaluate it here, with a training job's evaluation set, or `python -m cxr_core evaluate`.")
+            eval_dir = choose_evaluation_set(f"evaluate-set-{model_id}")
+            if st.button("Evaluate", key=f"evaluate-{model_id}", disabled=eval_dir is None,
+                         help="Scores the candidate, and the active version unless it already was, on this set: the "
+                              "promotion check compares them there."):
+                from cxr_core.training.evaluation_set import evaluate_active_alongside, evaluate_candidate
+
+                with guarded("evaluating the candidate"), st.spinner(f"Scoring {pick} on the evaluation set…"):
+                    measured = evaluate_candidate(candidate.path, eval_dir)
+                    evaluate_active_alongside(model_id, eval_dir)
+                    audit.record("evaluate", user=user, role=role, model=candidate.key,
+                                 details={"evaluation_set": str(eval_dir), "n": measured["n"], "accuracy": measured["accuracy"]})
+                    st.rerun()
         elif problems:
             cols[1].warning(("Not shown to be better: " if candidate.site_adaptation else "Measured worse than the active model: ")
                             + "; ".join(problems) + ".")
@@ -224,11 +243,37 @@ else:
             version = next(v for v in versions if v.key == version_key)
             result = validate_site(load_model(version.path), by_dataset[dataset_id].root, target_sensitivity=float(target_sensitivity))
             record_validation(result, user=user, role=role, data_name=by_dataset[dataset_id].name)
-            st.session_state["validation-shown"] = result.as_dict()
+            st.session_state["validation-shown"] = {**result.as_dict(), "data_name": by_dataset[dataset_id].name}
+            st.session_state.pop("adopted-shown", None)
     shown = st.session_state.get("validation-shown")
     if shown:
         validated = next((v for v in versions if v.key == shown["model"]), None)
         render_validation(shown, validated.manifest.label) if validated else render_validation(shown)
+        offered = shown.get("suggested_threshold")
+        if validated and offered and validated.manifest.classes[0] in validated.manifest.thresholds:
+            with st.expander(f"Adopt p >= {offered['value']} as this site's COVID-19 threshold (a new version of {validated.model_id})"):
+                st.caption(f"Registers a candidate with {validated.key}'s weights and this threshold. Nothing changes until it "
+                           "is evaluated and promoted below, and a rollback undoes it. These films chose the threshold, so "
+                           "they flatter it: judge it on the fixed evaluation set and on other films of this site.")
+                c = st.columns([1, 3])
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
+                new_version = c[0].text_input("New version", value=f"{validated.version}-site-{stamp}", key="adopt-version").strip()
+                why = c[1].text_input("Why this site adopts it (kept with the version)", key="adopt-reason")
+                if st.button("Register the new version", key="adopt-run", disabled=not (why.strip() and new_version)):
+                    with guarded("registering the site threshold"):
+                        chosen_on = {"model": shown["model"], "data_name": shown.get("data_name", ""), "data_sha256": shown["data_sha256"],
+                                     "n": shown["n"], "sensitivity": offered["sensitivity"], "specificity": offered["specificity"],
+                                     "target_sensitivity": offered.get("target_sensitivity")}
+                        adopted = adopt_site_threshold(validated.model_id, validated.version, float(offered["value"]),
+                                                       new_version=new_version, user=user, reason=why, chosen_on=chosen_on)
+                        audit.record("adopt_site_threshold", user=user, role=role, model=adopted.key,
+                                     details={"base": validated.key, "threshold": float(offered["value"]), "reason": why.strip(),
+                                              "data_sha256": shown["data_sha256"]})
+                        st.session_state["adopted-shown"] = adopted.key
+                        st.rerun()
+        if st.session_state.get("adopted-shown"):
+            st.success(f"Registered {st.session_state['adopted-shown']} as a candidate: evaluate it, then promote it, under its "
+                       "model above.")
     past = list_validations()
     if past:
         st.markdown("**Recorded validations** (newest first)")
