@@ -493,6 +493,21 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_adopt_threshold(args: argparse.Namespace) -> int:
+    from cxr_core.models.site_threshold import adopt_site_threshold
+    from cxr_core.state import audit
+
+    name, _, version = args.model.partition("@")
+    if not version:
+        raise UsageError(f"{args.model}: give the version whose threshold is replaced, as ID@VERSION")
+    adopted = adopt_site_threshold(name, version, args.threshold, new_version=args.version, user=args.user, reason=args.reason)
+    audit.record("adopt_site_threshold", user=args.user, role="cli", model=adopted.key,
+                 details={"base": args.model, "threshold": args.threshold, "reason": args.reason.strip()})
+    _emit_line(f"registered {adopted.key}: {args.model} with its COVID-19 threshold at {adopted.manifest.thresholds} "
+               f"in {adopted.path}; not active: evaluate it, then promote it on the Models page")
+    return EXIT_OK
+
+
 def _cmd_fit_gate(args: argparse.Namespace) -> int:
     from cxr_core.models.loading import resolve_model
     from cxr_core.training.dataset import LabelPlan
@@ -758,6 +773,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the Models page lists it and Diagnose shows it beside the model")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("adopt-threshold", help="register a new version of a model with a site's own COVID-19 threshold "
+                                               "(e.g. validate's suggested_threshold): same weights, not active until promoted")
+    p.add_argument("model", metavar="ID@VERSION", help="the version whose COVID-19 threshold is replaced")
+    p.add_argument("--threshold", type=float, required=True, help="the new COVID-19 threshold (0 < T < 1)")
+    p.add_argument("--version", required=True, help="the new version's name (must not exist)")
+    p.add_argument("--user", required=True, help="who adopts it (kept with the version and in the audit trail)")
+    p.add_argument("--reason", required=True, help="why the site adopts it (kept with the version)")
+    p.set_defaults(func=_cmd_adopt_threshold)
 
     from cxr_core.training.adapt import CROSSFIT, DISTILL, DISTILL_CLASSES, DISTILL_ON, INTERPOLATE
 

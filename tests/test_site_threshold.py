@@ -157,3 +157,20 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     evaluated = next(v for v in list_versions("dn") if v.version == "1.0.0-siteb").evaluation
     assert evaluated is not None and evaluated["n"] == 6 and evaluated["evaluation_set"] == str(eval_dir)
     assert evaluated["split"] == "test" and not any("Not evaluated" in i.value for i in at.info)
+
+
+def test_the_command_line_adopts_a_threshold_and_refuses_without_a_version(site_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cxr_core.cli import main
+    from cxr_core.models.versions import find_version
+    from cxr_core.state.audit import entries
+
+    common = ["--threshold", "0.2", "--version", "1.0.0-cli", "--user", "bob", "--reason", "validated on 200 films"]
+    assert main(["adopt-threshold", "dn", *common]) != 0
+    assert "give the version whose threshold is replaced" in capsys.readouterr().err
+    assert main(["adopt-threshold", "dn@1.0.0", *common]) == 0
+    assert capsys.readouterr().out.startswith("registered dn@1.0.0-cli: dn@1.0.0 with its COVID-19 threshold at {'covid': 0.2}")
+    adopted = find_version("dn", "1.0.0-cli")
+    assert adopted.manifest.thresholds == {"covid": 0.2} and adopted.manifest.training["site_threshold"]["user"] == "bob"
+    assert [e.model for e in entries() if e.action == "adopt_site_threshold"] == ["dn@1.0.0-cli"]
+    assert main(["adopt-threshold", "dn@1.0.0", *common]) != 0  # the version exists now
+    assert "already exists" in capsys.readouterr().err
