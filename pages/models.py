@@ -128,7 +128,7 @@ for model_id in model_ids:
         reason = ""
         adopted_from = site_threshold_of(candidate)
         if adopted_from:
-            cols[1].caption(f"{pick}: {adopted_from['base']} with this site's COVID-19 threshold p >= {adopted_from['threshold']} "
+            cols[1].caption(f"{pick}: {adopted_from['base']} with this site's COVID-19 threshold p ≥ {adopted_from['threshold']} "
                             f"(was {adopted_from['base_threshold']}), adopted by {adopted_from['user']}: {adopted_from['reason']}")
         if unevaluated:
             cols[1].info(f"Not evaluated: {pick} has no figures on the fixed evaluation set, so it cannot be promoted. "
@@ -248,10 +248,13 @@ else:
     shown = st.session_state.get("validation-shown")
     if shown:
         validated = next((v for v in versions if v.key == shown["model"]), None)
-        render_validation(shown, validated.manifest.label) if validated else render_validation(shown)
+        if validated:  # a statement, not an expression: Streamlit would write an expression's value (None) on the page
+            render_validation(shown, validated.manifest.label)
+        else:
+            render_validation(shown)
         offered = shown.get("suggested_threshold")
         if validated and offered and validated.manifest.classes[0] in validated.manifest.thresholds:
-            with st.expander(f"Adopt p >= {offered['value']} as this site's COVID-19 threshold (a new version of {validated.model_id})"):
+            with st.expander(f"Adopt p ≥ {offered['value']} as this site's COVID-19 threshold (a new version of {validated.model_id})"):
                 st.caption(f"Registers a candidate with {validated.key}'s weights and this threshold. Nothing changes until it "
                            "is evaluated and promoted below, and a rollback undoes it. These films chose the threshold, so "
                            "they flatter it: judge it on the fixed evaluation set and on other films of this site.")
@@ -272,7 +275,7 @@ else:
                         st.session_state["adopted-shown"] = adopted.key
                         st.rerun()
         if st.session_state.get("adopted-shown"):
-            st.success(f"Registered {st.session_state['adopted-shown']} as a candidate: evaluate it, then promote it, under its "
+            st.success(f"Registered `{st.session_state['adopted-shown']}` as a candidate: evaluate it, then promote it, under its "
                        "model above.")
     past = list_validations()
     if past:

@@ -439,6 +439,7 @@ def test_admin_validates_a_model_on_site_films_and_diagnose_shows_it(use_weights
     at.run()
     assert not at.exception, at.exception
     assert any("too few to conclude" in w.value for w in at.warning)
+    assert "`None`" not in [m.value for m in at.markdown]  # a bare expression's value, written by Streamlit's magic
     figures = next(d.value for d in at.dataframe if "figure" in d.value.columns)
     assert list(figures["figure"][:2]) == ["COVID-19 sensitivity", "Specificity (not COVID-19 left alone)"]
     assert figures["value (95% CI); films"][0].endswith("/6")  # 6 COVID-19 films (train and val)

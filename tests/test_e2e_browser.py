@@ -566,3 +566,84 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
         assert "out-of-fold scores" in candidate.manifest.training["calibrated_on"]
     finally:
         os.environ["CXR_VAR_DIR"] = previous_var
+
+
+@pytest.mark.slow
+def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weights: Path, dicom_data: Path, tmp_path: Path) -> None:
+    """Issue 31, the suggested site threshold in a browser: validate on the site's films, adopt
+    the threshold as a new version with a reason, evaluate it, promote it, and Diagnose names it."""
+    import io
+    import zipfile
+
+    from cxr_core.models.versions import list_versions
+    from cxr_core.state.audit import entries
+    from cxr_core.state.users import add_user
+    from tests.synthetic import make_labelled_folder
+
+    var = tmp_path / "var"
+    env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu", "CXR_DEFAULT_MODEL": "densenet121-test"}
+    previous_var = os.environ["CXR_VAR_DIR"]
+    os.environ["CXR_VAR_DIR"] = str(var)
+    source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"train": 6, "val": 3, "test": 3}, size=64)
+    archive = tmp_path / "site-d.zip"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for path in source.rglob("*.png"):
+            z.write(path, f"site-d/{path.relative_to(source).as_posix()}")
+    archive.write_bytes(buffer.getvalue())
+    png = tmp_path / "chest.png"
+    png.write_bytes(_film_png(dicom_data))
+    try:
+        add_user("alice", "a long enough password", "admin")
+        with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
+            _sign_in(page)
+            _upload_dataset(page, "Site D films", archive)
+            page.get_by_role("link", name="Models").click()
+            page.get_by_text("Validate at this site").wait_for(timeout=60_000)
+            _streamlit_idle(page)
+            page.get_by_role("button", name="Validate", exact=True).click()
+            page.get_by_text("Recorded validations").wait_for(timeout=180_000)
+            page.get_by_text("as this site's COVID-19 threshold (a new version of densenet121-test)").click()
+            _streamlit_idle(page)
+            register = page.get_by_role("button", name="Register the new version")
+            assert register.is_disabled()  # not without a reason
+            page.get_by_label("Why this site adopts it (kept with the version)").fill("validated on Site D's 36 films")
+            page.get_by_label("Why this site adopts it (kept with the version)").press("Enter")
+            _streamlit_idle(page)
+            page.get_by_label("New version", exact=True).fill("0.0.1-site-d")
+            page.get_by_label("New version", exact=True).press("Enter")
+            _streamlit_idle(page)
+            page.get_by_role("button", name="Register the new version").click()
+            page.get_by_text("Registered densenet121-test@0.0.1-site-d as a candidate").wait_for(timeout=60_000)
+            _streamlit_idle(page)
+            # The candidate: where its threshold came from; evaluated on the uploaded films (the set offered first).
+            page.get_by_text("with this site's COVID-19 threshold p ≥ ").first.wait_for(timeout=60_000)
+            page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(timeout=60_000)
+            page.get_by_role("button", name="Evaluate", exact=True).click()
+            _streamlit_idle(page)
+            page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(state="detached", timeout=180_000)
+            reason = page.get_by_label("Reason to promote anyway")
+            if reason.count():
+                reason.fill("site threshold adopted after local validation")
+                reason.press("Enter")
+                _streamlit_idle(page)
+            page.get_by_role("button", name="Promote").first.click()
+            _streamlit_idle(page)
+            page.get_by_text("0.0.1-site-d (active)").first.wait_for(timeout=60_000)
+            assert "Traceback" not in page.inner_text("body")
+            _shot(page, tmp_path, "admin-site-threshold")
+            page.get_by_role("link", name="Diagnose").click()
+            page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
+            _streamlit_idle(page)
+            page.set_input_files("input[type=file]", [str(png)])
+            page.get_by_text("Not validated at this site").first.wait_for(timeout=180_000)
+            body = page.inner_text("body")
+            assert "version **0.0.1-site-d**" in body or "0.0.1-site-d" in body
+            assert "Traceback" not in body
+            _shot(page, tmp_path, "diagnose-site-threshold")
+        adopted = next(v for v in list_versions("densenet121-test") if v.version == "0.0.1-site-d")
+        assert adopted.active and adopted.evaluation is not None and adopted.manifest.thresholds["covid"] != 0.4
+        assert [e.model for e in entries(action="adopt_site_threshold")] == ["densenet121-test@0.0.1-site-d"]
+        assert [e.model for e in entries(action="promote")] == ["densenet121-test@0.0.1-site-d"]
+    finally:
+        os.environ["CXR_VAR_DIR"] = previous_var

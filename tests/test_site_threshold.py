@@ -127,7 +127,7 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     at.button(key="validate-run").click()
     at.run()
     assert not at.exception, at.exception
-    expander = next(e for e in at.expander if e.label.startswith("Adopt p >= "))
+    expander = next(e for e in at.expander if e.label.startswith("Adopt p ≥ "))
     assert at.button(key="adopt-run").disabled  # no reason yet
     at.text_input(key="adopt-version").set_value("1.0.0-siteb")
     at.text_input(key="adopt-reason").set_value("validated on Site B's films")
@@ -135,9 +135,9 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     at.button(key="adopt-run").click()
     at.run()
     assert not at.exception, at.exception
-    assert any(s.value.startswith("Registered dn@1.0.0-siteb as a candidate") for s in at.success)
+    assert any(s.value.startswith("Registered `dn@1.0.0-siteb` as a candidate") for s in at.success)
     adopted = next(v for v in list_versions("dn") if v.version == "1.0.0-siteb")
-    offered = float(expander.label.split("p >= ")[1].split(" ")[0])
+    offered = float(expander.label.split("p ≥ ")[1].split(" ")[0])
     assert adopted.manifest.thresholds == {"covid": offered} and adopted.evaluation is None
     assert adopted.manifest.training["site_threshold"]["chosen_on"]["data_name"] == "Site B films"
     adoption = [e for e in entries() if e.action == "adopt_site_threshold"][-1]
@@ -147,6 +147,7 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     at.selectbox(key="pick-dn").set_value("1.0.0-siteb")
     at.run()
     assert any("Not evaluated" in i.value for i in at.info)
+    assert any(c.value.startswith(f"1.0.0-siteb: dn@1.0.0 with this site's COVID-19 threshold p ≥ {offered} (was 0.99)") for c in at.caption)
     at.selectbox(key="evaluate-set-dn").set_value("Another folder on the server…")
     at.run()
     at.text_input(key="evaluate-set-dn-path").set_value(str(eval_dir))
