@@ -304,6 +304,29 @@ def _upload_dataset(page, name: str, archive: Path) -> None:  # type: ignore[no-
     page.get_by_text("Images per class").first.wait_for(timeout=120_000)
 
 
+def _site_archive(source: Path, name: str) -> Path:
+    """``source``'s films zipped under a top folder ``name``, beside it: a site's upload."""
+    import io
+    import zipfile
+
+    archive = source.parent / f"{name}.zip"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for path in source.rglob("*.png"):
+            z.write(path, f"{name}/{path.relative_to(source).as_posix()}")
+    archive.write_bytes(buffer.getvalue())
+    return archive
+
+
+def _validate_default_model(page) -> None:  # type: ignore[no-untyped-def]
+    """On the Models page: validate the model offered first on the dataset offered first, and wait for the result."""
+    page.get_by_role("link", name="Models").click()
+    page.get_by_text("Validate at this site").wait_for(timeout=60_000)
+    _streamlit_idle(page)
+    page.get_by_role("button", name="Validate", exact=True).click()
+    page.get_by_text("Recorded validations").wait_for(timeout=180_000)
+
+
 def _sign_in(page, name: str = "alice", password: str = "a long enough password") -> None:  # type: ignore[no-untyped-def]
     page.get_by_role("link", name="Sign in").first.click()
     page.get_by_label("User name", exact=True).fill(name)
@@ -455,9 +478,6 @@ def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidat
 def test_admin_uploads_site_films_validates_and_diagnose_shows_the_badge(use_weights: Path, dicom_data: Path, tmp_path: Path) -> None:
     """Issue 31 in a browser: upload a site's labelled zip, validate the default model on it on
     the Models page, and Diagnose names the validation beside the model."""
-    import io
-    import zipfile
-
     from cxr_core.state.users import add_user
     from tests.synthetic import make_labelled_folder
 
@@ -466,12 +486,7 @@ def test_admin_uploads_site_films_validates_and_diagnose_shows_the_badge(use_wei
     previous_var = os.environ["CXR_VAR_DIR"]
     os.environ["CXR_VAR_DIR"] = str(var)
     source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"train": 6, "val": 3}, size=64)
-    archive = tmp_path / "site-b.zip"
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        for path in source.rglob("*.png"):
-            z.write(path, f"site-b/{path.relative_to(source).as_posix()}")
-    archive.write_bytes(buffer.getvalue())
+    archive = _site_archive(source, "site-b")
     png = tmp_path / "chest.png"
     png.write_bytes(_film_png(dicom_data))
     try:
@@ -479,11 +494,7 @@ def test_admin_uploads_site_films_validates_and_diagnose_shows_the_badge(use_wei
         with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
             _sign_in(page)
             _upload_dataset(page, "Site B films", archive)
-            page.get_by_role("link", name="Models").click()
-            page.get_by_text("Validate at this site").wait_for(timeout=60_000)
-            _streamlit_idle(page)
-            page.get_by_role("button", name="Validate", exact=True).click()
-            page.get_by_text("Recorded validations").wait_for(timeout=180_000)
+            _validate_default_model(page)
             body = page.inner_text("body")
             assert "too few to conclude" in body and "COVID-19 sensitivity" in body
             page.get_by_text("Recorded validations").scroll_into_view_if_needed()
@@ -504,9 +515,6 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
     """Issue 31 in a browser: upload a site's labelled films, launch "Adapt to this site" with the
     training films replayed, and the Models page shows the candidate's before and after on the
     site's held-out patients and its COVID-19 sensitivity on the replay folder's test split."""
-    import io
-    import zipfile
-
     from cxr_core.state.audit import entries
     from cxr_core.state.users import add_user
     from tests.synthetic import make_labelled_folder
@@ -518,12 +526,7 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
     previous_var = os.environ["CXR_VAR_DIR"]
     os.environ["CXR_VAR_DIR"] = str(var)
     source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 12}, splits=False, size=64, seed=5)
-    archive = tmp_path / "site-c.zip"
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        for path in source.rglob("*.png"):
-            z.write(path, f"site-c/{path.relative_to(source).as_posix()}")
-    archive.write_bytes(buffer.getvalue())
+    archive = _site_archive(source, "site-c")
     try:
         add_user("alice", "a long enough password", "admin")
         with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
@@ -572,9 +575,6 @@ def test_admin_adapts_the_model_to_a_site_and_sees_before_and_after(use_weights:
 def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weights: Path, dicom_data: Path, tmp_path: Path) -> None:
     """Issue 31, the suggested site threshold in a browser: validate on the site's films, adopt
     the threshold as a new version with a reason, evaluate it, promote it, and Diagnose names it."""
-    import io
-    import zipfile
-
     from cxr_core.models.versions import list_versions
     from cxr_core.state.audit import entries
     from cxr_core.state.users import add_user
@@ -585,12 +585,7 @@ def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weig
     previous_var = os.environ["CXR_VAR_DIR"]
     os.environ["CXR_VAR_DIR"] = str(var)
     source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"train": 6, "val": 3, "test": 3}, size=64)
-    archive = tmp_path / "site-d.zip"
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        for path in source.rglob("*.png"):
-            z.write(path, f"site-d/{path.relative_to(source).as_posix()}")
-    archive.write_bytes(buffer.getvalue())
+    archive = _site_archive(source, "site-d")
     png = tmp_path / "chest.png"
     png.write_bytes(_film_png(dicom_data))
     try:
@@ -598,11 +593,7 @@ def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weig
         with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
             _sign_in(page)
             _upload_dataset(page, "Site D films", archive)
-            page.get_by_role("link", name="Models").click()
-            page.get_by_text("Validate at this site").wait_for(timeout=60_000)
-            _streamlit_idle(page)
-            page.get_by_role("button", name="Validate", exact=True).click()
-            page.get_by_text("Recorded validations").wait_for(timeout=180_000)
+            _validate_default_model(page)
             page.get_by_text("as this site's COVID-19 threshold (a new version of densenet121-test)").click()
             _streamlit_idle(page)
             register = page.get_by_role("button", name="Register the new version")
