@@ -21,6 +21,7 @@ from cxr_core.imaging.io import read_image
 from cxr_core.inference import DISCLAIMER, Prediction, call_headline, predict
 from cxr_core.metrics import unseen_hospital_note, unseen_sources
 from cxr_core.models.loading import LoadedModel
+from cxr_core.models.site_threshold import threshold_origin
 from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows
 from cxr_core.state import audit
 from cxr_core.state.site_validations import NOT_VALIDATED, site_badge
@@ -368,7 +369,7 @@ captions = ["Probabilities are calibrated (temperature scaling on the validation
 if prediction.thresholds:
     captions.append(
         "Dashed marks: decision thresholds — "
-        + "; ".join(f"{manifest.label(c)} is called at p ≥ {t:.2f} (chosen on validation for sensitivity)" for c, t in prediction.thresholds.items())
+        + "; ".join(f"{manifest.label(c)} is called at p ≥ {t:.2f} ({threshold_origin(manifest, c)})" for c, t in prediction.thresholds.items())
         + "."
     )
 st.caption(" ".join(captions))

@@ -59,6 +59,11 @@ def test_an_adopted_threshold_is_a_new_version_with_the_same_weights_that_decide
     assert [p.probabilities for p in before] == [p.probabilities for p in after]
     assert all(p.decision != "covid" for p in before) and all(p.decision == "covid" for p in after)
     assert {p.model for p in after} == {"dn@1.0.0-site"}  # every prediction names the version, so the threshold
+    # Diagnose says where each threshold came from.
+    from cxr_core.models.site_threshold import threshold_origin
+
+    assert threshold_origin(m, "covid") == f"adopted at this site on {record['created'][:10]} from a validation on 180 films"
+    assert threshold_origin(base.manifest, "covid") == "chosen on validation for sensitivity"
 
 
 @pytest.mark.parametrize("threshold, version, reason, message", [

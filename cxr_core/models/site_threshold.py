@@ -23,7 +23,7 @@ from typing import Any
 
 from cxr_core.errors import CxrError
 from cxr_core.fileio import atomic_write
-from cxr_core.models.manifest import MANIFEST_NAME, read_manifest
+from cxr_core.models.manifest import MANIFEST_NAME, Manifest, read_manifest
 from cxr_core.models.pointer import registry_dir
 from cxr_core.models.versions import Version, candidate_folder, find_version
 
@@ -107,3 +107,12 @@ def site_threshold_of(version: Version) -> dict[str, Any] | None:
     """Where ``version``'s threshold came from, when it is an adopted site threshold."""
     record = version.manifest.training.get(SITE_THRESHOLD_KEY)
     return dict(record) if record else None
+
+
+def threshold_origin(manifest: Manifest, cls: str) -> str:
+    """Where ``manifest``'s threshold for ``cls`` came from, in words for the page that draws it."""
+    record = manifest.training.get(SITE_THRESHOLD_KEY)
+    if record and cls == manifest.classes[0]:
+        films = (record.get("chosen_on") or {}).get("n")
+        return f"adopted at this site on {record['created'][:10]} from a validation" + (f" on {films} films" if films else "")
+    return "chosen on validation for sensitivity"
