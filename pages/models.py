@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -134,6 +135,10 @@ for model_id in model_ids:
             cols[1].info(f"Not evaluated: {pick} has no figures on the fixed evaluation set, so it cannot be promoted. "
                          "Evaluate it here, with a training job's evaluation set, or `python -m cxr_core evaluate`.")
             eval_dir = choose_evaluation_set(f"evaluate-set-{model_id}")
+            chose_it = (adopted_from or {}).get("chosen_on", {}).get("root")
+            if eval_dir is not None and chose_it and Path(chose_it).resolve() == Path(eval_dir).resolve():
+                st.warning("These are the films that chose this version's threshold: its figures on them will flatter it. "
+                           "Evaluate it on films that played no part in choosing it.")
             if st.button("Evaluate", key=f"evaluate-{model_id}", disabled=eval_dir is None,
                          help="Scores the candidate, and the active version unless it already was, on this set: the "
                               "promotion check compares them there."):
@@ -243,7 +248,8 @@ else:
             version = next(v for v in versions if v.key == version_key)
             result = validate_site(load_model(version.path), by_dataset[dataset_id].root, target_sensitivity=float(target_sensitivity))
             record_validation(result, user=user, role=role, data_name=by_dataset[dataset_id].name)
-            st.session_state["validation-shown"] = {**result.as_dict(), "data_name": by_dataset[dataset_id].name}
+            st.session_state["validation-shown"] = {**result.as_dict(), "data_name": by_dataset[dataset_id].name,
+                                                    "root": str(by_dataset[dataset_id].root)}
             st.session_state.pop("adopted-shown", None)
     shown = st.session_state.get("validation-shown")
     if shown:
@@ -264,7 +270,8 @@ else:
                 why = c[1].text_input("Why this site adopts it (kept with the version)", key="adopt-reason")
                 if st.button("Register the new version", key="adopt-run", disabled=not (why.strip() and new_version)):
                     with guarded("registering the site threshold"):
-                        chosen_on = {"model": shown["model"], "data_name": shown.get("data_name", ""), "data_sha256": shown["data_sha256"],
+                        chosen_on = {"model": shown["model"], "data_name": shown.get("data_name", ""), "root": shown.get("root", ""),
+                                     "data_sha256": shown["data_sha256"],
                                      "n": shown["n"], "sensitivity": offered["sensitivity"], "specificity": offered["specificity"],
                                      "target_sensitivity": offered.get("target_sensitivity")}
                         adopted = adopt_site_threshold(validated.model_id, validated.version, float(offered["value"]),

@@ -147,7 +147,15 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     assert adopted.manifest.training["site_threshold"]["chosen_on"]["data_name"] == "Site B films"
     adoption = [e for e in entries() if e.action == "adopt_site_threshold"][-1]
     assert adoption.model == "dn@1.0.0-siteb" and adoption.details["base"] == "dn@1.0.0" and adoption.user == "alice"
-    # Evaluated from the page on a folder typed in: then it can be promoted.
+    # Offered the films that chose the threshold, the page says they would flatter it.
+    site_root = adopted.manifest.training["site_threshold"]["chosen_on"]["root"]
+    at.selectbox(key="pick-dn").set_value("1.0.0-siteb")
+    at.selectbox(key="evaluate-set-dn").set_value("Another folder on the server…")
+    at.run()
+    at.text_input(key="evaluate-set-dn-path").set_value(site_root)
+    at.run()
+    assert any("films that chose this version's threshold" in w.value for w in at.warning)
+    # Evaluated from the page on other films typed in: then it can be promoted.
     eval_dir = make_labelled_folder(site_env / "eval", CLASSES, per_class={"test": 2}, size=48, seed=4)
     at.selectbox(key="pick-dn").set_value("1.0.0-siteb")
     at.run()

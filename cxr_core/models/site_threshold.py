@@ -43,8 +43,8 @@ def adopt_site_threshold(model_id: str, version: str, threshold: float, *, new_v
     sensitivity and specificity it reached there), kept in the manifest and the card.
 
     The candidate is built in a hidden folder and renamed into the registry when complete, as a
-    training job's is. It is not evaluated here (see
-    :func:`cxr_core.training.evaluation_set.evaluate_on_active_set`) and not active."""
+    training job's is. It is neither evaluated here (the Models page's Evaluate, or
+    :func:`cxr_core.training.evaluation_set.evaluate_candidate`) nor active."""
     if not reason or not reason.strip():
         raise SiteThresholdError("Say why this site adopts its own threshold: the reason is kept with the version.")
     if not 0.0 < threshold < 1.0:
