@@ -81,7 +81,7 @@ with st.expander("Launch a job", expanded=not any(s.state in (RUNNING, QUEUED) f
             c = st.columns(4)
             epochs = c[0].number_input("Epochs", 1, 200, preset.epochs, key="epochs" + k)
             size = c[1].number_input("Image size (px)", 64, 512, size_default, step=32, key="size" + k)
-            batch = c[2].number_input("Batch size", 2, 256, 32, key="batch" + k)
+            batch = c[2].number_input("Batch size", 2, 256, preset.batch_size, key="batch" + k)
             lr = c[3].number_input("Peak learning rate", 1e-6, 1e-1, preset.lr, format="%.6f", key="lr" + k)
             c = st.columns(4)
             balances = ["weights", "sampler", "source", "none"]

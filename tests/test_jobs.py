@@ -235,6 +235,38 @@ def test_presets_are_valid_jobs_the_page_can_show() -> None:
     assert PRESETS[0].epochs < PRESETS[1].epochs
 
 
+def test_the_adapt_preset_trains_what_adapt_trains_by_default(job_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Adapt to this site", as the Training page fills a job from it, trains with the recipe that
+    ``adapt`` runs by default and that the measurements are of (a batch of 32 instead of 16 once
+    took half the steps in the same three epochs)."""
+    from cxr_core.state.jobs import PRESETS, _train_config
+    from cxr_core.training import trainer
+    from cxr_core.training.adapt import adapt
+
+    class Captured(Exception):
+        pass
+
+    def capture(config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise Captured(config)
+
+    monkeypatch.setattr(trainer, "train", capture)
+    spec = site_adaptation_spec(job_env)
+    preset = next(p for p in PRESETS if p.site_adaptation)
+    # What pages/training.py builds from the preset with its other fields left as they are.
+    page_spec = replace(spec, schedule=((32, preset.epochs),), batch_size=preset.batch_size, lr=preset.lr, balance=preset.balance,
+                        freeze_epochs=preset.freeze_epochs, layer_decay=preset.layer_decay, patience=preset.patience,
+                        augment=True, hflip=False, zoom=preset.zoom, aspect=preset.aspect, edge_crop=preset.edge_crop,
+                        acquisition=preset.acquisition, target_sensitivity=0.95)
+    job = _train_config(page_spec, job_env / "out")
+    with pytest.raises(Captured) as caught:
+        adapt(job_env / "weights" / "tiny", Path(spec.dataset), job_env / "adapted", version="x", replay=[Path(r) for r in spec.replay],
+              run_dir=job_env / "adapt-run", device="cpu")
+    cli = caught.value.args[0]
+    fields = ("schedule", "batch_size", "lr", "balance", "freeze_epochs", "layer_decay", "patience", "augment", "target_sensitivity",
+              "crop", "crop_margin", "intensity", "mask_burned_in", "distill", "average_every", "init")
+    assert {f: getattr(job, f) for f in fields} == {f: getattr(cli, f) for f in fields}
+
+
 def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(job_env: Path) -> None:
     from dataclasses import replace
 

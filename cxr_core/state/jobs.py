@@ -123,6 +123,7 @@ class TrainingPreset:
     edge_crop: float = 0.0
     acquisition: float = 0.0
     balance: str = "source"
+    batch_size: int = 32
     #: the dataset is one hospital's films: split by patient, half held out (cxr_core.training.adapt)
     site_adaptation: bool = False
 
@@ -145,7 +146,8 @@ PRESETS: tuple[TrainingPreset, ...] = (
                    "Three epochs from the active version on this hospital's films: half of its patients held out and scored "
                    "before and after, the original training films mixed in so that the model does not forget them. Promotion "
                    "needs it better on the held-out films and COVID-19 sensitivity kept at 0.95 on the shared test split.",
-                   fine_tune=True, epochs=3, lr=3e-4, freeze_epochs=0, layer_decay=0.7, patience=0, site_adaptation=True),
+                   fine_tune=True, epochs=3, lr=3e-4, freeze_epochs=0, layer_decay=0.7, patience=0, batch_size=16,
+                   site_adaptation=True),
     TrainingPreset("Train from scratch",
                    "A new network from random weights: needs thousands of films per class and hours to days on a CPU.",
                    fine_tune=False, epochs=20, lr=2e-3, freeze_epochs=0, layer_decay=1.0, patience=5),
