@@ -68,6 +68,8 @@ def _row(v: Version) -> dict[str, object]:
     covid = (ev.get("per_class") or {}).get("covid", {})
     return {
         "version": v.version, "active": v.active, "where": "shipped" if v.shipped else "registry", "created": v.manifest.created[:16],
+        "COVID-19 threshold": v.manifest.thresholds.get(v.manifest.classes[0]),
+        "threshold from": None if v.manifest.classes[0] not in v.manifest.thresholds else "this site" if site_threshold_of(v) else "training",
         "eval accuracy": ev.get("accuracy"), "eval COVID sensitivity": covid.get("recall"), "eval ECE": ev.get("ece"), "eval n": ev.get("n"),
         "training test accuracy": test.get("accuracy"), "architecture": v.manifest.architecture,
     }

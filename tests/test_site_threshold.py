@@ -160,6 +160,9 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     at.selectbox(key="pick-dn").set_value("1.0.0-siteb")
     at.run()
     assert any("Not evaluated" in i.value for i in at.info)
+    table = next(d.value for d in at.dataframe if "threshold from" in d.value.columns).set_index("version")
+    assert table.loc["1.0.0-siteb", "threshold from"] == "this site" and table.loc["1.0.0", "threshold from"] == "training"
+    assert table.loc["1.0.0-siteb", "COVID-19 threshold"] == offered and table.loc["1.0.0", "COVID-19 threshold"] == 0.99
     assert any(c.value.startswith(f"1.0.0-siteb: dn@1.0.0 with this site's COVID-19 threshold p ≥ {offered} (was 0.99)") for c in at.caption)
     at.selectbox(key="evaluate-set-dn").set_value("Another folder on the server…")
     at.run()
