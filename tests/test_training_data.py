@@ -195,6 +195,16 @@ def test_a_small_flat_upload_gets_a_validation_film_per_class_and_a_warning(tmp_
     assert "Class 'covid' has only 2 training and 1 validation film(s)" in notes
 
 
+@pytest.mark.parametrize("per_class, says, not_said", [
+    ({"train": 25, "val": 2}, "has only 2 validation film(s) (and 25 training): too few to measure", "too few to train"),
+    ({"train": 8, "val": 6}, "has only 8 training film(s): too few to train it reliably", "to measure"),
+])
+def test_the_check_names_which_of_training_and_validation_is_short(tmp_path: Path, per_class: dict, says: str, not_said: str) -> None:
+    data = prepare_data(make_labelled_folder(tmp_path / "d", per_class=per_class, size=32), PLAN3, 32)
+    notes = [n for n in data.report.notes if n.startswith("Class 'covid'")]
+    assert len(notes) == 1 and says in notes[0] and not_said not in notes[0], notes
+
+
 def test_a_class_with_one_patient_is_not_split(tmp_path: Path) -> None:
     """One patient cannot be both trained and validated on: the class stays without validation
     films and the check says so, rather than training on nothing."""

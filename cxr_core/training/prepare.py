@@ -191,9 +191,17 @@ def prepare_data(
                      "a patient's films stay together.")
     for cls in plan.classes:
         have = (train_counts.get(cls, 0), counts.get("val", {}).get(cls, 0))
-        if 0 < have[0] < MIN_TRAIN_FILMS or 0 < have[1] < MIN_VAL_FILMS:
+        few_train, few_val = 0 < have[0] < MIN_TRAIN_FILMS, 0 < have[1] < MIN_VAL_FILMS
+        if few_train and few_val:
             notes.append(f"Class {cls!r} has only {have[0]} training and {have[1]} validation film(s): too few to train "
                          f"(at least {MIN_TRAIN_FILMS}) or to measure (at least {MIN_VAL_FILMS}) it reliably.")
+        elif few_train:
+            notes.append(f"Class {cls!r} has only {have[0]} training film(s): too few to train it reliably "
+                         f"(at least {MIN_TRAIN_FILMS}).")
+        elif few_val:
+            # Say which of the two is short: 23 training films are enough, 1 validation film is not.
+            notes.append(f"Class {cls!r} has only {have[1]} validation film(s) (and {have[0]} training): too few to measure "
+                         f"it reliably (at least {MIN_VAL_FILMS}).")
     nonzero = [v for v in train_counts.values() if v]
     ratio = max(nonzero) / min(nonzero) if nonzero else 1.0
     if ratio > 3:
