@@ -215,8 +215,9 @@ def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.re
     t = result.get("suggested_threshold")
     if t:
         st.info(f"A site threshold of {t['value']} would reach COVID-19 sensitivity {t['sensitivity']:.3f} on these films, at "
-                f"specificity {t['specificity']:.3f} (target {t['target_sensitivity']}). Offered, not applied: a site setting "
-                "needs its own decision, and these films were used to choose it.")
+                f"specificity {t['specificity']:.3f} (target {t['target_sensitivity']}). Offered, not applied: adopting it makes a "
+                "new version of the model, which is evaluated and promoted like any other; these films chose it, so they "
+                "flatter it.")
 
 
 def render_disclaimer() -> None:
