@@ -204,6 +204,18 @@ def test_zoom_and_aspect_reach_the_training_config_and_survive_a_reload(job_env:
     assert old_config.augment.acquisition == 0.0
 
 
+@pytest.mark.parametrize("model_id, version", [("tiny", "../../weights/tiny/1.0.0"), ("tiny", "2.0/evil"), ("../tiny", "2.0.0"),
+                                                ("tiny", ""), ("tiny", "2.0 0")])
+def test_a_job_whose_model_id_or_version_is_not_a_folder_name_is_refused(job_env: Path, model_id: str, version: str) -> None:
+    """Both name the candidate's folder in the registry: a path there would write outside it."""
+    from cxr_core.models.pointer import RegistryError
+    from cxr_core.state.jobs import list_jobs
+
+    with pytest.raises(RegistryError, match="use letters, digits"):
+        create_job(replace(_spec(job_env, 1, "2.0.0"), model_id=model_id, version=version))
+    assert list_jobs() == []
+
+
 def test_progress_says_reading_then_training_also_when_no_step_is_logged() -> None:
     """A tiny dataset logs no step within an epoch: once training has started the bar must say
     "Training", not "Reading and checking the data"."""
@@ -249,6 +261,10 @@ def test_the_adapt_preset_trains_what_adapt_trains_by_default(job_env: Path, mon
 
     def capture(config, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise Captured(config)
+
+    # Modules that bind trainer.train when first imported must be imported before it is patched,
+    # or they keep the patch after this test (finalize imports crossval, which imports train).
+    import cxr_core.training.finalize  # noqa: F401
 
     monkeypatch.setattr(trainer, "train", capture)
     spec = site_adaptation_spec(job_env)

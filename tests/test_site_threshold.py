@@ -71,6 +71,10 @@ def test_an_adopted_threshold_is_a_new_version_with_the_same_weights_that_decide
     (0.0, "1.0.0-x", "why", "between 0 and 1"),
     (1.0, "1.0.0-x", "why", "between 0 and 1"),
     (0.3, "1.0.0", "why", "already exists"),
+    (0.3, "../../weights/dn", "why", "use letters, digits"),
+    (0.3, "a/b", "why", "use letters, digits"),
+    (0.3, ".hidden", "why", "use letters, digits"),
+    (0.3, "1.0..1", "why", "use letters, digits"),
 ])
 def test_what_cannot_be_adopted_is_refused_and_leaves_nothing(site_env: Path, threshold: float, version: str, reason: str,
                                                                message: str) -> None:

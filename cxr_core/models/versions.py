@@ -18,6 +18,7 @@ admin deletes them; the active and shipped versions cannot be deleted.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -107,7 +108,18 @@ def active_folders() -> list[Path]:
     return [v.path for v in list_versions() if v.active]
 
 
+#: what a model id or version may be: it names a folder under the registry, so no separators,
+#: no leading dot (hidden staging folders) and nothing that reads as a path
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,79}")
+
+
 def candidate_folder(model_id: str, version: str) -> Path:
+    """Where a new version ``model_id@version`` goes; RegistryError when either name could not
+    be a folder of its own, or the version exists."""
+    for what, name in (("model id", model_id), ("version", version)):
+        if not SAFE_NAME.fullmatch(name) or ".." in name:
+            raise RegistryError(f"{what.capitalize()} {name!r}: use letters, digits, '.', '_', '+' and '-' (up to 80, "
+                                "starting with a letter or digit).")
     folder = registry_dir() / model_id / version
     if folder.exists() or any(v.version == version for v in list_versions(model_id)):
         raise RegistryError(f"Version {model_id}@{version} already exists: choose another version.")
