@@ -24,8 +24,7 @@ from typing import Any
 from cxr_core.errors import CxrError
 from cxr_core.fileio import atomic_write
 from cxr_core.models.manifest import MANIFEST_NAME, Manifest, read_manifest
-from cxr_core.models.pointer import registry_dir
-from cxr_core.models.versions import Version, candidate_folder, find_version
+from cxr_core.models.versions import Version, candidate_folder, find_version, staging_folder
 
 #: the manifest's ``training`` entry that says where a site threshold came from
 SITE_THRESHOLD_KEY = "site_threshold"
@@ -65,7 +64,7 @@ def adopt_site_threshold(model_id: str, version: str, threshold: float, *, new_v
         manifest, version=new_version, thresholds={**manifest.thresholds, positive: record["threshold"]},
         metrics={}, training={**manifest.training, SITE_THRESHOLD_KEY: record}, created=record["created"],
     )
-    staging = registry_dir() / model_id / f".staging-{new_version}"
+    staging = staging_folder(model_id, new_version)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:

@@ -126,6 +126,12 @@ def candidate_folder(model_id: str, version: str) -> Path:
     return folder
 
 
+def staging_folder(model_id: str, version: str) -> Path:
+    """Where a new version is built before it is renamed into :func:`candidate_folder`: a dot-folder,
+    so the registry never lists a half-written version (see ``_folders``)."""
+    return registry_dir() / model_id / f".staging-{version}"
+
+
 def find_version(model_id: str, version: str) -> Version:
     """The registered version ``model_id@version``, shipped or trained; RegistryError when there is none."""
     for v in list_versions(model_id):

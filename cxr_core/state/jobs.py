@@ -519,9 +519,9 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
 def _staging_folder(spec: JobSpec) -> Path:
     """Where every rank's config points the candidate: built here, renamed into the registry
     when complete (the configs must match across ranks and across resumes)."""
-    from cxr_core.models.pointer import registry_dir
+    from cxr_core.models.versions import staging_folder
 
-    return registry_dir() / spec.model_id / f".staging-{spec.version}"
+    return staging_folder(spec.model_id, spec.version)
 
 
 def _group() -> int:
