@@ -327,6 +327,41 @@ def _validate_default_model(page) -> None:  # type: ignore[no-untyped-def]
     page.get_by_text("Recorded validations").wait_for(timeout=180_000)
 
 
+@contextmanager
+def _site_validated(use_weights: Path, dicom_data: Path, tmp_path: Path, name: str, per_class: dict[str, int]) -> Iterator:  # type: ignore[type-arg]
+    """The app on the random-weight test models with a state folder of its own, an admin signed in
+    who uploaded a site's films (covid and normal, ``per_class``) as ``name`` and validated the
+    default model on them; yields (the page, a chest film PNG to drop on Diagnose). The test's own
+    process reads the same state folder until the end of the block."""
+    from cxr_core.state.users import add_user
+    from tests.synthetic import make_labelled_folder
+
+    var = tmp_path / "var"
+    env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu", "CXR_DEFAULT_MODEL": "densenet121-test"}
+    previous_var = os.environ["CXR_VAR_DIR"]
+    os.environ["CXR_VAR_DIR"] = str(var)
+    archive = _site_archive(make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class=per_class, size=64), "site")
+    png = tmp_path / "chest.png"
+    png.write_bytes(_film_png(dicom_data))
+    try:
+        add_user("alice", "a long enough password", "admin")
+        with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
+            _sign_in(page)
+            _upload_dataset(page, name, archive)
+            _validate_default_model(page)
+            yield page, png
+    finally:
+        os.environ["CXR_VAR_DIR"] = previous_var
+
+
+def _diagnose(page, film: Path) -> None:  # type: ignore[no-untyped-def]
+    """Go to Diagnose and drop ``film`` on it."""
+    page.get_by_role("link", name="Diagnose").click()
+    page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
+    _streamlit_idle(page)
+    page.set_input_files("input[type=file]", [str(film)])
+
+
 def _sign_in(page, name: str = "alice", password: str = "a long enough password") -> None:  # type: ignore[no-untyped-def]
     page.get_by_role("link", name="Sign in").first.click()
     page.get_by_label("User name", exact=True).fill(name)
@@ -478,36 +513,15 @@ def test_admin_sets_the_default_model_and_cannot_promote_an_unevaluated_candidat
 def test_admin_uploads_site_films_validates_and_diagnose_shows_the_badge(use_weights: Path, dicom_data: Path, tmp_path: Path) -> None:
     """Issue 31 in a browser: upload a site's labelled zip, validate the default model on it on
     the Models page, and Diagnose names the validation beside the model."""
-    from cxr_core.state.users import add_user
-    from tests.synthetic import make_labelled_folder
-
-    var = tmp_path / "var"
-    env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu", "CXR_DEFAULT_MODEL": "densenet121-test"}
-    previous_var = os.environ["CXR_VAR_DIR"]
-    os.environ["CXR_VAR_DIR"] = str(var)
-    source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"train": 6, "val": 3}, size=64)
-    archive = _site_archive(source, "site-b")
-    png = tmp_path / "chest.png"
-    png.write_bytes(_film_png(dicom_data))
-    try:
-        add_user("alice", "a long enough password", "admin")
-        with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
-            _sign_in(page)
-            _upload_dataset(page, "Site B films", archive)
-            _validate_default_model(page)
-            body = page.inner_text("body")
-            assert "too few to conclude" in body and "COVID-19 sensitivity" in body
-            page.get_by_text("Recorded validations").scroll_into_view_if_needed()
-            _shot(page, tmp_path, "admin-validation")
-            page.get_by_role("link", name="Diagnose").click()
-            page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
-            _streamlit_idle(page)
-            page.set_input_files("input[type=file]", [str(png)])
-            page.get_by_text("Validated at this site on 18 films (Site B films").wait_for(timeout=180_000)
-            assert "Traceback" not in page.inner_text("body")
-            _shot(page, tmp_path, "diagnose-validated")
-    finally:
-        os.environ["CXR_VAR_DIR"] = previous_var
+    with _site_validated(use_weights, dicom_data, tmp_path, "Site B films", {"train": 6, "val": 3}) as (page, png):
+        body = page.inner_text("body")
+        assert "too few to conclude" in body and "COVID-19 sensitivity" in body
+        page.get_by_text("Recorded validations").scroll_into_view_if_needed()
+        _shot(page, tmp_path, "admin-validation")
+        _diagnose(page, png)
+        page.get_by_text("Validated at this site on 18 films (Site B films").wait_for(timeout=180_000)
+        assert "Traceback" not in page.inner_text("body")
+        _shot(page, tmp_path, "diagnose-validated")
 
 
 @pytest.mark.slow
@@ -577,64 +591,45 @@ def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weig
     the threshold as a new version with a reason, evaluate it, promote it, and Diagnose names it."""
     from cxr_core.models.versions import list_versions
     from cxr_core.state.audit import entries
-    from cxr_core.state.users import add_user
-    from tests.synthetic import make_labelled_folder
 
-    var = tmp_path / "var"
-    env = {"CXR_WEIGHTS_DIR": str(use_weights), "CXR_VAR_DIR": str(var), "CXR_DEVICE": "cpu", "CXR_DEFAULT_MODEL": "densenet121-test"}
-    previous_var = os.environ["CXR_VAR_DIR"]
-    os.environ["CXR_VAR_DIR"] = str(var)
-    source = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"train": 6, "val": 3, "test": 3}, size=64)
-    archive = _site_archive(source, "site-d")
-    png = tmp_path / "chest.png"
-    png.write_bytes(_film_png(dicom_data))
-    try:
-        add_user("alice", "a long enough password", "admin")
-        with running_app(env, tmp_path / "streamlit.log") as url, diagnose_page(url) as page:
-            _sign_in(page)
-            _upload_dataset(page, "Site D films", archive)
-            _validate_default_model(page)
-            page.get_by_text("as this site's COVID-19 threshold (a new version of densenet121-test)").click()
+    with _site_validated(use_weights, dicom_data, tmp_path, "Site D films", {"train": 6, "val": 3, "test": 3}) as (page, png):
+        page.get_by_text("as this site's COVID-19 threshold (a new version of densenet121-test)").click()
+        _streamlit_idle(page)
+        register = page.get_by_role("button", name="Register the new version")
+        assert register.is_disabled()  # not without a reason
+        page.get_by_label("Why this site adopts it (kept with the version)").fill("validated on Site D's 36 films")
+        page.get_by_label("Why this site adopts it (kept with the version)").press("Enter")
+        _streamlit_idle(page)
+        page.get_by_label("New version", exact=True).fill("0.0.1-site-d")
+        page.get_by_label("New version", exact=True).press("Enter")
+        _streamlit_idle(page)
+        page.get_by_role("button", name="Register the new version").click()
+        page.get_by_text("Registered densenet121-test@0.0.1-site-d as a candidate").wait_for(timeout=60_000)
+        _streamlit_idle(page)
+        # The candidate: where its threshold came from; evaluated on the uploaded films (the set offered first).
+        page.get_by_text("with this site's COVID-19 threshold p ≥ ").first.wait_for(timeout=60_000)
+        page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(timeout=60_000)
+        page.get_by_role("button", name="Evaluate", exact=True).click()
+        _streamlit_idle(page)
+        page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(state="detached", timeout=180_000)
+        reason = page.get_by_label("Reason to promote anyway")
+        if reason.count():
+            reason.fill("site threshold adopted after local validation")
+            reason.press("Enter")
             _streamlit_idle(page)
-            register = page.get_by_role("button", name="Register the new version")
-            assert register.is_disabled()  # not without a reason
-            page.get_by_label("Why this site adopts it (kept with the version)").fill("validated on Site D's 36 films")
-            page.get_by_label("Why this site adopts it (kept with the version)").press("Enter")
-            _streamlit_idle(page)
-            page.get_by_label("New version", exact=True).fill("0.0.1-site-d")
-            page.get_by_label("New version", exact=True).press("Enter")
-            _streamlit_idle(page)
-            page.get_by_role("button", name="Register the new version").click()
-            page.get_by_text("Registered densenet121-test@0.0.1-site-d as a candidate").wait_for(timeout=60_000)
-            _streamlit_idle(page)
-            # The candidate: where its threshold came from; evaluated on the uploaded films (the set offered first).
-            page.get_by_text("with this site's COVID-19 threshold p ≥ ").first.wait_for(timeout=60_000)
-            page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(timeout=60_000)
-            page.get_by_role("button", name="Evaluate", exact=True).click()
-            _streamlit_idle(page)
-            page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(state="detached", timeout=180_000)
-            reason = page.get_by_label("Reason to promote anyway")
-            if reason.count():
-                reason.fill("site threshold adopted after local validation")
-                reason.press("Enter")
-                _streamlit_idle(page)
-            page.get_by_role("button", name="Promote").first.click()
-            _streamlit_idle(page)
-            page.get_by_text("0.0.1-site-d (active)").first.wait_for(timeout=60_000)
-            assert "Traceback" not in page.inner_text("body")
-            _shot(page, tmp_path, "admin-site-threshold")
-            page.get_by_role("link", name="Diagnose").click()
-            page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
-            _streamlit_idle(page)
-            page.set_input_files("input[type=file]", [str(png)])
-            page.get_by_text("Not validated at this site").first.wait_for(timeout=180_000)
-            body = page.inner_text("body")
-            assert "version **0.0.1-site-d**" in body or "0.0.1-site-d" in body
-            assert "Traceback" not in body
-            _shot(page, tmp_path, "diagnose-site-threshold")
+        page.get_by_role("button", name="Promote").first.click()
+        _streamlit_idle(page)
+        page.get_by_text("0.0.1-site-d (active)").first.wait_for(timeout=60_000)
+        assert "Traceback" not in page.inner_text("body")
+        _shot(page, tmp_path, "admin-site-threshold")
+        _diagnose(page, png)
+        page.get_by_text("Not validated at this site").first.wait_for(timeout=180_000)
+        body = page.inner_text("body")
+        assert "version **0.0.1-site-d**" in body or "0.0.1-site-d" in body
+        assert "Traceback" not in body
+        _shot(page, tmp_path, "diagnose-site-threshold")
+        # What the app recorded, read while this process still points at its state folder.
         adopted = next(v for v in list_versions("densenet121-test") if v.version == "0.0.1-site-d")
         assert adopted.active and adopted.evaluation is not None and adopted.manifest.thresholds["covid"] != 0.4
         assert [e.model for e in entries(action="adopt_site_threshold")] == ["densenet121-test@0.0.1-site-d"]
         assert [e.model for e in entries(action="promote")] == ["densenet121-test@0.0.1-site-d"]
-    finally:
-        os.environ["CXR_VAR_DIR"] = previous_var
