@@ -9,6 +9,7 @@ Reported, per held-out source: films called COVID-19 by each model at its own sh
 threshold, and by three combinations whose thresholds are chosen on the validation folder's
 COVID-19 films for sensitivity ``--target-sensitivity`` (the rule the shipped thresholds
 follow): the mean of the probabilities, both models agreeing (the smaller), either (the larger).
+Each rule's held-out AUROC (COVID-19 against every other label) is printed too.
 Nothing here is fitted on the held-out folders; they must be sources no model here trained on.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -79,6 +81,15 @@ def called_by_group(called: np.ndarray, groups: list[str]) -> dict[str, list[int
     return out
 
 
+def held_out_auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """AUROC of scores (N,) (NaN: unreadable, left out) for ``positive`` (N,) bool, rounded; None
+    when one side is empty."""
+    ok = ~np.isnan(score)
+    if positive[ok].all() or not positive[ok].any():
+        return None
+    return round(float(roc_auc_score(positive[ok], score[ok])), 4)
+
+
 def threshold_on_validation(score: np.ndarray, positive: np.ndarray, target_sensitivity: float) -> tuple[float, dict[str, Any]]:
     """The COVID-19 threshold chosen on validation scores (N,) (NaN: unreadable, left out) for
     ``target_sensitivity``, as the shipped thresholds are, and the report's entry: that threshold
@@ -103,6 +114,7 @@ def main() -> int:
     held = [r for target in args.held_out for r in _records(target)]
     val_positive = np.array([r.label == POSITIVE for r in val])
     groups = [f"{r.source}/{r.label}" for r in held]
+    held_positive = np.array([r.label == POSITIVE for r in held])
     p_val, p_held, own_called = [], [], []
     for model_id in args.models:
         model = load_model(resolve_model(model_id).path)
@@ -112,18 +124,20 @@ def main() -> int:
         own_called.append(called)
 
     report: dict[str, dict] = defaultdict(dict)
-    for name, called in zip(args.models, own_called):
-        report[f"{name} (own threshold)"] = {"threshold": None, "validation_sensitivity": None, "held_out": called_by_group(called, groups)}
+    for name, called, probs in zip(args.models, own_called, p_held):
+        report[f"{name} (own threshold)"] = {"threshold": None, "validation_sensitivity": None, "held_out": called_by_group(called, groups),
+                                             "held_out_auroc": held_out_auroc(probs, held_positive)}
     for rule, combine in (("mean", np.mean), ("both (min)", np.min), ("either (max)", np.max)):
         score_held = combine(np.stack(p_held), axis=0)
         threshold, entry = threshold_on_validation(combine(np.stack(p_val), axis=0), val_positive, args.target_sensitivity)
         entry["held_out"] = called_by_group(score_held >= threshold, groups)
+        entry["held_out_auroc"] = held_out_auroc(score_held, held_positive)
         report[rule] = entry
     for name, entry in report.items():
         total = sum(v[0] for v in entry["held_out"].values()), sum(v[1] for v in entry["held_out"].values())
         extra = "" if entry["threshold"] is None else f" threshold {entry['threshold']:.3f}, validation sensitivity {entry['validation_sensitivity']:.3f}"
         parts = ", ".join(f"{g} {c}/{n}" for g, (c, n) in entry["held_out"].items())
-        print(f"{name:45s} held-out called COVID-19 {total[0]}/{total[1]} ({parts}){extra}")
+        print(f"{name:45s} held-out called COVID-19 {total[0]}/{total[1]} ({parts}){extra}, held-out AUROC {entry['held_out_auroc']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
