@@ -500,9 +500,15 @@ def _cmd_adopt_threshold(args: argparse.Namespace) -> int:
     name, _, version = args.model.partition("@")
     if not version:
         raise UsageError(f"{args.model}: give the version whose threshold is replaced, as ID@VERSION")
-    adopted = adopt_site_threshold(name, version, args.threshold, new_version=args.version, user=args.user, reason=args.reason)
+    films: list[Path] = []
+    if args.chosen_on:
+        from cxr_core.training.dataset import scan_folder
+
+        films = [r.path for r in scan_folder(Path(args.chosen_on))]  # DatasetError when there are none
+    adopted = adopt_site_threshold(name, version, args.threshold, new_version=args.version, user=args.user, reason=args.reason,
+                                   chosen_films=films)
     audit.record("adopt_site_threshold", user=args.user, role="cli", model=adopted.key,
-                 details={"base": args.model, "threshold": args.threshold, "reason": args.reason.strip()})
+                 details={"base": args.model, "threshold": args.threshold, "reason": args.reason.strip(), "chosen_on_films": len(films)})
     _emit_line(f"registered {adopted.key}: {args.model} with its COVID-19 threshold at {adopted.manifest.thresholds} "
                f"in {adopted.path}; not active: evaluate it, then promote it on the Models page")
     return EXIT_OK
@@ -781,6 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True, help="the new version's name (must not exist)")
     p.add_argument("--user", required=True, help="who adopts it (kept with the version and in the audit trail)")
     p.add_argument("--reason", required=True, help="why the site adopts it (kept with the version)")
+    p.add_argument("--chosen-on", metavar="DATA_DIR", help="the labelled folder whose validation chose the threshold: its films are "
+                                                          "recorded (by content hash) so that a validation on any of them is flagged")
     p.set_defaults(func=_cmd_adopt_threshold)
 
     from cxr_core.training.adapt import CROSSFIT, DISTILL, DISTILL_CLASSES, DISTILL_ON, INTERPOLATE

@@ -24,7 +24,7 @@ from cxr_core.models.loading import LoadedModel
 from cxr_core.models.site_threshold import threshold_origin
 from cxr_core.report import StudyResult, results_csv, short_status, worklist_order, worklist_rows
 from cxr_core.state import audit
-from cxr_core.state.site_validations import NOT_VALIDATED, site_badge
+from cxr_core.state.site_validations import UNVALIDATED, site_badge
 from cxr_core.study import StudyView, contrast_stretched, draw_boxes, study_view
 from pages._common import (
     cached_model,
@@ -282,7 +282,7 @@ st.markdown(headline + f"  \nModel: **{manifest.name}**, version **{manifest.ver
 with guarded("reading the site validation"):
     badge = site_badge(manifest.key)
     st.caption(badge)
-    if badge == NOT_VALIDATED:
+    if badge in UNVALIDATED:
         # Say what the model did at a hospital it never saw, loudest when it calls COVID-19.
         positive = manifest.classes[0]
         unseen = unseen_hospital_note(unseen_sources(model.path, manifest.key, positive, manifest.training_data), manifest.label(positive))

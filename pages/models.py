@@ -276,8 +276,13 @@ else:
                                      "data_sha256": shown["data_sha256"],
                                      "n": shown["n"], "sensitivity": offered["sensitivity"], "specificity": offered["specificity"],
                                      "target_sensitivity": offered.get("target_sensitivity")}
+                        from cxr_core.training.dataset import scan_folder
+
+                        root = Path(shown["root"]) if shown.get("root") else None
+                        films = [r.path for r in scan_folder(root)] if root and root.is_dir() else []
                         adopted = adopt_site_threshold(validated.model_id, validated.version, float(offered["value"]),
-                                                       new_version=new_version, user=user, reason=why, chosen_on=chosen_on)
+                                                       new_version=new_version, user=user, reason=why, chosen_on=chosen_on,
+                                                       chosen_films=films)
                         audit.record("adopt_site_threshold", user=user, role=role, model=adopted.key,
                                      details={"base": validated.key, "threshold": float(offered["value"]), "reason": why.strip(),
                                               "data_sha256": shown["data_sha256"]})
@@ -292,7 +297,8 @@ else:
         st.dataframe(pd.DataFrame([{
             "when": v.created, "who": v.user, "model": v.model, "films": v.data_name, "n": v.n,
             "COVID-19 sensitivity": v.result["covid_sensitivity"]["value"], "specificity": v.result["non_covid_specificity"]["value"],
-            "AUROC": v.result["auroc"]["value"], "data sha256": v.data_sha256[:12]} for v in past]), hide_index=True, width="stretch")
+            "AUROC": v.result["auroc"]["value"], "films it was fitted on": v.result.get("fitted_films", 0),
+            "data sha256": v.data_sha256[:12]} for v in past]), hide_index=True, width="stretch")
 
 st.divider()
 st.subheader("Installation check")

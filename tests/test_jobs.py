@@ -320,6 +320,11 @@ def test_a_site_adaptation_job_scores_before_and_after_and_its_promotion_rule(jo
         assert stored[key].n == films["held_out"] and stored[key].user == spec.user and "held-out half" in stored[key].data_name
         assert stored[key].result["covid_sensitivity"] == record[side]["covid_sensitivity"]
     assert site_badge("tiny@1.1.0-site").startswith(f"Validated at this site on {films['held_out']} films")
+    # The candidate records which site films it was fitted on, as `adapt`'s does: not the held-out half.
+    from cxr_core.models.fitted_films import fitted_fingerprints
+
+    assert len(fitted_fingerprints(candidate.manifest)) == films["adapt"] + films["validation"]
+    assert record["after"]["fitted_films"] == 0
     # Evaluated on the held-out films, as was the active version, so the usual rules apply too.
     assert candidate.evaluation is not None and candidate.evaluation["n"] == films["held_out"] - record["after"]["counts"].get("nodule", 0)
     active = next(v for v in list_versions("tiny") if v.active)

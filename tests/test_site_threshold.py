@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,7 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     offered = float(expander.label.split("p ≥ ")[1].split(" ")[0])
     assert adopted.manifest.thresholds == {"covid": offered} and adopted.evaluation is None
     assert adopted.manifest.training["site_threshold"]["chosen_on"]["data_name"] == "Site B films"
+    assert len(adopted.manifest.training["fitted_site_films"]["fingerprints"]) == 12  # the validation's films
     adoption = [e for e in entries() if e.action == "adopt_site_threshold"][-1]
     assert adoption.model == "dn@1.0.0-siteb" and adoption.details["base"] == "dn@1.0.0" and adoption.user == "alice"
     # Offered the films that chose the threshold, the page says they would flatter it.
@@ -195,3 +197,74 @@ def test_the_command_line_adopts_a_threshold_and_refuses_without_a_version(site_
     assert [e.model for e in entries() if e.action == "adopt_site_threshold"] == ["dn@1.0.0-cli"]
     assert main(["adopt-threshold", "dn@1.0.0", *common]) != 0  # the version exists now
     assert "already exists" in capsys.readouterr().err
+    assert "fitted_site_films" not in adopted.manifest.training  # nothing said which films chose it
+    # --chosen-on: the films that chose it are recorded, so that validating on them again is flagged.
+    chose = make_labelled_folder(site_env / "chose", ("covid", "normal"), per_class={"all": 2}, splits=False, size=48)
+    assert main(["adopt-threshold", "dn@1.0.0", *common[:2], "--version", "1.0.0-cli2", *common[4:], "--chosen-on", str(chose)]) == 0
+    capsys.readouterr()
+    assert len(find_version("dn", "1.0.0-cli2").manifest.training["fitted_site_films"]["fingerprints"]) == 4
+    assert main(["validate", str(chose), "--model", "dn@1.0.0-cli2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fitted_films"] == 4
+    (site_env / "empty").mkdir()
+    assert main(["adopt-threshold", "dn@1.0.0", *common[:2], "--version", "1.0.0-cli3", *common[4:], "--chosen-on", str(site_env / "empty")]) != 0
+    assert "No images found under" in capsys.readouterr().err
+    assert main(["adopt-threshold", "dn@1.0.0", *common[:2], "--version", "1.0.0-cli3", *common[4:], "--chosen-on", str(site_env / "gone")]) != 0
+    assert "gone is not a folder" in capsys.readouterr().err
+
+
+def test_a_validation_on_the_films_that_chose_the_threshold_is_flagged_and_never_badged(site_env: Path) -> None:
+    """The films that chose a site threshold flatter it: validated on any of them again, the
+    version's figures carry a warning and Diagnose keeps saying it is not validated here."""
+    import shutil
+
+    from cxr_core.models.fitted_films import fitted_fingerprints, fitted_uses
+    from cxr_core.models.loading import load_model
+    from cxr_core.models.site_threshold import adopt_site_threshold
+    from cxr_core.models.versions import find_version
+    from cxr_core.state.site_validations import NOT_INDEPENDENT, NOT_VALIDATED, record_validation, site_badge
+    from cxr_core.training.validation import validate_site
+
+    chose = make_labelled_folder(site_env / "chose", ("covid", "normal"), per_class={"all": 3}, splits=False, size=48, seed=5)
+    films = sorted(chose.rglob("*.png"))
+    adopted = adopt_site_threshold("dn", "1.0.0", 0.3, new_version="1.0.0-site", user="alice", reason="why",
+                                   chosen_on=CHOSEN_ON, chosen_films=films)
+    assert len(fitted_fingerprints(adopted.manifest)) == 6 and fitted_uses(adopted.manifest) == ("COVID-19 threshold",)
+    assert "fitted_site_films" not in find_version("dn", "1.0.0").manifest.training
+    model = load_model(adopted.path, device="cpu")
+
+    again = validate_site(model, chose, bootstrap=20)
+    assert again.fitted_films == 6 and again.as_dict()["fitted_films"] == 6
+    assert again.warnings[0].startswith("6 of these 6 films were used for this version's COVID-19 threshold: its figures here flatter it")
+    record_validation(again, user="alice", data_name="the same films")
+    assert site_badge("dn@1.0.0-site") == NOT_INDEPENDENT
+    # The base version was not fitted on them: its validation on the same films is an ordinary one.
+    base_result = validate_site(load_model(find_version("dn", "1.0.0").path, device="cpu"), chose, bootstrap=20)
+    assert base_result.fitted_films == 0 and not any("flatter" in w for w in base_result.warnings)
+    assert site_badge("dn@1.0.0") == NOT_VALIDATED
+
+    # Two of those films copied under other names into a new upload are still recognised.
+    mixed = make_labelled_folder(site_env / "mixed", ("covid", "normal"), per_class={"all": 2}, splits=False, size=48, seed=6)
+    shutil.copy(films[0], mixed / "covid" / "renamed-a.png")
+    shutil.copy(films[-1], mixed / "normal" / "renamed-b.png")
+    assert validate_site(model, mixed, bootstrap=20).fitted_films == 2
+
+    # Films it has not seen give the badge, and a later validation on the flattering films does not take it away.
+    other = make_labelled_folder(site_env / "other", ("covid", "normal"), per_class={"all": 3}, splits=False, size=48, seed=7)
+    fresh = validate_site(model, other, bootstrap=20)
+    assert fresh.fitted_films == 0
+    record_validation(fresh, user="alice", data_name="Site B, other patients")
+    record_validation(again, user="alice", data_name="the same films")
+    assert site_badge("dn@1.0.0-site").startswith("Validated at this site on 6 films (Site B, other patients, ")
+
+
+def test_a_version_keeps_the_films_every_step_before_it_was_fitted_on() -> None:
+    """A version adapted at a site, then given a site threshold, is flagged on the films of either step."""
+    from cxr_core.models.fitted_films import FITTED_FILMS_KEY, film_fingerprint, with_fitted_films
+
+    first = with_fitted_films({"command": "adapt"}, [], "adaptation (training, calibration and threshold)")
+    first = {**first, FITTED_FILMS_KEY: {**first[FITTED_FILMS_KEY], "fingerprints": ["a" * 16]}}
+    both = with_fitted_films(first, [], "COVID-19 threshold")
+    assert both["command"] == "adapt" and both[FITTED_FILMS_KEY]["fingerprints"] == ["a" * 16]
+    assert both[FITTED_FILMS_KEY]["uses"] == ["adaptation (training, calibration and threshold)", "COVID-19 threshold"]
+    assert with_fitted_films(both, [], "COVID-19 threshold")[FITTED_FILMS_KEY]["uses"] == both[FITTED_FILMS_KEY]["uses"]
+    assert film_fingerprint(Path("unused"), "0123456789abcdef" * 4) == "0123456789abcdef"

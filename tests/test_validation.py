@@ -131,6 +131,16 @@ def test_adaptation_splits_by_patient_mixes_in_replay_and_reports_before_and_aft
         assert side["n"] == counts["held_out"] and set(side["counts"]) == {"covid", "normal", "nodule"}
     assert result.before["model"] == "cnn5-test@0.0.1" and result.after["model"] == "adapted@1.0.0-site"
     assert any("nodule" in note for note in result.notes)
+    # The adapted version knows which of the site's films it was fitted on: the adapt and validation
+    # halves, not the held-out half (its figures above are a fair validation) nor the replayed films.
+    from cxr_core.models.fitted_films import fitted_fingerprints
+    from cxr_core.models.loading import load_model
+
+    adapted = load_model(tmp_path / "adapted", device="cpu")
+    assert len(fitted_fingerprints(adapted.manifest)) == result.films["adapt"] + result.films["validation"]
+    assert result.after["fitted_films"] == result.before["fitted_films"] == 0
+    whole = validate_site(adapted, site, bootstrap=20)
+    assert whole.fitted_films == result.films["adapt"] + result.films["validation"] and "flatter" in whole.warnings[0]
 
 
 def test_adaptation_trains_labels_the_model_has_no_class_for_as_auxiliary_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

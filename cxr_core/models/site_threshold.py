@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from cxr_core.errors import CxrError
 from cxr_core.fileio import atomic_write
+from cxr_core.models.fitted_films import with_fitted_films
 from cxr_core.models.manifest import MANIFEST_NAME, Manifest, read_manifest
 from cxr_core.models.versions import Version, candidate_folder, find_version, staging_folder
 
 #: the manifest's ``training`` entry that says where a site threshold came from
 SITE_THRESHOLD_KEY = "site_threshold"
+#: what the films that chose it were used for, in :mod:`cxr_core.models.fitted_films`'s record
+THRESHOLD_USE = "COVID-19 threshold"
 
 
 class SiteThresholdError(CxrError):
@@ -35,11 +40,14 @@ class SiteThresholdError(CxrError):
 
 
 def adopt_site_threshold(model_id: str, version: str, threshold: float, *, new_version: str, user: str, reason: str,
-                         chosen_on: dict[str, Any] | None = None) -> Version:
+                         chosen_on: dict[str, Any] | None = None, chosen_films: Iterable[Path] = ()) -> Version:
     """Register ``model_id@new_version``: ``model_id@version`` with its COVID-19 threshold set to
     ``threshold``. ``reason``: why the site adopts it (required, as a promotion override is);
     ``chosen_on``: the validation that offered it (model, data name and hash, films, the
-    sensitivity and specificity it reached there), kept in the manifest and the card.
+    sensitivity and specificity it reached there), kept in the manifest and the card;
+    ``chosen_films``: that validation's films, recorded by fingerprint
+    (:mod:`cxr_core.models.fitted_films`) so that a later validation on any of them is flagged and
+    never shown on Diagnose as this version's.
 
     The candidate is built in a hidden folder and renamed into the registry when complete, as a
     training job's is. It is neither evaluated here (the Models page's Evaluate, or
@@ -60,9 +68,13 @@ def adopt_site_threshold(model_id: str, version: str, threshold: float, *, new_v
         "user": user, "reason": reason.strip(), "chosen_on": chosen_on or {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    training = {**manifest.training, SITE_THRESHOLD_KEY: record}
+    films = list(chosen_films)
+    if films:
+        training = with_fitted_films(training, films, THRESHOLD_USE)
     adopted = replace(
         manifest, version=new_version, thresholds={**manifest.thresholds, positive: record["threshold"]},
-        metrics={}, training={**manifest.training, SITE_THRESHOLD_KEY: record}, created=record["created"],
+        metrics={}, training=training, created=record["created"],
     )
     staging = staging_folder(model_id, new_version)
     shutil.rmtree(staging, ignore_errors=True)

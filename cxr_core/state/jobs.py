@@ -492,7 +492,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     from cxr_core.models.versions import SITE_ADAPTATION_NAME, find_version
     from cxr_core.state.datasets import list_datasets
     from cxr_core.state.site_validations import record_held_out_validations
-    from cxr_core.training.adapt import held_out_folder
+    from cxr_core.training.adapt import held_out_folder, record_fitted_site_films
     from cxr_core.training.evaluate import evaluate_folder
     from cxr_core.training.validation import validate_site
 
@@ -500,6 +500,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     name, _, version = (spec.base_model or "").partition("@")
     # The base was found when the job started (_train_config); a site adaptation always has one.
     base = find_version(name, version) if spec.base_model else None
+    record_fitted_site_films(staging, job_dir / SITE_VIEW, base.manifest if base else None)
     candidate = load_model(staging)
     record: dict[str, Any] = {
         "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),

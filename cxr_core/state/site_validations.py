@@ -42,6 +42,12 @@ class StoredValidation:
 
 #: what Diagnose says of a model nobody has validated here
 NOT_VALIDATED = "Not validated at this site: its figures come from public data only (see the model card)."
+#: what Diagnose says of a model validated here only on films it was fitted on (an adaptation's
+#: own films, the films that chose its site threshold): those figures flatter it
+NOT_INDEPENDENT = ("Not validated at this site on films it has not seen: its validations here used films that adapted it "
+                   "or chose its threshold, whose figures flatter it (see the Models page).")
+#: the badges that say no validation here can be relied on
+UNVALIDATED = (NOT_VALIDATED, NOT_INDEPENDENT)
 
 
 def record_validation(result: SiteValidation, *, user: str, role: str = "admin", data_name: str, db: Path | None = None) -> StoredValidation:
@@ -88,6 +94,11 @@ def list_validations(model: str | None = None, db: Path | None = None) -> list[S
 
 
 def site_badge(model: str, db: Path | None = None) -> str:
-    """"Validated at this site on N films: ..." for the newest validation of ``model`` (id@version), else NOT_VALIDATED."""
+    """"Validated at this site on N films: ..." for the newest validation of ``model`` (id@version)
+    on films it was not fitted on; NOT_INDEPENDENT when every validation of it included such films
+    (``fitted_films``, :mod:`cxr_core.models.fitted_films`); NOT_VALIDATED when there is none."""
     found = list_validations(model, db)
-    return found[0].badge() if found else NOT_VALIDATED
+    independent = [v for v in found if not v.result.get("fitted_films")]
+    if independent:
+        return independent[0].badge()
+    return NOT_INDEPENDENT if found else NOT_VALIDATED

@@ -27,6 +27,7 @@ from cxr_core.errors import CxrError
 from cxr_core.training.dataset import Record, _bucket, scan_folder, split_key
 
 if TYPE_CHECKING:
+    from cxr_core.models.manifest import Manifest
     from cxr_core.training.config import TrainConfig
     from cxr_core.training.crossval import OutOfFold
     from cxr_core.training.prepare import PreparedData
@@ -260,6 +261,33 @@ def prepare_site_view(classes: Sequence[str], binary: str | None, site: Path, wo
     return SiteView(work, counts, aux)
 
 
+#: what an adaptation used its site films for, in the adapted version's record of them
+ADAPTATION_USE = "adaptation (training, calibration and threshold)"
+
+
+def fitted_site_films(view: Path) -> list[Path]:
+    """The site's own films in the adaptation view ``view`` (:func:`build_adapt_folder`) that the
+    adaptation trains, calibrates or chooses its threshold on: the adapt and validation halves,
+    not the held-out half or the replayed films."""
+    with open(view / "metadata.csv", newline="", encoding="utf-8") as handle:
+        return [(view / row["file"]).resolve() for row in csv.DictReader(handle)
+                if row["source"] == SITE_SOURCE and row["split"] in ("train", "val")]
+
+
+def record_fitted_site_films(model_folder: Path, view: Path, base: Manifest | None) -> None:
+    """Record in ``model_folder``'s manifest which of the site's films it was adapted on
+    (:mod:`cxr_core.models.fitted_films`), with the ones ``base`` (the model adapted from) was
+    fitted on: a later validation on any of them flatters it and is flagged."""
+    from cxr_core.models.fitted_films import FITTED_FILMS_KEY, with_fitted_films
+    from cxr_core.models.loading import update_manifest
+    from cxr_core.models.manifest import read_manifest
+
+    manifest = read_manifest(model_folder)
+    inherited = {FITTED_FILMS_KEY: base.training[FITTED_FILMS_KEY]} if base and FITTED_FILMS_KEY in base.training else {}
+    training = with_fitted_films({**manifest.training, **inherited}, fitted_site_films(view), ADAPTATION_USE)
+    update_manifest(model_folder, replace(manifest, training=training))
+
+
 def cross_fit(config: TrainConfig, data: PreparedData, folds: int, run_dir: Path, stop: threading.Event | None = None) -> OutOfFold | None:
     """Out-of-fold scores of the adapt half (:func:`cxr_core.training.crossval.out_of_fold_logits`,
     the runs under ``run_dir``/crossfit) to calibrate on, or None when ``folds`` is 0."""
@@ -352,6 +380,7 @@ def adapt(
     # The validation films checked above are in the cross-fitted pool, so it has positive films too.
     out_of_fold = cross_fit(config, data, crossfit, run_dir)
     adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}", out_of_fold=out_of_fold)
+    record_fitted_site_films(out, work, manifest)
     held_out = view.held_out
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()
     after = validate_site(load_model(out, device=device), held_out, target_sensitivity=target_sensitivity).as_dict()

@@ -21,13 +21,14 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from cxr_core.errors import CxrError
 from cxr_core.fileio import sha256_file
 from cxr_core.metrics import expected_calibration_error, reliability_bins
+from cxr_core.models.fitted_films import film_fingerprint, fitted_fingerprints, fitted_uses
 from cxr_core.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class SiteValidation:
     gate: dict[str, int]
     uncertain: int
     unreadable: int
+    #: films scored here that this version was fitted on (:mod:`cxr_core.models.fitted_films`):
+    #: more than 0 and the figures flatter it, so Diagnose does not show them as its validation
+    fitted_films: int = 0
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def as_dict(self) -> dict[str, Any]:
@@ -148,13 +152,21 @@ def suggest_threshold(p_covid: np.ndarray, is_covid: np.ndarray, target_sensitiv
             "sensitivity": round(float(called[is_covid].mean()), 4), "specificity": round(float((~called[~is_covid]).mean()), 4)}
 
 
-def data_sha256(paths: Sequence[Path], root: Path) -> str:
-    """One hash for a labelled folder's content: each file's relative path and bytes, in order."""
+def data_sha256(paths: Sequence[Path], root: Path, file_sha256: Mapping[Path, str] | None = None) -> str:
+    """One hash for a labelled folder's content: each file's relative path and bytes, in order.
+    ``file_sha256``: each file's sha256, where already computed."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(str(path.relative_to(root)).encode("utf-8") + b"\0")
-        digest.update(bytes.fromhex(sha256_file(path)))
+        digest.update(bytes.fromhex(file_sha256[path] if file_sha256 else sha256_file(path)))
     return digest.hexdigest()
+
+
+def fitted_warning(fitted: int, n: int, uses: Sequence[str]) -> str:
+    """The warning of a validation whose films include ``fitted`` of the ``n`` the version was fitted on."""
+    what = " and ".join(uses) or "fitting"
+    return (f"{fitted} of these {n} films were used for this version's {what}: its figures here flatter it, and Diagnose "
+            "does not show them as its site validation. Validate it on films of this site it has not seen.")
 
 
 def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: float = 0.95, batch_size: int = 16,
@@ -172,6 +184,7 @@ def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: f
     classes = tuple(manifest.classes)
 
     labels: list[str] = []
+    scored: list[Path] = []
     decisions: list[str] = []
     probabilities: list[tuple[float, ...]] = []
     gate: Counter[str] = Counter()
@@ -181,6 +194,7 @@ def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: f
             unreadable += 1
             continue
         labels.append(record.label)
+        scored.append(record.path)
         decisions.append(result.decision or classes[0])
         probabilities.append(result.probabilities)
         gate[result.gate_outcome] += 1
@@ -216,12 +230,17 @@ def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: f
     if unreadable:
         warnings.append(f"{unreadable} file(s) could not be read and were left out.")
     paths = [r.path for r in records]
+    file_sha256 = {path: sha256_file(path) for path in paths}
+    fitted_on = fitted_fingerprints(manifest)
+    fitted = sum(film_fingerprint(path, file_sha256[path]) in fitted_on for path in scored) if fitted_on else 0
+    if fitted:
+        warnings.insert(0, fitted_warning(fitted, len(labels), fitted_uses(manifest)))
     return SiteValidation(
-        model=model.key, data_sha256=data_sha256(paths, root), n=len(labels), counts=counts, labels=tuple(order), classes=classes,
+        model=model.key, data_sha256=data_sha256(paths, root, file_sha256), n=len(labels), counts=counts, labels=tuple(order), classes=classes,
         confusion_matrix=confusion, threshold=manifest.thresholds.get(POSITIVE),
         covid_sensitivity=Estimate.of(tp, tp + fn), non_covid_specificity=Estimate.of(tn, tn + fp),
         ppv=Estimate.of(tp, tp + fp), npv=Estimate.of(tn, tn + fn),
         auroc=bootstrap_auroc(p_covid, is_covid, resamples=bootstrap), ece=ece, reliability=reliability,
         suggested_threshold=suggest_threshold(p_covid, is_covid, target_sensitivity),
-        gate=dict(sorted(gate.items())), uncertain=uncertain, unreadable=unreadable, warnings=tuple(warnings),
+        gate=dict(sorted(gate.items())), uncertain=uncertain, unreadable=unreadable, fitted_films=fitted, warnings=tuple(warnings),
     )

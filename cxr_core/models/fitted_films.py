@@ -1,0 +1,63 @@
+"""Which of a site's films a model version was fitted on, so that a later validation can tell.
+
+A site adaptation trains and calibrates on part of the site's films; an adopted site threshold
+was chosen on the films of one validation. Scored on those same films again, either version
+looks better than it will on the site's next patient. The version's manifest keeps a fingerprint
+of each such film (``training["fitted_site_films"]``: the first 16 hex digits of the sha256 of
+its bytes, so a copy under another name or in another upload is still recognised) and what they
+were used for; :func:`cxr_core.training.validation.validate_site` counts how many of the films
+it scores are among them, and a validation that counts any is never shown as the version's
+site validation on Diagnose.
+
+Only fingerprints are kept: no file name, path or pixel of a film reaches the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cxr_core.fileio import sha256_file
+from cxr_core.models.manifest import Manifest
+
+#: the manifest's ``training`` entry: {"fingerprints": [...], "uses": [...]}
+FITTED_FILMS_KEY = "fitted_site_films"
+#: hex digits of a film's sha256 kept: 64 bits, so two different films of one site share a
+#: fingerprint with odds of about n² / 2^65 (10^-11 for 30,000 films)
+FINGERPRINT_HEX = 16
+
+
+def film_fingerprint(path: Path, sha256: str | None = None) -> str:
+    """A film's fingerprint: the start of the sha256 of its bytes (``sha256``: already computed)."""
+    return (sha256 or sha256_file(path))[:FINGERPRINT_HEX]
+
+
+def fitted_fingerprints(manifest: Manifest) -> frozenset[str]:
+    """Fingerprints of the site films ``manifest``'s version was fitted on (empty when none)."""
+    entry = manifest.training.get(FITTED_FILMS_KEY) or {}
+    return frozenset(str(f) for f in entry.get("fingerprints", ()))
+
+
+def fitted_uses(manifest: Manifest) -> tuple[str, ...]:
+    """What the site films were used for, e.g. ("adaptation (training, calibration and threshold)",)."""
+    entry = manifest.training.get(FITTED_FILMS_KEY) or {}
+    return tuple(str(u) for u in entry.get("uses", ()))
+
+
+def with_fitted_films(training: Mapping[str, Any], paths: Iterable[Path], use: str) -> dict[str, Any]:
+    """``training`` (a manifest's ``training`` entry) with the films at ``paths`` added to the ones
+    it was fitted on for ``use``; films already recorded (a version adapted, then given a site
+    threshold) are kept."""
+    entry = training.get(FITTED_FILMS_KEY) or {}
+    fingerprints = set(entry.get("fingerprints", ())) | {film_fingerprint(Path(p)) for p in paths}
+    uses = list(entry.get("uses", ()))
+    if use not in uses:
+        uses.append(use)
+    return {**training, FITTED_FILMS_KEY: {"fingerprints": sorted(fingerprints), "uses": uses}}
+
+
+def mark_fitted_films(manifest: Manifest, paths: Iterable[Path], use: str) -> Manifest:
+    """``manifest`` with the films at ``paths`` recorded as fitted on for ``use`` (:func:`with_fitted_films`)."""
+    return replace(manifest, training=with_fitted_films(manifest.training, paths, use))
