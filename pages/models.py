@@ -75,6 +75,19 @@ def _row(v: Version) -> dict[str, object]:
     }
 
 
+@st.cache_data(show_spinner="Checking the set for films this version was fitted on…", max_entries=32)
+def _fitted_films_in(version_folder: str, eval_dir: str) -> int:
+    """:func:`cxr_core.training.evaluation_set.fitted_films_in`, once per version and folder (it reads every film)."""
+    from cxr_core.errors import CxrError
+    from cxr_core.models.manifest import read_manifest
+    from cxr_core.training.evaluation_set import fitted_films_in
+
+    try:
+        return fitted_films_in(read_manifest(Path(version_folder)), Path(eval_dir))
+    except CxrError:
+        return 0  # not a labelled folder: the Evaluate button says why when pressed
+
+
 def render_site_adaptation(record: dict) -> None:
     """An adapted candidate's before and after on the site's held-out films, side by side."""
     films = record.get("films", {})
@@ -141,6 +154,11 @@ for model_id in model_ids:
             if eval_dir is not None and chose_it and Path(chose_it).resolve() == Path(eval_dir).resolve():
                 st.warning("These are the films that chose this version's threshold: its figures on them will flatter it. "
                            "Evaluate it on films that played no part in choosing it.")
+            elif eval_dir is not None and Path(eval_dir).is_dir():
+                fitted = _fitted_films_in(str(candidate.path), str(eval_dir))
+                if fitted:
+                    st.warning(f"{fitted} films of this set were used to adapt {pick} or choose its threshold: its figures on "
+                               "them will flatter it, and the promotion check will say so. Evaluate it on films it has not seen.")
             if st.button("Evaluate", key=f"evaluate-{model_id}", disabled=eval_dir is None,
                          help="Scores the candidate, and the active version unless it already was, on this set: the "
                               "promotion check compares them there."):
@@ -153,8 +171,7 @@ for model_id in model_ids:
                                  details={"evaluation_set": str(eval_dir), "n": measured["n"], "accuracy": measured["accuracy"]})
                     st.rerun()
         elif problems:
-            cols[1].warning(("Not shown to be better: " if candidate.site_adaptation else "Measured worse than the active model: ")
-                            + "; ".join(problems) + ".")
+            cols[1].warning("Not shown to be better than the active version: " + "; ".join(problems) + ".")
             reason = cols[1].text_input("Reason to promote anyway", key=f"reason-{model_id}")
         if cols[2].button("Promote", key=f"promote-{model_id}", type="primary", disabled=bool(unevaluated)):
             with guarded("promoting"):

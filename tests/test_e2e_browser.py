@@ -606,17 +606,19 @@ def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weig
         page.get_by_role("button", name="Register the new version").click()
         page.get_by_text("Registered densenet121-test@0.0.1-site-d as a candidate").wait_for(timeout=60_000)
         _streamlit_idle(page)
-        # The candidate: where its threshold came from; evaluated on the uploaded films (the set offered first).
+        # The candidate: where its threshold came from; evaluated on the uploaded films (the set offered first),
+        # which chose its threshold: the page warns before, and the promotion check asks for a reason after.
         page.get_by_text("with this site's COVID-19 threshold p ≥ ").first.wait_for(timeout=60_000)
         page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(timeout=60_000)
+        page.get_by_text("These are the films that chose this version's threshold").wait_for(timeout=60_000)
         page.get_by_role("button", name="Evaluate", exact=True).click()
         _streamlit_idle(page)
         page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(state="detached", timeout=180_000)
+        page.get_by_text("films of its evaluation set were used to adapt it or choose its threshold").wait_for(timeout=60_000)
         reason = page.get_by_label("Reason to promote anyway")
-        if reason.count():
-            reason.fill("site threshold adopted after local validation")
-            reason.press("Enter")
-            _streamlit_idle(page)
+        reason.fill("site threshold adopted after local validation")
+        reason.press("Enter")
+        _streamlit_idle(page)
         page.get_by_role("button", name="Promote").first.click()
         _streamlit_idle(page)
         page.get_by_text("0.0.1-site-d (active)").first.wait_for(timeout=60_000)

@@ -161,6 +161,13 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     at.text_input(key="evaluate-set-dn-path").set_value(site_root)
     at.run()
     assert any("films that chose this version's threshold" in w.value for w in at.warning)
+    # A copy of those films elsewhere is recognised by content.
+    import shutil
+
+    shutil.copytree(site_root, site_env / "copy")
+    at.text_input(key="evaluate-set-dn-path").set_value(str(site_env / "copy"))
+    at.run()
+    assert any(w.value.startswith("12 films of this set were used to adapt 1.0.0-siteb or choose its threshold") for w in at.warning)
     # Evaluated from the page on other films typed in: then it can be promoted.
     eval_dir = make_labelled_folder(site_env / "eval", CLASSES, per_class={"test": 2}, size=48, seed=4)
     at.selectbox(key="pick-dn").set_value("1.0.0-siteb")
@@ -234,7 +241,7 @@ def test_a_validation_on_the_films_that_chose_the_threshold_is_flagged_and_never
 
     again = validate_site(model, chose, bootstrap=20)
     assert again.fitted_films == 6 and again.as_dict()["fitted_films"] == 6
-    assert again.warnings[0].startswith("6 of these 6 films were used for this version's COVID-19 threshold: its figures here flatter it")
+    assert again.warnings[0].startswith("6 of these 6 films were used for this version's COVID-19 threshold: its figures on them flatter it")
     record_validation(again, user="alice", data_name="the same films")
     assert site_badge("dn@1.0.0-site") == NOT_INDEPENDENT
     # The base version was not fitted on them: its validation on the same films is an ordinary one.
@@ -268,3 +275,27 @@ def test_a_version_keeps_the_films_every_step_before_it_was_fitted_on() -> None:
     assert both[FITTED_FILMS_KEY]["uses"] == ["adaptation (training, calibration and threshold)", "COVID-19 threshold"]
     assert with_fitted_films(both, [], "COVID-19 threshold")[FITTED_FILMS_KEY]["uses"] == both[FITTED_FILMS_KEY]["uses"]
     assert film_fingerprint(Path("unused"), "0123456789abcdef" * 4) == "0123456789abcdef"
+
+
+def test_an_evaluation_on_films_the_version_was_fitted_on_holds_back_its_promotion(site_env: Path) -> None:
+    from cxr_core.models.pointer import RegistryError
+    from cxr_core.models.site_threshold import adopt_site_threshold
+    from cxr_core.models.versions import find_version, list_versions, promote, promotion_problems
+    from cxr_core.training.evaluation_set import evaluate_active_alongside, evaluate_candidate
+
+    chose = make_labelled_folder(site_env / "chose", CLASSES, per_class={"test": 2}, size=48, seed=5)
+    adopt_site_threshold("dn", "1.0.0", 0.3, new_version="1.0.0-site", user="alice", reason="why",
+                         chosen_films=sorted(chose.rglob("*.png")))
+    assert evaluate_candidate(find_version("dn", "1.0.0-site").path, chose)["fitted_films"] == 6
+    assert evaluate_active_alongside("dn", chose)["fitted_films"] == 0  # type: ignore[index]
+    adopted, active = (next(v for v in list_versions("dn") if v.version == name) for name in ("1.0.0-site", "1.0.0"))
+    problems = promotion_problems(adopted, active)
+    assert any(p.startswith("6 films of its evaluation set were used to adapt it or choose its threshold") for p in problems)
+    with pytest.raises(RegistryError):
+        promote("dn", "1.0.0-site", user="alice")
+    # Evaluated on films it has not seen, that problem goes.
+    other = make_labelled_folder(site_env / "other", CLASSES, per_class={"test": 2}, size=48, seed=6)
+    evaluate_candidate(adopted.path, other)
+    evaluate_active_alongside("dn", other)
+    adopted, active = (next(v for v in list_versions("dn") if v.version == name) for name in ("1.0.0-site", "1.0.0"))
+    assert not any("films of its evaluation set" in p for p in promotion_problems(adopted, active))

@@ -14,7 +14,7 @@ Only fingerprints are kept: no file name, path or pixel of a film reaches the ma
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,3 +61,18 @@ def with_fitted_films(training: Mapping[str, Any], paths: Iterable[Path], use: s
 def mark_fitted_films(manifest: Manifest, paths: Iterable[Path], use: str) -> Manifest:
     """``manifest`` with the films at ``paths`` recorded as fitted on for ``use`` (:func:`with_fitted_films`)."""
     return replace(manifest, training=with_fitted_films(manifest.training, paths, use))
+
+
+def count_fitted(manifest: Manifest, paths: Sequence[Path], file_sha256: Mapping[Path, str] | None = None) -> int:
+    """How many of the films at ``paths`` ``manifest``'s version was fitted on; no file is read
+    when it records none. ``file_sha256``: each film's sha256, where already computed."""
+    fitted = fitted_fingerprints(manifest)
+    if not fitted:
+        return 0
+    return sum(film_fingerprint(p, file_sha256.get(p) if file_sha256 else None) in fitted for p in paths)
+
+
+def fitted_warning(fitted: int, n: int, manifest: Manifest) -> str:
+    """What a validation or evaluation on ``n`` films, ``fitted`` of them ones ``manifest``'s version was fitted on, must say."""
+    what = " and ".join(fitted_uses(manifest)) or "fitting"
+    return f"{fitted} of these {n} films were used for this version's {what}: its figures on them flatter it"

@@ -150,10 +150,14 @@ def not_evaluated(candidate: Version) -> str | None:
 
 
 def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
-    """Why the candidate is measured worse than the active model on the fixed evaluation set,
-    and, for an adapted model, :func:`site_adaptation_problems` (empty: none; see
-    :func:`not_evaluated` first)."""
+    """Why the candidate is not shown to be better than the active model on the fixed evaluation
+    set (measured worse, measured elsewhere, or measured on films it was fitted on) and, for an
+    adapted model, :func:`site_adaptation_problems` (empty: none; see :func:`not_evaluated` first)."""
     problems = site_adaptation_problems(candidate)
+    fitted = (candidate.evaluation or {}).get("fitted_films")
+    if fitted:
+        problems.append(f"{fitted} films of its evaluation set were used to adapt it or choose its threshold: its figures there "
+                        "flatter it (evaluate it on films it has not seen)")
     if candidate.evaluation is None or active is None:
         return problems  # nothing measured, or a new model id: nothing it would replace
     if active.evaluation is None:

@@ -8,7 +8,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr_core.fileio import write_json
+from cxr_core.models.fitted_films import count_fitted, fitted_fingerprints
 from cxr_core.models.loading import load_model
+from cxr_core.models.manifest import Manifest
 from cxr_core.models.versions import EVALUATION_NAME
 from cxr_core.training.dataset import scan_folder
 from cxr_core.training.evaluate import evaluate_folder
@@ -47,6 +49,18 @@ def exclude_evaluation_overlap(data: PreparedData, eval_dir: Path, split: str | 
     return replace(data, train=train, val=val, report=replace(data.report, notes=notes, evaluation_overlap_removed=removed))
 
 
+def fitted_films_in(manifest: Manifest, eval_dir: Path, split: str | None = "test") -> int:
+    """How many films of the evaluation set (its ``split`` when it has one, as
+    :func:`evaluate_candidate` scores it) ``manifest``'s version was adapted on or had its
+    threshold chosen on (:mod:`cxr_core.models.fitted_films`); 0 without reading a file when it
+    records none."""
+    if not fitted_fingerprints(manifest):
+        return 0
+    records = scan_folder(eval_dir)
+    use_split = split if split and any(r.split == split for r in records) else None
+    return count_fitted(manifest, [r.path for r in records if use_split is None or r.split == use_split])
+
+
 def evaluate_candidate(folder: Path, eval_dir: Path, split: str | None = "test", out: Path | None = None) -> dict[str, object]:
     """Metrics of the model in ``folder`` on the evaluation set, written to ``out`` (default:
     its evaluation.json)."""
@@ -54,7 +68,11 @@ def evaluate_candidate(folder: Path, eval_dir: Path, split: str | None = "test",
     records = scan_folder(eval_dir)
     use_split = split if split and any(r.split == split for r in records) else None
     metrics = evaluate_folder(model, eval_dir, split=use_split).as_dict()
-    result = {**metrics, "evaluation_set": str(eval_dir), "split": use_split, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    # Films of the set that the version was adapted on or had its threshold chosen on flatter it:
+    # counted, so that the promotion check can say so (cxr_core.models.versions.promotion_problems).
+    fitted = fitted_films_in(model.manifest, eval_dir, split)
+    result = {**metrics, "evaluation_set": str(eval_dir), "split": use_split, "fitted_films": fitted,
+              "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json(out or Path(folder) / EVALUATION_NAME, result)
     return result
 

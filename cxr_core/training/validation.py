@@ -28,7 +28,7 @@ import numpy as np
 from cxr_core.errors import CxrError
 from cxr_core.fileio import sha256_file
 from cxr_core.metrics import expected_calibration_error, reliability_bins
-from cxr_core.models.fitted_films import film_fingerprint, fitted_fingerprints, fitted_uses
+from cxr_core.models.fitted_films import count_fitted, fitted_warning
 from cxr_core.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -162,13 +162,6 @@ def data_sha256(paths: Sequence[Path], root: Path, file_sha256: Mapping[Path, st
     return digest.hexdigest()
 
 
-def fitted_warning(fitted: int, n: int, uses: Sequence[str]) -> str:
-    """The warning of a validation whose films include ``fitted`` of the ``n`` the version was fitted on."""
-    what = " and ".join(uses) or "fitting"
-    return (f"{fitted} of these {n} films were used for this version's {what}: its figures here flatter it, and Diagnose "
-            "does not show them as its site validation. Validate it on films of this site it has not seen.")
-
-
 def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: float = 0.95, batch_size: int = 16,
                   bootstrap: int = 1000) -> SiteValidation:
     """Score ``model`` on the labelled folder ``root`` (class folders, optionally under
@@ -231,10 +224,10 @@ def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: f
         warnings.append(f"{unreadable} file(s) could not be read and were left out.")
     paths = [r.path for r in records]
     file_sha256 = {path: sha256_file(path) for path in paths}
-    fitted_on = fitted_fingerprints(manifest)
-    fitted = sum(film_fingerprint(path, file_sha256[path]) in fitted_on for path in scored) if fitted_on else 0
+    fitted = count_fitted(manifest, scored, file_sha256)
     if fitted:
-        warnings.insert(0, fitted_warning(fitted, len(labels), fitted_uses(manifest)))
+        warnings.insert(0, fitted_warning(fitted, len(labels), manifest) + ", and Diagnose does not show them as its site "
+                           "validation. Validate it on films of this site it has not seen.")
     return SiteValidation(
         model=model.key, data_sha256=data_sha256(paths, root, file_sha256), n=len(labels), counts=counts, labels=tuple(order), classes=classes,
         confusion_matrix=confusion, threshold=manifest.thresholds.get(POSITIVE),
