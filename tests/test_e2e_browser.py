@@ -614,7 +614,7 @@ def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weig
         page.get_by_role("button", name="Evaluate", exact=True).click()
         _streamlit_idle(page)
         page.get_by_text("Not evaluated: 0.0.1-site-d").wait_for(state="detached", timeout=180_000)
-        page.get_by_text("films of its evaluation set were used to adapt it or choose its threshold").wait_for(timeout=60_000)
+        page.get_by_text("films of its evaluation set were used for its COVID-19 threshold").wait_for(timeout=60_000)
         reason = page.get_by_label("Reason to promote anyway")
         reason.fill("site threshold adopted after local validation")
         reason.press("Enter")

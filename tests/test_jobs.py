@@ -74,6 +74,14 @@ def test_job_trains_a_candidate_and_one_job_runs_at_a_time(job_env: Path) -> Non
     assert status["event"] == "epoch" and _epochs(first) == 3
     version = next(v for v in list_versions("tiny") if v.version == "2.0.0")
     assert not version.active and version.evaluation is not None and version.evaluation["n"] == 18
+    # The candidate records the films it was trained and calibrated on; the evaluation set was not among them.
+    from cxr_core.fileio import sha256_file
+    from cxr_core.models.fitted_films import fitted_fingerprints, fitted_uses
+
+    trained_on = {sha256_file(f)[:16] for split in ("train", "val") for f in (job_env / "data" / split).rglob("*.png")}
+    assert fitted_fingerprints(version.manifest) == trained_on and len(trained_on) == 66
+    assert fitted_uses(version.manifest) == ("training (weights, calibration and threshold)",)
+    assert version.evaluation["fitted_films"] == 0
     # A version that exists, or that another job will write, is refused before anything runs.
     with pytest.raises(CxrError, match="already exists"):
         create_job(_spec(job_env, 1, "2.0.0"))

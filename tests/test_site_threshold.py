@@ -167,7 +167,7 @@ def test_the_models_page_adopts_a_validations_threshold_and_evaluates_the_candid
     shutil.copytree(site_root, site_env / "copy")
     at.text_input(key="evaluate-set-dn-path").set_value(str(site_env / "copy"))
     at.run()
-    assert any(w.value.startswith("12 films of this set were used to adapt 1.0.0-siteb or choose its threshold") for w in at.warning)
+    assert any(w.value.startswith("12 films of this set were used for 1.0.0-siteb's COVID-19 threshold: its figures on them will flatter it") for w in at.warning)
     # Evaluated from the page on other films typed in: then it can be promoted.
     eval_dir = make_labelled_folder(site_env / "eval", CLASSES, per_class={"test": 2}, size=48, seed=4)
     at.selectbox(key="pick-dn").set_value("1.0.0-siteb")
@@ -290,7 +290,7 @@ def test_an_evaluation_on_films_the_version_was_fitted_on_holds_back_its_promoti
     assert evaluate_active_alongside("dn", chose)["fitted_films"] == 0  # type: ignore[index]
     adopted, active = (next(v for v in list_versions("dn") if v.version == name) for name in ("1.0.0-site", "1.0.0"))
     problems = promotion_problems(adopted, active)
-    assert any(p.startswith("6 films of its evaluation set were used to adapt it or choose its threshold") for p in problems)
+    assert any(p.startswith("6 films of its evaluation set were used for its COVID-19 threshold: its figures there flatter it") for p in problems)
     with pytest.raises(RegistryError):
         promote("dn", "1.0.0-site", user="alice")
     # Evaluated on films it has not seen, that problem goes.

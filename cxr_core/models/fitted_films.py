@@ -1,8 +1,9 @@
 """Which of a site's films a model version was fitted on, so that a later validation can tell.
 
-A site adaptation trains and calibrates on part of the site's films; an adopted site threshold
-was chosen on the films of one validation. Scored on those same films again, either version
-looks better than it will on the site's next patient. The version's manifest keeps a fingerprint
+A site adaptation trains and calibrates on part of the site's films; a training job from the
+app trains on an uploaded set; an adopted site threshold was chosen on the films of one
+validation. Scored on those same films again, each version looks better than it will on the
+site's next patient. The version's manifest keeps a fingerprint
 of each such film (``training["fitted_site_films"]``: the first 16 hex digits of the sha256 of
 its bytes, so a copy under another name or in another upload is still recognised) and what they
 were used for; :func:`cxr_core.training.validation.validate_site` counts how many of the films
@@ -58,9 +59,18 @@ def with_fitted_films(training: Mapping[str, Any], paths: Iterable[Path], use: s
     return {**training, FITTED_FILMS_KEY: {"fingerprints": sorted(fingerprints), "uses": uses}}
 
 
-def mark_fitted_films(manifest: Manifest, paths: Iterable[Path], use: str) -> Manifest:
-    """``manifest`` with the films at ``paths`` recorded as fitted on for ``use`` (:func:`with_fitted_films`)."""
-    return replace(manifest, training=with_fitted_films(manifest.training, paths, use))
+def record_fitted_films(model_folder: Path, paths: Iterable[Path], use: str, base: Manifest | None = None) -> Manifest:
+    """Record in ``model_folder``'s manifest that its version was fitted on the films at ``paths``
+    for ``use``, with the films ``base`` (the version it was trained from) was fitted on: a
+    version adapted twice, or adapted and then given a site threshold, is flagged on the films
+    of every step. Returns the manifest as written."""
+    from cxr_core.models.loading import update_manifest
+    from cxr_core.models.manifest import read_manifest
+
+    manifest = read_manifest(model_folder)
+    inherited = {FITTED_FILMS_KEY: base.training[FITTED_FILMS_KEY]} if base and FITTED_FILMS_KEY in base.training else {}
+    training = with_fitted_films({**manifest.training, **inherited}, paths, use)
+    return update_manifest(model_folder, replace(manifest, training=training))
 
 
 def count_fitted(manifest: Manifest, paths: Sequence[Path], file_sha256: Mapping[Path, str] | None = None) -> int:

@@ -492,7 +492,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     from cxr_core.models.versions import SITE_ADAPTATION_NAME, find_version
     from cxr_core.state.datasets import list_datasets
     from cxr_core.state.site_validations import record_held_out_validations
-    from cxr_core.training.adapt import held_out_folder, record_fitted_site_films
+    from cxr_core.training.adapt import held_out_folder
     from cxr_core.training.evaluate import evaluate_folder
     from cxr_core.training.validation import validate_site
 
@@ -500,7 +500,6 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     name, _, version = (spec.base_model or "").partition("@")
     # The base was found when the job started (_train_config); a site adaptation always has one.
     base = find_version(name, version) if spec.base_model else None
-    record_fitted_site_films(staging, job_dir / SITE_VIEW, base.manifest if base else None)
     candidate = load_model(staging)
     record: dict[str, Any] = {
         "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),
@@ -515,6 +514,27 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
         covid = (shared.get("per_class") or {}).get("covid", {})  # type: ignore[union-attr]
         record["shared_test"] = {"folder": spec.replay[0], "n": shared["n"], "covid_sensitivity": covid.get("recall")}
     write_json(staging / SITE_ADAPTATION_NAME, record)
+
+
+#: what a training job (other than a site adaptation) used its films for
+FINE_TUNE_USE = "training (weights, calibration and threshold)"
+
+
+def _record_fitted_films(job_dir: Path, spec: JobSpec, staging: Path, data: Any) -> None:
+    """Record in the candidate's manifest which films it was fitted on
+    (:mod:`cxr_core.models.fitted_films`), before it is evaluated: a site adaptation's own site
+    films (adapt and validation halves; not the replayed ones), any other job's training and
+    validation films. A validation or evaluation on any of them is then flagged."""
+    from cxr_core.models.fitted_films import record_fitted_films
+    from cxr_core.models.versions import find_version
+    from cxr_core.training.adapt import ADAPTATION_USE, fitted_site_films
+
+    name, _, version = (spec.base_model or "").partition("@")
+    base = find_version(name, version).manifest if spec.base_model else None
+    if spec.site_adaptation:
+        record_fitted_films(staging, fitted_site_films(job_dir / SITE_VIEW), ADAPTATION_USE, base)
+    else:
+        record_fitted_films(staging, [r.path for part in (data.train, data.val) for r in part.records], FINE_TUNE_USE, base)
 
 
 def _staging_folder(spec: JobSpec) -> Path:
@@ -614,6 +634,7 @@ def run_job(job_dir: Path) -> int:
         out_of_fold = _crossfit(job_dir, spec, config_, data, stop)
         distributed.stop()
         finalize(config_, job_dir / "run", data, result, command=f"app job {spec.job_id} by {spec.user}", out_of_fold=out_of_fold)
+        _record_fitted_films(job_dir, spec, staging, data)
         if eval_dir:
             evaluate_candidate(staging, Path(eval_dir), eval_split)
             evaluate_active_alongside(spec.model_id, Path(eval_dir), eval_split)

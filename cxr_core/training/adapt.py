@@ -27,7 +27,6 @@ from cxr_core.errors import CxrError
 from cxr_core.training.dataset import Record, _bucket, scan_folder, split_key
 
 if TYPE_CHECKING:
-    from cxr_core.models.manifest import Manifest
     from cxr_core.training.config import TrainConfig
     from cxr_core.training.crossval import OutOfFold
     from cxr_core.training.prepare import PreparedData
@@ -274,20 +273,6 @@ def fitted_site_films(view: Path) -> list[Path]:
                 if row["source"] == SITE_SOURCE and row["split"] in ("train", "val")]
 
 
-def record_fitted_site_films(model_folder: Path, view: Path, base: Manifest | None) -> None:
-    """Record in ``model_folder``'s manifest which of the site's films it was adapted on
-    (:mod:`cxr_core.models.fitted_films`), with the ones ``base`` (the model adapted from) was
-    fitted on: a later validation on any of them flatters it and is flagged."""
-    from cxr_core.models.fitted_films import FITTED_FILMS_KEY, with_fitted_films
-    from cxr_core.models.loading import update_manifest
-    from cxr_core.models.manifest import read_manifest
-
-    manifest = read_manifest(model_folder)
-    inherited = {FITTED_FILMS_KEY: base.training[FITTED_FILMS_KEY]} if base and FITTED_FILMS_KEY in base.training else {}
-    training = with_fitted_films({**manifest.training, **inherited}, fitted_site_films(view), ADAPTATION_USE)
-    update_manifest(model_folder, replace(manifest, training=training))
-
-
 def cross_fit(config: TrainConfig, data: PreparedData, folds: int, run_dir: Path, stop: threading.Event | None = None) -> OutOfFold | None:
     """Out-of-fold scores of the adapt half (:func:`cxr_core.training.crossval.out_of_fold_logits`,
     the runs under ``run_dir``/crossfit) to calibrate on, or None when ``folds`` is 0."""
@@ -337,6 +322,7 @@ def adapt(
     ``size``: train, calibrate and export at this input size (px, square) instead of the base
     model's; every prediction with the adapted model is then made at that size.
     """
+    from cxr_core.models.fitted_films import record_fitted_films
     from cxr_core.models.loading import load_model
     from cxr_core.training.augment import AugmentConfig
     from cxr_core.training.config import TrainConfig
@@ -380,7 +366,7 @@ def adapt(
     # The validation films checked above are in the cross-fitted pool, so it has positive films too.
     out_of_fold = cross_fit(config, data, crossfit, run_dir)
     adapted = finalize(config, run_dir / "run", data, result, command=f"adapt {site} --model {manifest.key}", out_of_fold=out_of_fold)
-    record_fitted_site_films(out, work, manifest)
+    record_fitted_films(out, fitted_site_films(work), ADAPTATION_USE, manifest)
     held_out = view.held_out
     before = validate_site(base, held_out, target_sensitivity=target_sensitivity).as_dict()
     after = validate_site(load_model(out, device=device), held_out, target_sensitivity=target_sensitivity).as_dict()
