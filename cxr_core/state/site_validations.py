@@ -42,10 +42,10 @@ class StoredValidation:
 
 #: what Diagnose says of a model nobody has validated here
 NOT_VALIDATED = "Not validated at this site: its figures come from public data only (see the model card)."
-#: what Diagnose says of a model validated here only on films it was fitted on (an adaptation's
-#: own films, the films that chose its site threshold): those figures flatter it
-NOT_INDEPENDENT = ("Not validated at this site on films it has not seen: its validations here used films that adapted it "
-                   "or chose its threshold, whose figures flatter it (see the Models page).")
+#: what Diagnose says of a model validated here only on films it was fitted on (a fine-tune's or
+#: an adaptation's own films, the films that chose its site threshold): those figures flatter it
+NOT_INDEPENDENT = ("Not validated at this site on films it has not seen: its validations here used films it was trained on "
+                   "or had its threshold chosen on, whose figures flatter it (see the Models page).")
 #: the badges that say no validation here can be relied on
 UNVALIDATED = (NOT_VALIDATED, NOT_INDEPENDENT)
 
