@@ -12,7 +12,7 @@ from cxr_core.models.fitted_films import count_fitted, fitted_fingerprints
 from cxr_core.models.loading import load_model
 from cxr_core.models.manifest import Manifest
 from cxr_core.models.versions import EVALUATION_NAME
-from cxr_core.training.dataset import scan_folder
+from cxr_core.training.dataset import Record, scan_folder
 from cxr_core.training.evaluate import evaluate_folder
 from cxr_core.training.images import ImageSet, load_images, near_duplicate_pairs
 from cxr_core.training.prepare import PreparedData
@@ -20,11 +20,17 @@ from cxr_core.training.prepare import PreparedData
 log = logging.getLogger(__name__)
 
 
-def evaluation_images(eval_dir: Path, split: str | None = "test") -> ImageSet:
+def evaluation_records(eval_dir: Path, split: str | None = "test") -> tuple[list[Record], str | None]:
+    """The films of the evaluation set that are scored, and the split they are: ``split`` when
+    the set has one, else every film (None)."""
     records = scan_folder(eval_dir)
     if split and any(r.split == split for r in records):
-        records = [r for r in records if r.split == split]
-    return load_images(records, 32)  # the signatures are what matters here, not the pixels
+        return [r for r in records if r.split == split], split
+    return records, None
+
+
+def evaluation_images(eval_dir: Path, split: str | None = "test") -> ImageSet:
+    return load_images(evaluation_records(eval_dir, split)[0], 32)  # the signatures are what matters here, not the pixels
 
 
 def overlap_indices(images: ImageSet, reference: ImageSet, min_correlation: float = 0.98) -> set[int]:
@@ -50,26 +56,22 @@ def exclude_evaluation_overlap(data: PreparedData, eval_dir: Path, split: str | 
 
 
 def fitted_films_in(manifest: Manifest, eval_dir: Path, split: str | None = "test") -> int:
-    """How many films of the evaluation set (its ``split`` when it has one, as
-    :func:`evaluate_candidate` scores it) ``manifest``'s version was adapted on or had its
-    threshold chosen on (:mod:`cxr_core.models.fitted_films`); 0 without reading a file when it
-    records none."""
+    """How many films of the evaluation set (as :func:`evaluate_candidate` scores it)
+    ``manifest``'s version was fitted on: trained, adapted or had its threshold chosen on
+    (:mod:`cxr_core.models.fitted_films`); 0 without reading a file when it records none."""
     if not fitted_fingerprints(manifest):
         return 0
-    records = scan_folder(eval_dir)
-    use_split = split if split and any(r.split == split for r in records) else None
-    return count_fitted(manifest, [r.path for r in records if use_split is None or r.split == use_split])
+    return count_fitted(manifest, [r.path for r in evaluation_records(eval_dir, split)[0]])
 
 
 def evaluate_candidate(folder: Path, eval_dir: Path, split: str | None = "test", out: Path | None = None) -> dict[str, object]:
     """Metrics of the model in ``folder`` on the evaluation set, written to ``out`` (default:
     its evaluation.json)."""
     model = load_model(folder)
-    records = scan_folder(eval_dir)
-    use_split = split if split and any(r.split == split for r in records) else None
+    use_split = evaluation_records(eval_dir, split)[1]
     metrics = evaluate_folder(model, eval_dir, split=use_split).as_dict()
-    # Films of the set that the version was adapted on or had its threshold chosen on flatter it:
-    # counted, so that the promotion check can say so (cxr_core.models.versions.promotion_problems).
+    # Films of the set the version was fitted on flatter it: counted, so that the promotion check
+    # can say so (cxr_core.models.versions.promotion_problems).
     fitted = fitted_films_in(model.manifest, eval_dir, split)
     result = {**metrics, "evaluation_set": str(eval_dir), "split": use_split, "fitted_films": fitted,
               "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -86,8 +88,7 @@ def evaluate_active_alongside(model_id: str, eval_dir: Path, split: str | None =
     active = next((v for v in list_versions(model_id) if v.active), None)
     if active is None:
         return None
-    records = scan_folder(eval_dir)
-    use_split = split if split and any(r.split == split for r in records) else None
+    use_split = evaluation_records(eval_dir, split)[1]
     if active.evaluation and (active.evaluation.get("evaluation_set"), active.evaluation.get("split")) == (str(eval_dir), use_split):
         return active.evaluation
     return evaluate_candidate(active.path, eval_dir, split, out=evaluation_path(active.path, active.manifest, active.shipped))
