@@ -76,7 +76,7 @@ def _row(v: Version) -> dict[str, object]:
     }
 
 
-@st.cache_data(show_spinner="Checking the set for films this version was fitted on…", max_entries=32)
+@st.cache_data(show_spinner="Checking the set for films this version was fitted on…", max_entries=32, ttl=600)
 def _fitted_films_in(version_folder: str, eval_dir: str) -> int:
     """:func:`cxr_core.training.evaluation_set.fitted_films_in`, once per version and folder (it reads every film)."""
     from cxr_core.errors import CxrError

@@ -624,8 +624,14 @@ def test_admin_adopts_a_validations_threshold_evaluates_and_promotes_it(use_weig
         page.get_by_text("0.0.1-site-d (active)").first.wait_for(timeout=60_000)
         assert "Traceback" not in page.inner_text("body")
         _shot(page, tmp_path, "admin-site-threshold")
+        # Validated again on the films that chose its threshold: flagged, and Diagnose does not count it.
+        page.get_by_label("Model version").click()
+        page.get_by_role("option", name="densenet121-test@0.0.1-site-d (active)").click()
+        _streamlit_idle(page)
+        page.get_by_role("button", name="Validate", exact=True).click()
+        page.get_by_text("were used for this version's COVID-19 threshold: its figures on them flatter it").wait_for(timeout=180_000)
         _diagnose(page, png)
-        page.get_by_text("Not validated at this site").first.wait_for(timeout=180_000)
+        page.get_by_text("Not validated at this site on films it has not seen").first.wait_for(timeout=180_000)
         body = page.inner_text("body")
         assert "version **0.0.1-site-d**" in body or "0.0.1-site-d" in body
         assert "Traceback" not in body
