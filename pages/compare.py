@@ -309,7 +309,7 @@ reviewed = [p for p in panels if p.spec.study == study_index]
 anchor = next((p for p in reviewed if p.spec.model == model_key and p.spec.method == method and p.spec.target == target), reviewed[0])
 manifest = models[anchor.spec.model].manifest
 st.caption(
-    f"About {manifest.key}: predicted {manifest.label(anchor.predicted) if anchor.predicted else 'none'}; "
+    f"About `{manifest.key}`: predicted {manifest.label(anchor.predicted) if anchor.predicted else 'none'}; "
     f"heatmap {CAM_METHODS[anchor.spec.method].label} for {manifest.label(anchor.spec.target)} at {anchor.spec.layer}."
 )
 choices = {"No opinion": None, "Agree": True, "Disagree": False}

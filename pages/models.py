@@ -205,7 +205,8 @@ for model_id in model_ids:
 
     for v in mine:
         m = v.manifest
-        with st.expander(f"{m.name} — {m.key}" + (" (active)" if v.active else "")):
+        # In backticks: Markdown would link "id@1.0.0-site-d" as an e-mail address.
+        with st.expander(f"{m.name} — `{m.key}`" + (" (active)" if v.active else "")):
             st.markdown(f"**Intended use.** {m.intended_use}")
             st.markdown(
                 f"**Input.** {m.input.size[0]} x {m.input.size[1]} px, {m.input.channels} channel(s).  \n"
@@ -282,7 +283,7 @@ else:
         offered = shown.get("suggested_threshold")
         if validated and offered and validated.manifest.classes[0] in validated.manifest.thresholds:
             with st.expander(f"Adopt p ≥ {offered['value']} as this site's COVID-19 threshold (a new version of {validated.model_id})"):
-                st.caption(f"Registers a candidate with {validated.key}'s weights and this threshold. Nothing changes until it "
+                st.caption(f"Registers a candidate with `{validated.key}`'s weights and this threshold. Nothing changes until it "
                            "is evaluated and promoted below, and a rollback undoes it. These films chose the threshold, so "
                            "they flatter it: judge it on the fixed evaluation set and on other films of this site.")
                 c = st.columns([1, 3])

@@ -232,7 +232,7 @@ def job_panel(job_dir_name: str, listed_state: str) -> None:
     total_epochs = sum(e for _, e in spec.schedule)
     done_epochs = sum(e["event"] == "epoch" for e in events)
     badge = {RUNNING: "🟢 running", QUEUED: "⏳ starting", FINISHED: "✅ finished", FAILED: "❌ failed", CANCELLED: "⏹ cancelled"}[state.state]
-    st.markdown(f"**{spec.model_id}@{spec.version}** — {badge} — device {state.device or '…'} — by {spec.user}, {spec.created[:16]}")
+    st.markdown(f"**`{spec.model_id}@{spec.version}`** — {badge} — device {state.device or '…'} — by {spec.user}, {spec.created[:16]}")
     if state.state in (RUNNING, QUEUED):
         progress = describe_job_progress(run_events, total_epochs)
         st.progress(progress.fraction, text=progress.text)
