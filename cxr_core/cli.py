@@ -407,13 +407,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from cxr_core.training.validation import validate_site
 
     _check_target_sensitivity(args.target_sensitivity)
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise UsageError(f"--report {args.report}: its folder does not exist")  # said before the films are scored
     model = _load_any_version(args.model)
     result = validate_site(model, Path(args.data_dir), target_sensitivity=args.target_sensitivity)
     data = result.as_dict()
+    stored = None
     if args.record:
         from cxr_core.state.site_validations import record_validation
 
-        record_validation(result, user=args.record, role="cli", data_name=Path(args.data_dir).name)
+        stored = record_validation(result, user=args.record, role="cli", data_name=Path(args.data_dir).name)
+    if args.report:
+        from cxr_core.fileio import write_text
+        from cxr_core.training.validation import validation_report
+
+        label = model.manifest.label
+        write_text(Path(args.report), stored.report(label) if stored else validation_report(data, data_name=Path(args.data_dir).name, label=label))
     if args.json:
         _emit_line(json.dumps(data))
         return EXIT_OK
@@ -777,6 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.95, help="for the suggested site threshold (default: %(default)s)")
     p.add_argument("--record", metavar="USER", help="also store the result in the app's records (and audit trail) as USER: "
                                                     "the Models page lists it and Diagnose shows it beside the model")
+    p.add_argument("--report", metavar="FILE", help="also write the validation as a Markdown report for the hospital's records "
+                                                    "(figures, intervals, confusion matrix, reliability; no file names)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_cmd_validate)
 

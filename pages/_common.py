@@ -171,12 +171,10 @@ def choose_evaluation_set(key: str, exclude: str | None = None) -> Path | None:
 
 
 def estimate_cell(e: dict | None, missing: str = "not measurable") -> str:
-    """A stored estimate as a table cell: "0.910 (0.849-0.948); 121/133", without the counts
-    for one that has none (AUROC); ``missing`` when it was not measurable."""
-    if not e or e["value"] is None:
-        return missing
-    text = f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f})"
-    return text + (f"; {e['successes']}/{e['n']}" if "n" in e else "")
+    """A stored estimate as a table cell (:func:`cxr_core.training.validation.estimate_text`)."""
+    from cxr_core.training.validation import estimate_text
+
+    return estimate_text(e, missing)
 
 
 def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.replace("_", " ")) -> None:
@@ -187,7 +185,7 @@ def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.re
     import plotly.graph_objects as go
 
 
-    st.markdown(f"**{result['model']}** on {result['n']} films: " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    st.markdown(f"**`{result['model']}`** on {result['n']} films: " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
     for warning in result["warnings"]:
         st.warning(warning)
     rows = [("COVID-19 sensitivity", result["covid_sensitivity"]), ("Specificity (not COVID-19 left alone)", result["non_covid_specificity"]),

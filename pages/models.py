@@ -319,6 +319,17 @@ else:
             "COVID-19 sensitivity": v.result["covid_sensitivity"]["value"], "specificity": v.result["non_covid_specificity"]["value"],
             "AUROC": v.result["auroc"]["value"], "films it was fitted on": v.result.get("fitted_films", 0),
             "data sha256": v.data_sha256[:12]} for v in past]), hide_index=True, width="stretch")
+        c = st.columns([3, 1])
+        picked = c[0].selectbox("Report of", past, format_func=lambda v: f"#{v.id}: {v.model} on {v.data_name}, {v.created[:16]}",
+                                key="validation-report")
+        labelled = next((x for x in versions if x.key == picked.model), None)
+        c[1].download_button(
+            "Download the report", picked.report(labelled.manifest.label) if labelled else picked.report(),
+            file_name=f"cxr-site-validation-{picked.id}.md", mime="text/markdown", icon=":material/download:",
+            help="The figures with their intervals, the confusion matrix and reliability, as Markdown, for the hospital's "
+                 "records. No file names.",
+            on_click=lambda: audit.record("export_validation_report", user=user, role=role, model=picked.model,
+                                          details={"validation_id": picked.id}))
 
 st.divider()
 st.subheader("Installation check")

@@ -445,6 +445,7 @@ def test_admin_validates_a_model_on_site_films_and_diagnose_shows_it(use_weights
     assert figures["value (95% CI); films"][0].endswith("/6")  # 6 COVID-19 films (train and val)
     (stored,) = list_validations()
     assert stored.model == "densenet121-test@0.0.1" and stored.user == "alice" and stored.data_name == "Site B films"
+    assert "Download the report" in [b.label for b in at.get("download_button")]
 
     at.switch_page("pages/diagnose.py").run()
     at.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/dicom"))

@@ -233,3 +233,44 @@ def test_cli_adapt_replays_the_model_s_training_data_unless_told_not_to(tmp_path
                                  capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
         assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_validation_report_has_every_figure_and_no_file_name(densenet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The document a hospital keeps: figures with intervals, the confusion matrix, the offered
+    threshold, the warnings and the disclaimer; the films' names (which can carry a patient's) never."""
+    import shutil
+
+    from cxr_core.inference import DISCLAIMER
+    from cxr_core.state.site_validations import record_validation
+    from cxr_core.training.validation import estimate_text
+
+    monkeypatch.setenv("CXR_VAR_DIR", str(tmp_path / "var"))
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal", "nodule"), per_class={"all": 3}, splits=False, size=64)
+    first = sorted((site / "covid").iterdir())[0]
+    shutil.move(first, site / "covid" / "Smith_John_MRN123.png")
+    result = validate_site(densenet, site, bootstrap=50)
+    stored = record_validation(result, user="alice", data_name="Site B")
+    report = stored.report()
+    assert report.startswith(f"# Site validation of `{densenet.key}`")
+    assert f"- Validated on {stored.created} by alice." in report and f"`{result.data_sha256}`" in report
+    assert "Site B, 9 read (covid 3, nodule 3, normal 3)" in report
+    assert f"| COVID-19 sensitivity | {estimate_text(result.as_dict()['covid_sensitivity'])} |" in report
+    assert f"| AUROC, COVID-19 vs not | {estimate_text(result.auroc)} |" in report
+    assert "| folder nodule | " in report and "called viral pneumonia" in report  # the model's classes, named
+    assert "too few to conclude" in report and DISCLAIMER in report
+    assert ("## Site threshold offered (not applied)" in report) == (result.suggested_threshold is not None)
+    assert "Smith" not in report and "MRN" not in report and ".png" not in report
+
+
+def test_cli_validate_writes_the_report_and_refuses_a_folder_that_is_not_there(use_weights: Path, tmp_path: Path) -> None:
+    site = make_labelled_folder(tmp_path / "site", ("covid", "normal"), per_class={"all": 3}, splits=False, size=64)
+    env = {**os.environ, "CXR_VAR_DIR": str(tmp_path / "var")}
+    cmd = [sys.executable, "-m", "cxr_core", "validate", str(site), "--model", "densenet121-test"]
+    done = subprocess.run([*cmd, "--record", "alice", "--report", str(tmp_path / "report.md")], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Site validation of `densenet121-test@0.0.1`") and "by alice" in report and "Site B" not in report
+    refused = subprocess.run([*cmd, "--report", str(tmp_path / "missing" / "report.md")], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=300)
+    assert refused.returncode == 2 and "its folder does not exist" in refused.stderr

@@ -7,11 +7,11 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cxr_core.state import audit
 from cxr_core.state.db import connect
-from cxr_core.training.validation import SiteValidation
+from cxr_core.training.validation import SiteValidation, validation_report
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class StoredValidation:
 
         return (f"Validated at this site on {self.n} films ({self.data_name}, {self.created[:10]}): "
                 f"{part('COVID-19 sensitivity', sens)}, {part('specificity', spec)}")
+
+    def report(self, label: Callable[[str], str] = lambda c: c.replace("_", " ")) -> str:
+        """This validation as a Markdown document for the hospital's records (:func:`validation_report`)."""
+        return validation_report(self.result, data_name=self.data_name, user=self.user, created=self.created, label=label)
 
 
 #: what Diagnose says of a model nobody has validated here

@@ -21,7 +21,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -237,3 +237,58 @@ def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: f
         suggested_threshold=suggest_threshold(p_covid, is_covid, target_sensitivity),
         gate=dict(sorted(gate.items())), uncertain=uncertain, unreadable=unreadable, fitted_films=fitted, warnings=tuple(warnings),
     )
+
+
+def estimate_text(e: Mapping[str, Any] | None, missing: str = "not measurable") -> str:
+    """A stored estimate (``{value, ci95[, successes, n]}``) in words: "0.910 (0.849-0.948); 121/133",
+    without the counts for one that has none (AUROC); ``missing`` when it was not measurable."""
+    if not e or e.get("value") is None:
+        return missing
+    text = f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f})"
+    return text + (f"; {e['successes']}/{e['n']}" if "n" in e else "")
+
+
+def validation_report(result: Mapping[str, Any], *, data_name: str, user: str | None = None, created: str | None = None,
+                      label: Callable[[str], str] = lambda c: c.replace("_", " ")) -> str:
+    """A site validation (``SiteValidation.as_dict()``) as a Markdown document for the hospital's
+    records: the model and version, who validated it on which films (their name, count and
+    content hash; no file name), every figure with its interval, the confusion matrix, the
+    reliability table, the offered threshold, the warnings and the disclaimer. ``label`` names
+    the model's classes."""
+    from cxr_core.inference import DISCLAIMER
+
+    counts = ", ".join(f"{k} {v}" for k, v in result["counts"].items())
+    lines = [f"# Site validation of `{result['model']}`", ""]
+    who = " ".join(part for part in (f"on {created}" if created else "", f"by {user}" if user else "") if part)
+    if who:
+        lines.append(f"- Validated {who}.")
+    lines += [
+        f"- Films: {data_name}, {result['n']} read ({counts}); {result.get('unreadable', 0)} unreadable, left out.",
+        f"- Data sha256 (every file's path and bytes): `{result['data_sha256']}`.",
+        f"- Decisions at the model's COVID-19 threshold {result['threshold']}; every label other than covid counts as not COVID-19.",
+        "",
+    ]
+    if result.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in result["warnings"]] + [""]
+    lines += ["## Figures", "", "| figure | value (95% CI); films |", "|---|---|"]
+    for name, key in (("COVID-19 sensitivity", "covid_sensitivity"), ("Specificity (not COVID-19 left alone)", "non_covid_specificity"),
+                      ("PPV", "ppv"), ("NPV", "npv"), ("AUROC, COVID-19 vs not", "auroc")):
+        lines.append(f"| {name} | {estimate_text(result[key])} |")
+    lines.append(f"| ECE on the model's own classes | {'not measurable' if result['ece'] is None else format(result['ece'], '.3f')} |")
+    lines += ["", "Intervals: Wilson score (rates), percentile bootstrap (AUROC).", "",
+              "## Confusion matrix (rows: the folders' labels; columns: the model's decisions)", "",
+              "| | " + " | ".join(f"called {label(c)}" for c in result["classes"]) + " |",
+              "|---|" + "---|" * len(result["classes"])]
+    lines += [f"| folder {name} | " + " | ".join(str(n) for n in row) + " |" for name, row in zip(result["labels"], result["confusion_matrix"])]
+    if result.get("reliability"):
+        lines += ["", "## Reliability on these films", "", "| confidence | accuracy | films |", "|---|---|---|"]
+        lines += [f"| {b['confidence']:.3f} | {b['accuracy']:.3f} | {b['n']} |" for b in result["reliability"]]
+    t = result.get("suggested_threshold")
+    if t:
+        lines += ["", "## Site threshold offered (not applied)", "",
+                  f"p >= {t['value']} would reach COVID-19 sensitivity {t['sensitivity']:.3f} on these films, at specificity "
+                  f"{t['specificity']:.3f} (target {t['target_sensitivity']}). These films chose it, so they flatter it."]
+    gate = ", ".join(f"{k} {v}" for k, v in result.get("gate", {}).items())
+    lines += ["", "## Input check", "", f"{gate}; the model said \"uncertain\" for {result.get('uncertain', 0)} film(s).",
+              "", "---", "", f"*{DISCLAIMER}*", ""]
+    return "\n".join(lines)
