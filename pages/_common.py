@@ -197,6 +197,7 @@ def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.re
     table.append({"figure": "ECE on the model's own classes", "value (95% CI); films": "—" if result["ece"] is None else f"{result['ece']:.3f}"})
     st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
     st.caption(f"At the model's COVID-19 threshold {result['threshold']}. Intervals: Wilson score (rates), percentile bootstrap (AUROC).")
+    render_predictive_values(result)
     left, right = st.columns(2)
     confusion = pd.DataFrame(result["confusion_matrix"], index=[f"folder {name}" for name in result["labels"]],
                              columns=[f"called {label(c)}" for c in result["classes"]])
@@ -216,6 +217,23 @@ def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.re
                 f"specificity {t['specificity']:.3f} (target {t['target_sensitivity']}). Offered, not applied: adopting it makes a "
                 "new version of the model, which is evaluated and promoted like any other; these films chose it, so they "
                 "flatter it.")
+
+
+def render_predictive_values(result: dict) -> None:
+    """PPV and NPV at a COVID-19 share the admin types in: the validation films' share is whatever
+    was gathered, and a clinic's PPV depends on its own (:func:`cxr_core.training.validation.predictive_values_at`)."""
+    from cxr_core.training.validation import POSITIVE, predictive_values_at, value_range_text
+
+    if predictive_values_at(result, 0.5) is None:
+        return  # sensitivity or specificity not measurable here
+    share = 100 * result["counts"].get(POSITIVE, 0) / result["n"]
+    prevalence = st.number_input(
+        f"COVID-19 share among the films you read (%): PPV and NPV above are at these films' {share:.1f}%",
+        min_value=0.1, max_value=99.9, value=min(max(round(share, 1), 0.1), 99.9), step=1.0, key="validation-prevalence")
+    at = predictive_values_at(result, prevalence / 100)
+    assert at is not None
+    st.markdown(f"At {prevalence:g}% COVID-19: **PPV {value_range_text(at['ppv'])}**, **NPV {value_range_text(at['npv'])}** "
+                "(ranges over the sensitivity and specificity intervals).")
 
 
 def render_disclaimer() -> None:

@@ -446,6 +446,12 @@ def test_admin_validates_a_model_on_site_films_and_diagnose_shows_it(use_weights
     (stored,) = list_validations()
     assert stored.model == "densenet121-test@0.0.1" and stored.user == "alice" and stored.data_name == "Site B films"
     assert "Download the report" in [b.label for b in at.get("download_button")]
+    # PPV and NPV at the share of COVID-19 films the site reads, not the uploaded set's (6 of 12).
+    prevalence = at.number_input(key="validation-prevalence")
+    assert prevalence.value == 50.0 and "these films' 50.0%" in prevalence.label
+    prevalence.set_value(5.0)
+    at.run()
+    assert any(m.value.startswith("At 5% COVID-19: **PPV ") for m in at.markdown)
 
     at.switch_page("pages/diagnose.py").run()
     at.file_uploader[0].set_value(("film.dcm", (dicom_data / "RG1_UNCR.dcm").read_bytes(), "application/dicom"))

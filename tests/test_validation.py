@@ -259,6 +259,7 @@ def test_a_validation_report_has_every_figure_and_no_file_name(densenet, tmp_pat
     assert "| folder nodule | " in report and "called viral pneumonia" in report  # the model's classes, named
     assert "too few to conclude" in report and DISCLAIMER in report
     assert ("## Site threshold offered (not applied)" in report) == (result.suggested_threshold is not None)
+    assert "PPV and NPV above are at these films' COVID-19 share (33.3%)" in report and "| 5% | " in report
     assert "Smith" not in report and "MRN" not in report and ".png" not in report
 
 
@@ -274,3 +275,21 @@ def test_cli_validate_writes_the_report_and_refuses_a_folder_that_is_not_there(u
     refused = subprocess.run([*cmd, "--report", str(tmp_path / "missing" / "report.md")], capture_output=True, text=True, env=env,
                              cwd=ROOT, timeout=300)
     assert refused.returncode == 2 and "its folder does not exist" in refused.stderr
+
+
+def test_predictive_values_follow_bayes_and_reproduce_a_sets_own_at_its_share() -> None:
+    from cxr_core.training.validation import predictive_values, predictive_values_at
+
+    assert predictive_values(0.9, 0.9, 0.5) == pytest.approx((0.9, 0.9))
+    assert predictive_values(0.9, 0.9, 0.1) == pytest.approx((0.5, 0.81 / 0.82))
+    assert predictive_values(0.0, 1.0, 0.2) == (None, 0.8)  # nothing is called COVID-19: no PPV
+    # 40 COVID-19 films (30 found), 60 others (45 left alone): at the set's own share (0.4), the set's own PPV and NPV.
+    assert predictive_values(30 / 40, 45 / 60, 0.4) == pytest.approx((30 / 45, 45 / 55))
+    figures = {"covid_sensitivity": {"value": 0.9, "ci95": [0.8, 0.95]}, "non_covid_specificity": {"value": 0.8, "ci95": [0.7, 0.9]}}
+    rare = predictive_values_at(figures, 0.05)
+    assert rare is not None and rare["ppv"]["value"] == pytest.approx(0.045 / (0.045 + 0.19))
+    assert rare["ppv"]["range"][0] < rare["ppv"]["value"] < rare["ppv"]["range"][1]
+    assert rare["npv"]["range"][0] < rare["npv"]["value"] < rare["npv"]["range"][1]
+    assert predictive_values_at({**figures, "covid_sensitivity": {"value": None, "ci95": None}}, 0.05) is None
+    with pytest.raises(ValueError):
+        predictive_values_at(figures, 0.0)

@@ -239,6 +239,31 @@ def validate_site(model: LoadedModel, root: Path | str, *, target_sensitivity: f
     )
 
 
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float | None, float | None]:
+    """(PPV, NPV) of a test with ``sensitivity`` and ``specificity`` where a share ``prevalence``
+    of the films are COVID-19 (Bayes' rule); None where no film would be called that way."""
+    tp, fn = sensitivity * prevalence, (1 - sensitivity) * prevalence
+    tn, fp = specificity * (1 - prevalence), (1 - specificity) * (1 - prevalence)
+    return (tp / (tp + fp) if tp + fp > 0 else None), (tn / (tn + fn) if tn + fn > 0 else None)
+
+
+def predictive_values_at(result: Mapping[str, Any], prevalence: float) -> dict[str, dict[str, Any]] | None:
+    """PPV and NPV at another COVID-19 share than the validation films' own (a site's PPV and NPV
+    depend on how many of its films are COVID-19; the uploaded set's share is whatever was
+    gathered): ``{"ppv": {"value", "range"}, "npv": {...}}``, the range taken over the corners of
+    the sensitivity and specificity intervals (each value rises with both). None when either
+    figure was not measurable."""
+    if not 0.0 < prevalence < 1.0:
+        raise ValueError(f"prevalence {prevalence}: need 0 < p < 1")
+    sens, spec = result["covid_sensitivity"], result["non_covid_specificity"]
+    if sens["value"] is None or spec["value"] is None:
+        return None
+    point = predictive_values(sens["value"], spec["value"], prevalence)
+    low = predictive_values(sens["ci95"][0], spec["ci95"][0], prevalence)
+    high = predictive_values(sens["ci95"][1], spec["ci95"][1], prevalence)
+    return {name: {"value": point[i], "range": [low[i], high[i]]} for i, name in enumerate(("ppv", "npv"))}
+
+
 def estimate_text(e: Mapping[str, Any] | None, missing: str = "not measurable") -> str:
     """A stored estimate (``{value, ci95[, successes, n]}``) in words: "0.910 (0.849-0.948); 121/133",
     without the counts for one that has none (AUROC); ``missing`` when it was not measurable."""
@@ -246,6 +271,17 @@ def estimate_text(e: Mapping[str, Any] | None, missing: str = "not measurable") 
         return missing
     text = f"{e['value']:.3f} ({e['ci95'][0]:.3f}-{e['ci95'][1]:.3f})"
     return text + (f"; {e['successes']}/{e['n']}" if "n" in e else "")
+
+
+#: the COVID-19 shares a report gives PPV and NPV at, besides the validation films' own
+REPORT_PREVALENCES = (0.02, 0.05, 0.10, 0.20, 0.50)
+
+
+def value_range_text(e: Mapping[str, Any]) -> str:
+    """"0.512 (0.301-0.702)" for ``{"value", "range"}`` of :func:`predictive_values_at`; "—" for an undefined end."""
+    def f(x: float | None) -> str:
+        return "—" if x is None else f"{x:.3f}"
+    return f"{f(e['value'])} ({f(e['range'][0])}-{f(e['range'][1])})"
 
 
 def validation_report(result: Mapping[str, Any], *, data_name: str, user: str | None = None, created: str | None = None,
@@ -275,7 +311,19 @@ def validation_report(result: Mapping[str, Any], *, data_name: str, user: str | 
                       ("PPV", "ppv"), ("NPV", "npv"), ("AUROC, COVID-19 vs not", "auroc")):
         lines.append(f"| {name} | {estimate_text(result[key])} |")
     lines.append(f"| ECE on the model's own classes | {'not measurable' if result['ece'] is None else format(result['ece'], '.3f')} |")
-    lines += ["", "Intervals: Wilson score (rates), percentile bootstrap (AUROC).", "",
+    lines += ["", "Intervals: Wilson score (rates), percentile bootstrap (AUROC).", ""]
+    share = result["counts"].get(POSITIVE, 0) / result["n"] if result["n"] else 0.0
+    if predictive_values_at(result, 0.5) is not None:
+        lines += [f"PPV and NPV above are at these films' COVID-19 share ({share:.1%}). Where another share of the films read "
+                  "is COVID-19 they differ (ranges over the sensitivity and specificity intervals):", "",
+                  "| COVID-19 share | PPV | NPV |", "|---|---|---|"]
+        for prevalence in REPORT_PREVALENCES:
+            at = predictive_values_at(result, prevalence)
+            assert at is not None
+            lines.append(f"| {prevalence:.0%} | " + " | ".join(value_range_text(at[k]) for k in ("ppv", "npv")) + " |")
+        lines.append("")
+    lines += [
+              "## Confusion matrix (rows: the folders' labels; columns: the model's decisions)", "",
               "## Confusion matrix (rows: the folders' labels; columns: the model's decisions)", "",
               "| | " + " | ".join(f"called {label(c)}" for c in result["classes"]) + " |",
               "|---|" + "---|" * len(result["classes"])]
