@@ -257,6 +257,11 @@ def test_a_validation_report_has_every_figure_and_no_file_name(densenet, tmp_pat
     assert f"| COVID-19 sensitivity | {estimate_text(result.as_dict()['covid_sensitivity'])} |" in report
     assert f"| AUROC, COVID-19 vs not | {estimate_text(result.auroc)} |" in report
     assert "| folder nodule | " in report and "called viral pneumonia" in report  # the model's classes, named
+    # Each section once, in order.
+    assert [line for line in report.splitlines() if line.startswith("## ")] == (
+        ["## Warnings", "## Figures", "## Confusion matrix (rows: the folders' labels; columns: the model's decisions)"]
+        + ["## Reliability on these films"] * bool(result.reliability)
+        + ["## Site threshold offered (not applied)"] * bool(result.suggested_threshold) + ["## Input check"])
     assert "too few to conclude" in report and DISCLAIMER in report
     assert ("## Site threshold offered (not applied)" in report) == (result.suggested_threshold is not None)
     assert "PPV and NPV above are at these films' COVID-19 share (33.3%)" in report and "| 5% | " in report

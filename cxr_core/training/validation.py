@@ -322,9 +322,7 @@ def validation_report(result: Mapping[str, Any], *, data_name: str, user: str | 
             assert at is not None
             lines.append(f"| {prevalence:.0%} | " + " | ".join(value_range_text(at[k]) for k in ("ppv", "npv")) + " |")
         lines.append("")
-    lines += [
-              "## Confusion matrix (rows: the folders' labels; columns: the model's decisions)", "",
-              "## Confusion matrix (rows: the folders' labels; columns: the model's decisions)", "",
+    lines += ["## Confusion matrix (rows: the folders' labels; columns: the model's decisions)", "",
               "| | " + " | ".join(f"called {label(c)}" for c in result["classes"]) + " |",
               "|---|" + "---|" * len(result["classes"])]
     lines += [f"| folder {name} | " + " | ".join(str(n) for n in row) + " |" for name, row in zip(result["labels"], result["confusion_matrix"])]
