@@ -222,11 +222,11 @@ def render_validation(result: dict, label: Callable[[str], str] = lambda c: c.re
 def render_predictive_values(result: dict) -> None:
     """PPV and NPV at a COVID-19 share the admin types in: the validation films' share is whatever
     was gathered, and a clinic's PPV depends on its own (:func:`cxr_core.training.validation.predictive_values_at`)."""
-    from cxr_core.training.validation import POSITIVE, predictive_values_at, value_range_text
+    from cxr_core.training.validation import covid_share, predictive_values_at, value_range_text
 
     if predictive_values_at(result, 0.5) is None:
         return  # sensitivity or specificity not measurable here
-    share = 100 * result["counts"].get(POSITIVE, 0) / result["n"]
+    share = 100 * covid_share(result)
     prevalence = st.number_input(
         f"COVID-19 share among the films you read (%): PPV and NPV above are at these films' {share:.1f}%",
         min_value=0.1, max_value=99.9, value=min(max(round(share, 1), 0.1), 99.9), step=1.0, key="validation-prevalence")

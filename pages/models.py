@@ -11,7 +11,7 @@ import plotly.io as pio
 import streamlit as st
 
 from cxr_core.metrics import external_rows
-from cxr_core.models.fitted_films import fitted_uses
+from cxr_core.models.fitted_films import fitted_uses_text
 from cxr_core.models.pointer import RegistryError, default_model_id
 from cxr_core.models.site_threshold import adopt_site_threshold, site_threshold_of
 from cxr_core.models.versions import (
@@ -158,8 +158,8 @@ for model_id in model_ids:
             elif eval_dir is not None and Path(eval_dir).is_dir():
                 fitted = _fitted_films_in(str(candidate.path), str(eval_dir))
                 if fitted:
-                    uses = " and ".join(fitted_uses(candidate.manifest)) or "fitting"
-                    st.warning(f"{fitted} films of this set were used for {pick}'s {uses}: its figures on them will flatter it, "
+                    st.warning(f"{fitted} films of this set were used for {pick}'s {fitted_uses_text(candidate.manifest)}: its "
+                               "figures on them will flatter it, "
                                "and the promotion check will say so. Evaluate it on films it has not seen.")
             if st.button("Evaluate", key=f"evaluate-{model_id}", disabled=eval_dir is None,
                          help="Scores the candidate, and the active version unless it already was, on this set: the "

@@ -47,6 +47,11 @@ def fitted_uses(manifest: Manifest) -> tuple[str, ...]:
     return tuple(str(u) for u in entry.get("uses", ()))
 
 
+def fitted_uses_text(manifest: Manifest) -> str:
+    """:func:`fitted_uses` in words, e.g. "adaptation (training, calibration and threshold) and COVID-19 threshold"."""
+    return " and ".join(fitted_uses(manifest)) or "fitting"
+
+
 def with_fitted_films(training: Mapping[str, Any], paths: Iterable[Path], use: str) -> dict[str, Any]:
     """``training`` (a manifest's ``training`` entry) with the films at ``paths`` added to the ones
     it was fitted on for ``use``; films already recorded (a version adapted, then given a site
@@ -84,5 +89,4 @@ def count_fitted(manifest: Manifest, paths: Sequence[Path], file_sha256: Mapping
 
 def fitted_warning(fitted: int, n: int, manifest: Manifest) -> str:
     """What a validation or evaluation on ``n`` films, ``fitted`` of them ones ``manifest``'s version was fitted on, must say."""
-    what = " and ".join(fitted_uses(manifest)) or "fitting"
-    return f"{fitted} of these {n} films were used for this version's {what}: its figures on them flatter it"
+    return f"{fitted} of these {n} films were used for this version's {fitted_uses_text(manifest)}: its figures on them flatter it"

@@ -27,7 +27,7 @@ from typing import Any
 
 from cxr_core import config
 from cxr_core.errors import ModelError
-from cxr_core.models.fitted_films import fitted_uses
+from cxr_core.models.fitted_films import fitted_uses_text
 from cxr_core.models.manifest import Manifest, read_manifest
 from cxr_core.models.pointer import RegistryError, read_pointer, registry_dir, write_pointer
 
@@ -157,8 +157,7 @@ def promotion_problems(candidate: Version, active: Version | None) -> list[str]:
     problems = site_adaptation_problems(candidate)
     fitted = (candidate.evaluation or {}).get("fitted_films")
     if fitted:
-        uses = " and ".join(fitted_uses(candidate.manifest)) or "fitting"
-        problems.append(f"{fitted} films of its evaluation set were used for its {uses}: its figures there flatter it "
+        problems.append(f"{fitted} films of its evaluation set were used for its {fitted_uses_text(candidate.manifest)}: its figures there flatter it "
                         "(evaluate it on films it has not seen)")
     if candidate.evaluation is None or active is None:
         return problems  # nothing measured, or a new model id: nothing it would replace

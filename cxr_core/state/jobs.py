@@ -29,11 +29,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from cxr_core import config
 from cxr_core.errors import CxrError
 from cxr_core.fileio import write_json
+
+if TYPE_CHECKING:
+    from cxr_core.models.versions import Version
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +377,21 @@ def log_tail(job_dir: Path, lines: int = 40) -> str:
 # --- The job's own process -----------------------------------------------------------------
 
 
+def _base_version(spec: JobSpec) -> Version | None:
+    """The registered version the job starts from (``spec.base_model``, ID@VERSION), or None for a
+    job from random weights; JobError when it is no longer in the registry."""
+    if not spec.base_model:
+        return None
+    from cxr_core.models.pointer import RegistryError
+    from cxr_core.models.versions import find_version
+
+    name, _, version = spec.base_model.partition("@")
+    try:
+        return find_version(name, version)
+    except RegistryError:
+        raise JobError(f"Base model {spec.base_model} is not in the registry.") from None
+
+
 def _train_config(spec: JobSpec, out: Path) -> Any:
     from cxr_core.training.augment import AugmentConfig
     from cxr_core.training.config import TrainConfig
@@ -381,15 +399,8 @@ def _train_config(spec: JobSpec, out: Path) -> Any:
     init = "random"
     mask = spec.mask_burned_in
     view: dict[str, Any] = {}
-    if spec.base_model:
-        from cxr_core.models.pointer import RegistryError
-        from cxr_core.models.versions import find_version
-
-        name, _, version = spec.base_model.partition("@")
-        try:
-            base = find_version(name, version)
-        except RegistryError:
-            raise JobError(f"Base model {spec.base_model} is not in the registry.") from None
+    base = _base_version(spec)
+    if base:
         init = str(base.path / base.manifest.weights_file)
         mask = mask or base.manifest.input.mask_burned_in  # a masked model never saw text: keep it so
         # A fine-tune sees films as its base model did (lung crop, intensity standardisation).
@@ -489,7 +500,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     chose a threshold on), so both are also recorded as such: Diagnose then shows the adapted
     model, once promoted, as validated at this site instead of "not validated"."""
     from cxr_core.models.loading import load_model
-    from cxr_core.models.versions import SITE_ADAPTATION_NAME, find_version
+    from cxr_core.models.versions import SITE_ADAPTATION_NAME
     from cxr_core.state.datasets import list_datasets
     from cxr_core.state.site_validations import record_held_out_validations
     from cxr_core.training.adapt import held_out_folder
@@ -497,9 +508,7 @@ def _record_site_adaptation(job_dir: Path, spec: JobSpec, staging: Path) -> None
     from cxr_core.training.validation import validate_site
 
     held_out = held_out_folder(job_dir / SITE_VIEW)
-    name, _, version = (spec.base_model or "").partition("@")
-    # The base was found when the job started (_train_config); a site adaptation always has one.
-    base = find_version(name, version) if spec.base_model else None
+    base = _base_version(spec)  # a site adaptation always has one
     candidate = load_model(staging)
     record: dict[str, Any] = {
         "site": spec.dataset, "films": json.loads((job_dir / "site-films.json").read_text(encoding="utf-8")),
@@ -526,11 +535,10 @@ def _record_fitted_films(job_dir: Path, spec: JobSpec, staging: Path, data: Any)
     films (adapt and validation halves; not the replayed ones), any other job's training and
     validation films. A validation or evaluation on any of them is then flagged."""
     from cxr_core.models.fitted_films import record_fitted_films
-    from cxr_core.models.versions import find_version
     from cxr_core.training.adapt import ADAPTATION_USE, fitted_site_films
 
-    name, _, version = (spec.base_model or "").partition("@")
-    base = find_version(name, version).manifest if spec.base_model else None
+    version = _base_version(spec)
+    base = version.manifest if version else None
     if spec.site_adaptation:
         record_fitted_films(staging, fitted_site_films(job_dir / SITE_VIEW), ADAPTATION_USE, base)
     else:

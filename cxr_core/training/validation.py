@@ -247,6 +247,12 @@ def predictive_values(sensitivity: float, specificity: float, prevalence: float)
     return (tp / (tp + fp) if tp + fp > 0 else None), (tn / (tn + fn) if tn + fn > 0 else None)
 
 
+def covid_share(result: Mapping[str, Any]) -> float:
+    """The share of a validation's films (``SiteValidation.as_dict()``) that are COVID-19: the
+    prevalence its PPV and NPV are at."""
+    return result["counts"].get(POSITIVE, 0) / result["n"] if result["n"] else 0.0
+
+
 def predictive_values_at(result: Mapping[str, Any], prevalence: float) -> dict[str, dict[str, Any]] | None:
     """PPV and NPV at another COVID-19 share than the validation films' own (a site's PPV and NPV
     depend on how many of its films are COVID-19; the uploaded set's share is whatever was
@@ -312,9 +318,8 @@ def validation_report(result: Mapping[str, Any], *, data_name: str, user: str | 
         lines.append(f"| {name} | {estimate_text(result[key])} |")
     lines.append(f"| ECE on the model's own classes | {'not measurable' if result['ece'] is None else format(result['ece'], '.3f')} |")
     lines += ["", "Intervals: Wilson score (rates), percentile bootstrap (AUROC).", ""]
-    share = result["counts"].get(POSITIVE, 0) / result["n"] if result["n"] else 0.0
     if predictive_values_at(result, 0.5) is not None:
-        lines += [f"PPV and NPV above are at these films' COVID-19 share ({share:.1%}). Where another share of the films read "
+        lines += [f"PPV and NPV above are at these films' COVID-19 share ({covid_share(result):.1%}). Where another share of the films read "
                   "is COVID-19 they differ (ranges over the sensitivity and specificity intervals):", "",
                   "| COVID-19 share | PPV | NPV |", "|---|---|---|"]
         for prevalence in REPORT_PREVALENCES:
